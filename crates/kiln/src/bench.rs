@@ -1,0 +1,238 @@
+//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use kiln_lab::scripts::GUEST_READY_MARKER;
+
+use crate::cli_lab;
+
+/// Options of `kiln bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    what: BenchKind,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchKind {
+    /// Boot time (exec → init marker) and VMM memory overhead.
+    Boot {
+        /// Number of boots.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// vCPUs.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+    },
+}
+
+/// Runs a benchmark.
+pub fn bench(args: BenchArgs) -> Result<i32> {
+    match args.what {
+        BenchKind::Boot { runs, mem, vcpus } => {
+            let here = std::env::var_os("KILN_IN_LAB").is_some()
+                || !crate::use_lab();
+            if !here {
+                eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
+                let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
+                let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
+                let cmd = format!(
+                    "{}kiln bench boot --runs {runs} --mem {mem} --vcpus {vcpus}",
+                    cli_lab::lab_env_prefix()
+                );
+                return Ok(lab.run_interactive(&cmd)?);
+            }
+            boot_bench(runs, mem, vcpus)
+        }
+    }
+}
+
+struct Sample {
+    to_marker: Duration,
+    overhead_kib: u64,
+    guest_kib: u64,
+}
+
+fn boot_bench(runs: usize, mem: u64, vcpus: u8) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    let mut args = crate::RunArgs {
+        kernel: None,
+        initrd: None,
+        cmdline: kiln_vmm::DEFAULT_CMDLINE.to_string(),
+        vcpus,
+        mem,
+        guest_command: vec![],
+    };
+    crate::resolve_images(&mut args)?;
+    let kernel = args.kernel.expect("resolved");
+    let initrd = args.initrd.expect("resolved");
+    println!(
+        "kiln bench boot: {runs} runs, {vcpus} vCPU, {mem} MiB, kernel {}",
+        kernel.display()
+    );
+    let mut samples = Vec::new();
+    for i in 0..runs {
+        let s = one_boot(&exe, &kernel, &initrd, mem, vcpus)
+            .with_context(|| format!("boot {}", i + 1))?;
+        println!(
+            "  run {:>2}: exec→init {:>8.1} ms   VMM overhead RSS {:>6} KiB   guest RSS {:>7} KiB",
+            i + 1,
+            s.to_marker.as_secs_f64() * 1e3,
+            s.overhead_kib,
+            s.guest_kib
+        );
+        samples.push(s);
+    }
+    let mut t: Vec<f64> = samples.iter().map(|s| s.to_marker.as_secs_f64() * 1e3).collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    let mut o: Vec<u64> = samples.iter().map(|s| s.overhead_kib).collect();
+    o.sort();
+    if t.is_empty() {
+        bail!("no runs");
+    }
+    println!(
+        "exec→init-marker ms: min {:.1}  median {:.1}  max {:.1}",
+        t[0],
+        t[t.len() / 2],
+        t[t.len() - 1]
+    );
+    println!(
+        "VMM memory overhead (RSS not backed by guest memory) KiB: min {}  median {}  max {}  (target ≤ 3072)",
+        o[0],
+        o[o.len() / 2],
+        o[o.len() - 1]
+    );
+    match std::env::var_os("KILN_FIRECRACKER") {
+        Some(fc) => println!(
+            "firecracker comparison: KILN_FIRECRACKER={} is set, but side-by-side runs are not implemented yet",
+            PathBuf::from(fc).display()
+        ),
+        None => println!("firecracker comparison: no firecracker binary here (set KILN_FIRECRACKER)"),
+    }
+    Ok(0)
+}
+
+fn one_boot(
+    exe: &PathBuf,
+    kernel: &PathBuf,
+    initrd: &PathBuf,
+    mem: u64,
+    vcpus: u8,
+) -> Result<Sample> {
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .arg("run")
+        .arg("--kernel")
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()])
+        .args(["--", "true"])
+        .env("KILN_LAB", "0")
+        .env("KILN_MEM_REPORT", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning kiln run")?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut ranges = Vec::new();
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            if let Some(rest) = line.strip_prefix("kiln-mem: ") {
+                let mut it = rest.split_whitespace();
+                if let (Some(a), Some(l)) = (it.next(), it.next()) {
+                    if let (Ok(a), Ok(l)) = (
+                        u64::from_str_radix(a.trim_start_matches("0x"), 16),
+                        l.parse::<u64>(),
+                    ) {
+                        ranges.push((a, a + l));
+                    }
+                }
+            } else {
+                text.push_str(&line);
+                text.push('\n');
+            }
+        }
+        (ranges, text)
+    });
+    let mut to_marker = None;
+    let mut sample_mem = None;
+    for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+        if to_marker.is_none() && line.trim_end() == GUEST_READY_MARKER {
+            to_marker = Some(start.elapsed());
+            sample_mem = Some(std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default());
+        }
+    }
+    let status = child.wait()?;
+    let (ranges, errtext) = err_thread.join().expect("stderr reader");
+    let Some(to_marker) = to_marker else {
+        bail!("the guest never printed {GUEST_READY_MARKER} (status {status}): {errtext}");
+    };
+    if !status.success() {
+        bail!("kiln run failed ({status}): {errtext}");
+    }
+    let (overhead_kib, guest_kib) = rss_split(&sample_mem.unwrap_or_default(), &ranges);
+    Ok(Sample {
+        to_marker,
+        overhead_kib,
+        guest_kib,
+    })
+}
+
+/// Splits the RSS in `smaps` into (not guest memory, guest memory) KiB.
+pub fn rss_split(smaps: &str, guest: &[(u64, u64)]) -> (u64, u64) {
+    let mut other = 0;
+    let mut in_guest = 0;
+    let mut current_is_guest = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                current_is_guest = guest.iter().any(|(s, e)| a < *e && *s < b);
+                continue;
+            }
+        }
+        if let Some(v) = line.strip_prefix("Rss:") {
+            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
+            if current_is_guest {
+                in_guest += kib;
+            } else {
+                other += kib;
+            }
+        }
+    }
+    (other, in_guest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rss_split;
+
+    #[test]
+    fn smaps_split_by_guest_ranges() {
+        let smaps = "\
+55d0a0000000-55d0a0100000 r-xp 00000000 08:01 1 /kiln
+Size:               1024 kB
+Rss:                 300 kB
+7f0000000000-7f0010000000 rw-p 00000000 00:00 0
+Size:             262144 kB
+Rss:               20000 kB
+7f0010000000-7f0010021000 rw-p 00000000 00:00 0
+Rss:                 132 kB
+";
+        let (other, guest) = rss_split(smaps, &[(0x7f00_0000_0000, 0x7f00_1000_0000)]);
+        assert_eq!((other, guest), (432, 20000));
+    }
+}

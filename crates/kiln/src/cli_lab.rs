@@ -1,0 +1,114 @@
+//! `kiln lab`, and running `kiln run` inside the lab when the host's KVM
+//! cannot run a stock kernel.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kiln_lab::images::{default_cache_dir, ensure, Images};
+use kiln_lab::lab::{mode_from_env, Lab, LabMode};
+use kiln_lab::scripts::shell_quote;
+
+use crate::RunArgs;
+
+/// Where the lab puts the guest images.
+pub const LAB_KERNEL: &str = "/images/vmlinuz";
+/// Guest initramfs inside the lab.
+pub const LAB_INITRD: &str = "/images/initramfs.img";
+
+/// Options of `kiln lab`.
+#[derive(Args, Debug)]
+pub struct LabArgs {
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout: u64,
+    /// Run here even if this host's KVM is native (default: lab only when needed).
+    #[arg(long)]
+    force: bool,
+    /// The shell command to run.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Environment every lab command starts with: kiln finds its images.
+pub fn lab_env_prefix() -> String {
+    format!("export KILN_IN_LAB=1 KILN_KERNEL={LAB_KERNEL} KILN_INITRD={LAB_INITRD}; ")
+}
+
+/// A lab with this `kiln` binary inside.
+pub fn lab_with_kiln(images: Images, timeout: Duration) -> Result<Lab> {
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    Ok(Lab::new(images).binary(exe).timeout(timeout))
+}
+
+fn needs_lab(force: bool) -> bool {
+    if force {
+        return true;
+    }
+    match mode_from_env() {
+        Some(LabMode::Lab) => true,
+        Some(LabMode::Native) => false,
+        None => !matches!(kiln_vmm::probe::probe(), kiln_vmm::probe::KvmProbe::Native(_)),
+    }
+}
+
+/// `kiln lab -- <command>`.
+pub fn lab(args: LabArgs) -> Result<i32> {
+    let images = ensure(&default_cache_dir()).context("building the guest images")?;
+    let command = args.command.join(" ");
+    if !needs_lab(args.force) {
+        // Native KVM: run the command right here, with the same environment.
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().unwrap_or(Path::new("."));
+        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&command)
+            .env("PATH", path)
+            .env("KILN_KERNEL", &images.kernel)
+            .env("KILN_INITRD", &images.initramfs)
+            .status()
+            .context("running sh")?;
+        return Ok(status.code().unwrap_or(1));
+    }
+    let lab = lab_with_kiln(images, Duration::from_secs(args.timeout))?;
+    let full = format!("{}{command}", lab_env_prefix());
+    Ok(lab.run_interactive(&full)?)
+}
+
+/// Re-runs `kiln run` with the same options inside the lab, streaming the
+/// guest console.
+pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
+    let images = ensure(&default_cache_dir()).context("building the guest images")?;
+    let mut lab = lab_with_kiln(images, Duration::from_secs(3600))?;
+    let mut cmd = vec!["kiln".to_string(), "run".to_string()];
+    let mut copy = |flag: &str, host: &Option<PathBuf>, guest: &str, lab: Lab| -> Lab {
+        match host {
+            Some(p) => {
+                cmd.push(flag.into());
+                cmd.push(guest.into());
+                lab.file(p.clone(), guest.to_string())
+            }
+            None => lab,
+        }
+    };
+    lab = copy("--kernel", &args.kernel, "/work/kernel", lab);
+    lab = copy("--initrd", &args.initrd, "/work/initrd", lab);
+    cmd.extend([
+        "--cmdline".into(),
+        args.cmdline.clone(),
+        "--vcpus".into(),
+        args.vcpus.to_string(),
+        "--mem".into(),
+        args.mem.to_string(),
+    ]);
+    if !args.guest_command.is_empty() {
+        cmd.push("--".into());
+        cmd.extend(args.guest_command.iter().cloned());
+    }
+    let quoted: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
+    // The lab console has no terminal input; the guest gets none either.
+    let full = format!("{}{} </dev/null", lab_env_prefix(), quoted.join(" "));
+    Ok(lab.run_interactive(&full)?)
+}

@@ -1,0 +1,102 @@
+//! vCPU threads: each owns its KVM vCPU and dispatches I/O exits to the buses.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use kiln_devices::Bus;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Why a vCPU stopped running.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for a reset (triple fault or KVM system event).
+    Reset,
+    /// The guest asked to power off.
+    Shutdown,
+    /// The guest crashed (KVM system event).
+    Crash,
+    /// KVM could not run the vCPU.
+    Error(String),
+}
+
+/// What a vCPU thread shares with the VMM.
+pub struct VcpuContext {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Set by the VMM to make every vCPU return.
+    pub stop: Arc<AtomicBool>,
+    /// Signalled when this vCPU stops on its own.
+    pub exit_evt: EventFd,
+    /// The first stop reason reported by any vCPU.
+    pub reason: Arc<Mutex<Option<VcpuStop>>>,
+}
+
+const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const KVM_SYSTEM_EVENT_RESET: u32 = 2;
+const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// Runs `vcpu` until the guest stops it or the VMM sets `stop`.
+pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
+    let stop = loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        match vcpu.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !ctx.pio.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                }
+                VcpuExit::IoOut(port, data) => {
+                    ctx.pio.write(u64::from(port), data);
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !ctx.mmio.read(addr, data) {
+                        log::debug!("vcpu{index}: unhandled MMIO read at {addr:#x}");
+                        data.fill(0);
+                    }
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    if !ctx.mmio.write(addr, data) {
+                        log::debug!("vcpu{index}: unhandled MMIO write at {addr:#x}");
+                    }
+                }
+                VcpuExit::Shutdown => break VcpuStop::Reset,
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => break VcpuStop::Shutdown,
+                    KVM_SYSTEM_EVENT_RESET => break VcpuStop::Reset,
+                    KVM_SYSTEM_EVENT_CRASH => break VcpuStop::Crash,
+                    other => break VcpuStop::Error(format!("unknown system event {other}")),
+                },
+                VcpuExit::Hlt => break VcpuStop::Error("vCPU halted with no interrupt controller".into()),
+                VcpuExit::FailEntry(reason, cpu) => {
+                    break VcpuStop::Error(format!(
+                        "KVM entry failed (hardware reason {reason:#x} on cpu {cpu})"
+                    ))
+                }
+                VcpuExit::InternalError => {
+                    break VcpuStop::Error("KVM internal error (the host cannot emulate this guest)".into())
+                }
+                VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
+                other => {
+                    break VcpuStop::Error(format!("unexpected vCPU exit {other:?}"));
+                }
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => break VcpuStop::Error(format!("KVM_RUN failed: {e}")),
+        }
+    };
+    log::debug!("vcpu{index} stopped: {stop:?}");
+    let mut reason = ctx.reason.lock().expect("stop reason lock poisoned");
+    if reason.is_none() {
+        *reason = Some(stop);
+    }
+    drop(reason);
+    if let Err(e) = ctx.exit_evt.write(1) {
+        log::error!("vcpu{index}: cannot notify the VMM: {e}");
+    }
+}

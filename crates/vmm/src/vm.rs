@@ -1,0 +1,392 @@
+//! The VM: KVM objects, guest memory, legacy devices, vCPU threads and the
+//! VMM's event loop.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kiln_devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
+use kiln_devices::i8042::I8042;
+use kiln_devices::power::SleepControl;
+use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
+use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
+use kiln_devices::{Bus, EventFdTrigger};
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::layout::*;
+use crate::vcpu::{run_vcpu, VcpuContext, VcpuStop};
+use crate::{acpi, boot, cpuid, mptable, regs, VmConfig, VmmError};
+
+type Result<T> = std::result::Result<T, VmmError>;
+
+/// How the guest ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest rebooted (`reboot`, with reboot=k): Kiln ends the VM.
+    Reboot,
+    /// The guest powered off through ACPI.
+    Poweroff,
+    /// The guest kernel panicked.
+    GuestPanic,
+    /// A vCPU failed.
+    VcpuError(String),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    config: VmConfig,
+    // The VM and memory must outlive the vCPUs; fields drop in order.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    _kvm: Kvm,
+    _mem: GuestMemoryMmap,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    reset_evt: EventFd,
+    power_evt: EventFd,
+    panic_evt: EventFd,
+    exit_evt: EventFd,
+    panicked: Arc<AtomicBool>,
+    boot_timer: Arc<Mutex<BootTimer>>,
+}
+
+impl Vmm {
+    /// Validates `config`, creates the VM and loads the guest. `console`
+    /// receives the guest's serial output; `start` is when the VMM began
+    /// (for the boot timer).
+    pub fn new(config: VmConfig, console: Box<dyn Write + Send>, start: Instant) -> Result<Self> {
+        config.validate()?;
+        // Fail early, with the path, before touching KVM.
+        std::fs::metadata(&config.kernel).map_err(|source| boot::BootError::KernelOpen {
+            path: config.kernel.clone(),
+            source,
+        })?;
+        if let Some(initrd) = &config.initrd {
+            std::fs::metadata(initrd).map_err(|source| boot::BootError::Initrd {
+                path: initrd.clone(),
+                source,
+            })?;
+        }
+
+        let kvm_fd = Kvm::new().map_err(VmmError::KvmOpen)?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+        ] {
+            if !kvm_fd.check_extension(cap) {
+                return Err(VmmError::Config(format!("this host's KVM lacks {name}")));
+            }
+        }
+        let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDR as usize)
+            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+
+        let mem_bytes = config.mem_mib << 20;
+        let mem = GuestMemoryMmap::<()>::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| {
+            VmmError::Memory {
+                mib: config.mem_mib,
+                detail: e.to_string(),
+            }
+        })?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host = mem
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmmError::Memory {
+                    mib: config.mem_mib,
+                    detail: e.to_string(),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: `host` is the start of a live mapping of `region.len()` bytes
+            // owned by `mem`, which the Vmm keeps alive for as long as the VM.
+            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+        }
+
+        // Guest image and boot tables.
+        let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(p) => Some(boot::load_initrd(&mem, p, &kernel, mem_bytes)?),
+            None => None,
+        };
+        boot::write_cmdline(&mem, &config.cmdline)?;
+        mem.write_slice(&mptable::build(config.vcpus), GuestAddress(EBDA_START))
+            .map_err(|e| VmmError::Device(format!("writing the MP table: {e}")))?;
+        let rsdp = acpi::write(&mem, config.vcpus, &[])?;
+        boot::write_boot_info(
+            &mem,
+            &boot::BootInfo {
+                kernel: &kernel,
+                initrd,
+                cmdline_len: config.cmdline.len(),
+                mem_bytes,
+                rsdp,
+            },
+        )?;
+
+        // Legacy devices.
+        let evt = |what| EventFd::new(libc::EFD_NONBLOCK).map_err(io(what));
+        let reset_evt = evt("reset eventfd")?;
+        let power_evt = evt("poweroff eventfd")?;
+        let panic_evt = evt("panic eventfd")?;
+        let exit_evt = evt("vCPU exit eventfd")?;
+        let panicked = Arc::new(AtomicBool::new(false));
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+        let dev_err = |e: kiln_devices::BusError| VmmError::Device(e.to_string());
+
+        let serial_irq = evt("serial irq eventfd")?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm("KVM_IRQFD (serial)"))?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            EventFdTrigger::new(serial_irq),
+            ConsoleWriter::new(console, panicked.clone()),
+        )));
+        pio.insert(serial.clone(), COM1_PORT, 8).map_err(dev_err)?;
+        let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
+        pio.insert(Arc::new(Mutex::new(I8042::new(reset))), 0x60, 5)
+            .map_err(dev_err)?;
+        let sleep = SleepControl::new(
+            acpi::S5_SLEEP_TYPE,
+            power_evt.try_clone().map_err(io("poweroff eventfd"))?,
+        );
+        pio.insert(
+            Arc::new(Mutex::new(sleep)),
+            u64::from(acpi::SLEEP_CONTROL_PORT),
+            1,
+        )
+        .map_err(dev_err)?;
+        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+        mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)
+            .map_err(dev_err)?;
+        let pvpanic = PvPanic::new(
+            panicked.clone(),
+            panic_evt.try_clone().map_err(io("panic eventfd"))?,
+        );
+        mmio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_ADDR, PVPANIC_LEN)
+            .map_err(dev_err)?;
+
+        // vCPUs.
+        let supported = kvm_fd
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for index in 0..config.vcpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm("KVM_CREATE_VCPU"))?;
+            let mut cpuid = supported.clone();
+            cpuid::normalize(cpuid.as_mut_slice(), index, config.vcpus);
+            vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
+            regs::setup_msrs(&vcpu)?;
+            regs::setup_fpu(&vcpu)?;
+            regs::setup_lapic(&vcpu)?;
+            if index == 0 {
+                regs::setup_sregs(&mem, &vcpu, kernel.protocol)?;
+                regs::setup_regs(&vcpu, kernel.protocol, kernel.entry)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            config,
+            vcpus,
+            _vm: vm,
+            _kvm: kvm_fd,
+            _mem: mem,
+            pio,
+            mmio,
+            serial,
+            reset_evt,
+            power_evt,
+            panic_evt,
+            exit_evt,
+            panicked,
+            boot_timer,
+        })
+    }
+
+    /// The configuration this VM was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Host virtual address ranges (start, length) backing guest RAM.
+    pub fn guest_memory_host_ranges(&self) -> Vec<(u64, u64)> {
+        self._mem
+            .iter()
+            .filter_map(|r| {
+                let host = self._mem.get_host_address(r.start_addr()).ok()?;
+                Some((host as u64, r.len()))
+            })
+            .collect()
+    }
+
+    /// The boot time the guest reported through the boot timer, if it did.
+    pub fn boot_time(&self) -> Option<Duration> {
+        self.boot_timer.lock().ok().and_then(|t| t.boot_time())
+    }
+
+    /// Runs the guest until it ends. `input`, if given, is read (non-blocking
+    /// is not required) and fed to the serial port.
+    pub fn run(&mut self, input: Option<RawFd>) -> Result<ExitReason> {
+        register_signal_handler(SIGRTMIN(), kick_handler)
+            .map_err(|e| VmmError::Io {
+                what: "vCPU kick signal handler",
+                source: std::io::Error::from_raw_os_error(e.errno()),
+            })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let reason = Arc::new(Mutex::new(None));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, vcpu) in self.vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                stop: stop.clone(),
+                exit_evt: self.exit_evt.try_clone().map_err(io("vCPU exit eventfd"))?,
+                reason: reason.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("kiln_vcpu{index}"))
+                .spawn(move || run_vcpu(index as u8, vcpu, ctx))
+                .map_err(io("spawning a vCPU thread"))?;
+            threads.push(t);
+        }
+
+        let outcome = self.event_loop(input, &reason);
+        stop.store(true, Ordering::Release);
+        stop_threads(threads);
+        outcome
+    }
+
+    fn event_loop(&self, input: Option<RawFd>, reason: &Mutex<Option<VcpuStop>>) -> Result<ExitReason> {
+        const RESET: u64 = 1;
+        const POWER: u64 = 2;
+        const PANIC: u64 = 3;
+        const VCPU: u64 = 4;
+        const INPUT: u64 = 5;
+        let epoll = Epoll::new().map_err(io("epoll_create"))?;
+        let add = |fd: RawFd, token: u64| {
+            epoll
+                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .map_err(io("epoll_ctl"))
+        };
+        add(self.reset_evt.as_raw_fd(), RESET)?;
+        add(self.power_evt.as_raw_fd(), POWER)?;
+        add(self.panic_evt.as_raw_fd(), PANIC)?;
+        add(self.exit_evt.as_raw_fd(), VCPU)?;
+        let mut input = input;
+        if let Some(fd) = input {
+            // Regular files and /dev/null cannot be polled: no input then.
+            if add(fd, INPUT).is_err() {
+                input = None;
+            }
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            let timeout = if pending.is_empty() { -1 } else { 10 };
+            let n = match epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(VmmError::Io { what: "epoll_wait", source: e }),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    RESET => return Ok(self.end(ExitReason::Reboot)),
+                    POWER => return Ok(self.end(ExitReason::Poweroff)),
+                    PANIC => return Ok(ExitReason::GuestPanic),
+                    VCPU => {
+                        let r = reason.lock().expect("stop reason lock poisoned").clone();
+                        return Ok(match r {
+                            Some(VcpuStop::Reset) => self.end(ExitReason::Reboot),
+                            Some(VcpuStop::Shutdown) => self.end(ExitReason::Poweroff),
+                            Some(VcpuStop::Crash) => ExitReason::GuestPanic,
+                            Some(VcpuStop::Error(e)) => ExitReason::VcpuError(e),
+                            None => ExitReason::VcpuError("vCPU stopped without a reason".into()),
+                        });
+                    }
+                    INPUT => {
+                        let mut buf = [0u8; 256];
+                        let fd = input.expect("input token without an input fd");
+                        // SAFETY: `buf` is valid for writes of its length; `fd` is the
+                        // caller's open descriptor.
+                        let r = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                        if r <= 0 {
+                            // EOF or error: stop reading input, keep running the guest.
+                            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
+                        } else {
+                            pending.extend_from_slice(&buf[..r as usize]);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if !pending.is_empty() {
+                let n = self
+                    .serial
+                    .lock()
+                    .expect("serial lock poisoned")
+                    .enqueue_input(&pending);
+                pending.drain(..n);
+            }
+        }
+    }
+
+    /// A clean end is a panic if the console or pvpanic saw one first.
+    fn end(&self, clean: ExitReason) -> ExitReason {
+        if self.panicked.load(Ordering::SeqCst) {
+            ExitReason::GuestPanic
+        } else {
+            clean
+        }
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only interrupts KVM_RUN; the vCPU loop then sees the stop flag.
+}
+
+fn stop_threads(threads: Vec<JoinHandle<()>>) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            let _ = t.kill(SIGRTMIN());
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::warn!("a vCPU thread did not stop in time");
+        }
+    }
+}
