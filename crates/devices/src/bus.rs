@@ -104,7 +104,9 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.resolve(addr, data.len()) {
             Some((offset, dev)) => {
-                dev.lock().expect("device lock poisoned").write(offset, data);
+                dev.lock()
+                    .expect("device lock poisoned")
+                    .write(offset, data);
                 true
             }
             None => false,
@@ -133,7 +135,10 @@ mod tests {
         bus.insert(dev.clone(), 0x100, 0x10).unwrap();
         assert_eq!(
             bus.insert(dev.clone(), 0x10f, 1),
-            Err(BusError::Overlap { base: 0x10f, len: 1 })
+            Err(BusError::Overlap {
+                base: 0x10f,
+                len: 1
+            })
         );
         assert_eq!(
             bus.insert(dev.clone(), 0xf8, 0x9),
@@ -143,7 +148,10 @@ mod tests {
         assert!(bus.insert(dev.clone(), 0xf0, 0x10).is_ok());
         assert_eq!(
             bus.insert(dev.clone(), u64::MAX, 2),
-            Err(BusError::BadRange { base: u64::MAX, len: 2 })
+            Err(BusError::BadRange {
+                base: u64::MAX,
+                len: 2
+            })
         );
 
         let mut buf = [0u8; 2];

@@ -7,6 +7,7 @@
 
 pub mod boot_timer;
 pub mod bus;
+pub mod cmos;
 pub mod i8042;
 pub mod power;
 pub mod pvpanic;

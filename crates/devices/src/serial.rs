@@ -131,7 +131,10 @@ mod tests {
         let sink = Sink::default();
         let panicked = Arc::new(AtomicBool::new(false));
         let irq = EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-        let mut s = Serial::new(irq, ConsoleWriter::new(Box::new(sink.clone()), panicked.clone()));
+        let mut s = Serial::new(
+            irq,
+            ConsoleWriter::new(Box::new(sink.clone()), panicked.clone()),
+        );
         for b in b"hello\nKernel panic - not" {
             s.write(0, &[*b]);
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use kiln_lab::scripts::GUEST_READY_MARKER;
+use kiln_lab::scripts::{shell_quote, GUEST_READY_MARKER};
 
 use crate::cli_lab;
 
@@ -31,29 +31,40 @@ enum BenchKind {
         /// vCPUs.
         #[arg(long, default_value_t = 1)]
         vcpus: u8,
+        /// Kernel command line.
+        #[arg(long, default_value = kiln_vmm::DEFAULT_CMDLINE)]
+        cmdline: String,
     },
 }
 
 /// Runs a benchmark.
 pub fn bench(args: BenchArgs) -> Result<i32> {
     match args.what {
-        BenchKind::Boot { runs, mem, vcpus } => {
-            let here = std::env::var_os("KILN_IN_LAB").is_some()
-                || !crate::use_lab();
+        BenchKind::Boot {
+            runs,
+            mem,
+            vcpus,
+            cmdline,
+        } => {
+            let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab();
             if !here {
                 eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
                 let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
                 let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
                 let cmd = format!(
-                    "{}kiln bench boot --runs {runs} --mem {mem} --vcpus {vcpus}",
-                    cli_lab::lab_env_prefix()
+                    "{}kiln bench boot --runs {runs} --mem {mem} --vcpus {vcpus} --cmdline {}",
+                    cli_lab::lab_env_prefix(),
+                    shell_quote(&cmdline)
                 );
                 return Ok(lab.run_interactive(&cmd)?);
             }
-            boot_bench(runs, mem, vcpus)
+            boot_bench(runs, mem, vcpus, &cmdline)
         }
     }
 }
+
+/// Longest a single benchmark boot may take.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Sample {
     to_marker: Duration,
@@ -61,12 +72,12 @@ struct Sample {
     guest_kib: u64,
 }
 
-fn boot_bench(runs: usize, mem: u64, vcpus: u8) -> Result<i32> {
+fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     let exe = std::env::current_exe()?;
     let mut args = crate::RunArgs {
         kernel: None,
         initrd: None,
-        cmdline: kiln_vmm::DEFAULT_CMDLINE.to_string(),
+        cmdline: cmdline.to_string(),
         vcpus,
         mem,
         guest_command: vec![],
@@ -75,12 +86,12 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8) -> Result<i32> {
     let kernel = args.kernel.expect("resolved");
     let initrd = args.initrd.expect("resolved");
     println!(
-        "kiln bench boot: {runs} runs, {vcpus} vCPU, {mem} MiB, kernel {}",
+        "kiln bench boot: {runs} runs, {vcpus} vCPU, {mem} MiB, kernel {}\n  cmdline: {cmdline}",
         kernel.display()
     );
     let mut samples = Vec::new();
     for i in 0..runs {
-        let s = one_boot(&exe, &kernel, &initrd, mem, vcpus)
+        let s = one_boot(&exe, &kernel, &initrd, cmdline, mem, vcpus)
             .with_context(|| format!("boot {}", i + 1))?;
         println!(
             "  run {:>2}: exec→init {:>8.1} ms   VMM overhead RSS {:>6} KiB   guest RSS {:>7} KiB",
@@ -91,7 +102,10 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8) -> Result<i32> {
         );
         samples.push(s);
     }
-    let mut t: Vec<f64> = samples.iter().map(|s| s.to_marker.as_secs_f64() * 1e3).collect();
+    let mut t: Vec<f64> = samples
+        .iter()
+        .map(|s| s.to_marker.as_secs_f64() * 1e3)
+        .collect();
     t.sort_by(|a, b| a.total_cmp(b));
     let mut o: Vec<u64> = samples.iter().map(|s| s.overhead_kib).collect();
     o.sort();
@@ -124,6 +138,7 @@ fn one_boot(
     exe: &PathBuf,
     kernel: &PathBuf,
     initrd: &PathBuf,
+    cmdline: &str,
     mem: u64,
     vcpus: u8,
 ) -> Result<Sample> {
@@ -134,6 +149,8 @@ fn one_boot(
         .arg(kernel)
         .arg("--initrd")
         .arg(initrd)
+        .arg("--cmdline")
+        .arg(cmdline)
         .args(["--mem", &mem.to_string(), "--vcpus", &vcpus.to_string()])
         .args(["--", "true"])
         .env("KILN_LAB", "0")
@@ -144,6 +161,24 @@ fn one_boot(
         .spawn()
         .context("spawning kiln run")?;
     let pid = child.id();
+    // A boot that hangs is killed, and reported with its console.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            let deadline = Instant::now() + BOOT_TIMEOUT;
+            while Instant::now() < deadline {
+                if done.load(std::sync::atomic::Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: kill(2) on the child's pid; at worst it already exited.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            true
+        })
+    };
+    let mut console = String::new();
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
@@ -170,13 +205,25 @@ fn one_boot(
     let mut to_marker = None;
     let mut sample_mem = None;
     for line in BufReader::new(stdout).lines().map_while(|l| l.ok()) {
+        if console.len() < 64 * 1024 {
+            console.push_str(&line);
+            console.push('\n');
+        }
         if to_marker.is_none() && line.trim_end() == GUEST_READY_MARKER {
             to_marker = Some(start.elapsed());
-            sample_mem = Some(std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default());
+            sample_mem =
+                Some(std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default());
         }
     }
     let status = child.wait()?;
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let timed_out = watchdog.join().unwrap_or(false);
     let (ranges, errtext) = err_thread.join().expect("stderr reader");
+    if timed_out {
+        bail!(
+            "kiln run did not finish within {BOOT_TIMEOUT:?}; console:\n{console}\nstderr:\n{errtext}"
+        );
+    }
     let Some(to_marker) = to_marker else {
         bail!("the guest never printed {GUEST_READY_MARKER} (status {status}): {errtext}");
     };

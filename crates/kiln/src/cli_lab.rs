@@ -49,7 +49,10 @@ fn needs_lab(force: bool) -> bool {
     match mode_from_env() {
         Some(LabMode::Lab) => true,
         Some(LabMode::Native) => false,
-        None => !matches!(kiln_vmm::probe::probe(), kiln_vmm::probe::KvmProbe::Native(_)),
+        None => !matches!(
+            kiln_vmm::probe::probe(),
+            kiln_vmm::probe::KvmProbe::Native(_)
+        ),
     }
 }
 
@@ -61,7 +64,11 @@ pub fn lab(args: LabArgs) -> Result<i32> {
         // Native KVM: run the command right here, with the same environment.
         let exe = std::env::current_exe()?;
         let dir = exe.parent().unwrap_or(Path::new("."));
-        let path = format!("{}:{}", dir.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(&command)

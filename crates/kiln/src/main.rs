@@ -95,7 +95,11 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Probe => {
             let p = kiln_vmm::probe::probe();
             println!("{p:?}");
-            Ok(if matches!(p, kiln_vmm::probe::KvmProbe::Native(_)) { 0 } else { 1 })
+            Ok(if matches!(p, kiln_vmm::probe::KvmProbe::Native(_)) {
+                0
+            } else {
+                1
+            })
         }
         Command::Lab(args) => cli_lab::lab(args),
         Command::Bench(args) => bench::bench(args),
@@ -107,7 +111,10 @@ fn use_lab() -> bool {
     match kiln_lab::lab::mode_from_env() {
         Some(kiln_lab::lab::LabMode::Lab) => true,
         Some(kiln_lab::lab::LabMode::Native) => false,
-        None => !matches!(kiln_vmm::probe::probe(), kiln_vmm::probe::KvmProbe::Native(_)),
+        None => !matches!(
+            kiln_vmm::probe::probe(),
+            kiln_vmm::probe::KvmProbe::Native(_)
+        ),
     }
 }
 

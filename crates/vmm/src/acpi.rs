@@ -5,7 +5,9 @@
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
-use acpi_tables::madt::{EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -22,6 +24,11 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 
 const OEM_ID: [u8; 6] = *b"KILNVM";
 const OEM_TABLE: [u8; 8] = *b"KILNVMM ";
+/// IA-PC boot architecture flag "8042 present". Kiln leaves it clear: its
+/// i8042 only implements the reset line, and a clear flag keeps the guest's
+/// keyboard driver from probing (and timing out on) a controller that is not
+/// there, while `reboot=k` still writes the reset command to port 0x64.
+#[cfg(test)]
 const IAPC_8042: u16 = 1 << 1;
 const IAPC_NO_VGA: u16 = 1 << 2;
 const MADT_PCAT_COMPAT: u32 = 1;
@@ -146,7 +153,7 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
-    b.iapc_boot_arch = (IAPC_8042 | IAPC_NO_VGA).into();
+    b.iapc_boot_arch = IAPC_NO_VGA.into();
     let reg = GAS::new(
         AddressSpace::SystemIo,
         8,
@@ -209,7 +216,11 @@ pub fn build(cpus: u8, devices: &[MmioDeviceInfo]) -> Result<Vec<(u64, Vec<u8>)>
 }
 
 /// Writes the tables into guest memory; returns the RSDP address.
-pub fn write(mem: &GuestMemoryMmap, cpus: u8, devices: &[MmioDeviceInfo]) -> Result<u64, AcpiError> {
+pub fn write(
+    mem: &GuestMemoryMmap,
+    cpus: u8,
+    devices: &[MmioDeviceInfo],
+) -> Result<u64, AcpiError> {
     let tables = build(cpus, devices)?;
     for (addr, bytes) in &tables {
         mem.write_slice(bytes, GuestAddress(*addr))?;
@@ -232,8 +243,16 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let devs = [
-            MmioDeviceInfo { addr: 0xd000_2000, len: 0x1000, irq: 5 },
-            MmioDeviceInfo { addr: 0xd000_3000, len: 0x1000, irq: 6 },
+            MmioDeviceInfo {
+                addr: 0xd000_2000,
+                len: 0x1000,
+                irq: 5,
+            },
+            MmioDeviceInfo {
+                addr: 0xd000_3000,
+                len: 0x1000,
+                irq: 6,
+            },
         ];
         let t = build(4, &devs).unwrap();
         let (rsdp_addr, rsdp) = &t[0];
@@ -265,15 +284,22 @@ mod tests {
         let flags = u32::from_le_bytes(fadt[112..116].try_into().unwrap());
         assert_ne!(flags & (1 << 20), 0, "hardware-reduced ACPI");
         let boot_arch = u16::from_le_bytes(fadt[109..111].try_into().unwrap());
-        assert_ne!(boot_arch & IAPC_8042, 0);
+        assert_eq!(boot_arch & IAPC_8042, 0);
+        assert_ne!(boot_arch & IAPC_NO_VGA, 0);
     }
 
     #[test]
     fn madt_lists_every_cpu_and_the_ioapic() {
         let m = madt(3);
         assert_eq!(sum(&m), 0);
-        assert_eq!(u32::from_le_bytes(m[36..40].try_into().unwrap()), LAPIC_ADDR as u32);
-        assert_eq!(u32::from_le_bytes(m[40..44].try_into().unwrap()), MADT_PCAT_COMPAT);
+        assert_eq!(
+            u32::from_le_bytes(m[36..40].try_into().unwrap()),
+            LAPIC_ADDR as u32
+        );
+        assert_eq!(
+            u32::from_le_bytes(m[40..44].try_into().unwrap()),
+            MADT_PCAT_COMPAT
+        );
         let mut i = 44;
         let mut lapics = vec![];
         let mut ioapics = 0;
@@ -292,7 +318,11 @@ mod tests {
     #[test]
     fn dsdt_declares_virtio_pvpanic_and_s5() {
         let devs: Vec<MmioDeviceInfo> = (0..8)
-            .map(|i| MmioDeviceInfo { addr: 0xd000_2000 + i * 0x1000, len: 0x1000, irq: 5 + i as u32 })
+            .map(|i| MmioDeviceInfo {
+                addr: 0xd000_2000 + i * 0x1000,
+                len: 0x1000,
+                irq: 5 + i as u32,
+            })
             .collect();
         let d = dsdt(&devs);
         assert!(find(&d, b"LNRO0005"));

@@ -9,7 +9,9 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::boot_params;
-use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -157,7 +159,8 @@ pub fn load_initrd(
 
 /// Writes the command line.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
-    let c = Cmdline::try_from(cmdline, CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
+    let c =
+        Cmdline::try_from(cmdline, CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &c).map_err(|e| BootError::Memory {
         what: "command line",
         detail: e.to_string(),
@@ -259,7 +262,9 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()> {
 
 /// Checks the whole guest RAM is addressable (a sanity check for tests).
 pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter().map(|r| vm_memory::GuestMemoryRegion::len(r)).sum()
+    mem.iter()
+        .map(vm_memory::GuestMemoryRegion::len)
+        .sum()
 }
 
 #[cfg(test)]

@@ -170,7 +170,10 @@ mod tests {
         let map = e820_map(mem);
         assert_eq!(map[3].addr + map[3].size, MMIO_GAP_START);
         assert_eq!(map[4].addr, MMIO_GAP_END);
-        assert_eq!(map[4].addr + map[4].size, mem + (MMIO_GAP_END - MMIO_GAP_START));
+        assert_eq!(
+            map[4].addr + map[4].size,
+            mem + (MMIO_GAP_END - MMIO_GAP_START)
+        );
         // No entry overlaps the gap.
         assert!(map
             .iter()

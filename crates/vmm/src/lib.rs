@@ -147,7 +147,11 @@ mod tests {
         assert!(c.validate().is_err());
         c.vcpus = 32;
         c.mem_mib = 127;
-        assert!(c.validate().unwrap_err().to_string().contains("at least 128"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("at least 128"));
         c.mem_mib = 128;
         c.cmdline = "x".repeat(5000);
         assert!(c.validate().is_err());

@@ -60,22 +60,29 @@ fn run_probe(kvm: &Kvm) -> Result<Duration, String> {
     };
     // SAFETY: the region is a live mapping owned by `mem`, which outlives the VM
     // (both are dropped at the end of this function, `vm` first).
-    unsafe { vm.set_user_memory_region(slot) }.map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
+    unsafe { vm.set_user_memory_region(slot) }
+        .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION: {e}"))?;
     let mut code = LOOP_CODE.to_vec();
     code.push(HLT);
     mem.write_slice(&code, GuestAddress(0x1000))
         .map_err(|e| format!("probe code: {e}"))?;
-    let mut vcpu = vm.create_vcpu(0).map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
-    let mut sregs = vcpu.get_sregs().map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
+    let mut vcpu = vm
+        .create_vcpu(0)
+        .map_err(|e| format!("KVM_CREATE_VCPU: {e}"))?;
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS: {e}"))?;
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
-    vcpu.set_sregs(&sregs).map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
+    vcpu.set_sregs(&sregs)
+        .map_err(|e| format!("KVM_SET_SREGS: {e}"))?;
     let regs = kvm_bindings::kvm_regs {
         rip: 0x1000,
         rflags: 2,
         ..Default::default()
     };
-    vcpu.set_regs(&regs).map_err(|e| format!("KVM_SET_REGS: {e}"))?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| format!("KVM_SET_REGS: {e}"))?;
     let start = Instant::now();
     loop {
         match vcpu.run() {

@@ -1,7 +1,9 @@
 //! Initial vCPU state for the two boot protocols: 64-bit Linux boot (paging
 //! on, identity map) and PVH (32-bit protected mode, paging off).
 
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -117,10 +119,16 @@ pub fn boot_gdt(proto: BootProtocol) -> [u64; 4] {
 fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<()> {
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
-            .map_err(|source| RegsError::Memory { what: "GDT", source })?;
+            .map_err(|source| RegsError::Memory {
+                what: "GDT",
+                source,
+            })?;
     }
     mem.write_obj(0u64, GuestAddress(IDT_ADDR))
-        .map_err(|source| RegsError::Memory { what: "IDT", source })
+        .map_err(|source| RegsError::Memory {
+            what: "IDT",
+            source,
+        })
 }
 
 /// Writes an identity map of the first 1 GiB with 2 MiB pages.
@@ -283,9 +291,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 pub fn setup_lapic(vcpu: &VcpuFd) -> Result<()> {
     let mut state = vcpu.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?;
     let lvt0 = lapic_reg(&state, APIC_LVT0);
-    set_lapic_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&state, APIC_LVT1);
-    set_lapic_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     vcpu.set_lapic(&state).map_err(kvm("KVM_SET_LAPIC"))
 }
 
@@ -299,7 +315,10 @@ mod tests {
         assert_eq!(gdt[1], 0x00af_9b00_0000_ffff);
         assert_eq!(gdt[2], 0x00cf_9300_0000_ffff);
         let cs = segment_from_gdt(gdt[1], 1);
-        assert_eq!((cs.selector, cs.type_, cs.l, cs.db, cs.g), (8, 0xb, 1, 0, 1));
+        assert_eq!(
+            (cs.selector, cs.type_, cs.l, cs.db, cs.g),
+            (8, 0xb, 1, 0, 1)
+        );
         assert_eq!((cs.present, cs.s, cs.unusable), (1, 1, 0));
         assert_eq!(cs.limit, 0xffff_ffff);
         let ds = segment_from_gdt(gdt[2], 2);
@@ -314,7 +333,10 @@ mod tests {
 
     #[test]
     fn lapic_delivery_modes() {
-        assert_eq!(with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT), 0x0001_0700);
+        assert_eq!(
+            with_delivery_mode(0x0001_0000, APIC_MODE_EXTINT),
+            0x0001_0700
+        );
         assert_eq!(with_delivery_mode(0x0000_0700, APIC_MODE_NMI), 0x0000_0400);
     }
 

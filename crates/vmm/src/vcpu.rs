@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
 use kiln_devices::Bus;
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Why a vCPU stopped running.
@@ -72,14 +72,18 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                     KVM_SYSTEM_EVENT_CRASH => break VcpuStop::Crash,
                     other => break VcpuStop::Error(format!("unknown system event {other}")),
                 },
-                VcpuExit::Hlt => break VcpuStop::Error("vCPU halted with no interrupt controller".into()),
+                VcpuExit::Hlt => {
+                    break VcpuStop::Error("vCPU halted with no interrupt controller".into())
+                }
                 VcpuExit::FailEntry(reason, cpu) => {
                     break VcpuStop::Error(format!(
                         "KVM entry failed (hardware reason {reason:#x} on cpu {cpu})"
                     ))
                 }
                 VcpuExit::InternalError => {
-                    break VcpuStop::Error("KVM internal error (the host cannot emulate this guest)".into())
+                    break VcpuStop::Error(
+                        "KVM internal error (the host cannot emulate this guest)".into(),
+                    )
                 }
                 VcpuExit::Intr | VcpuExit::IrqWindowOpen => {}
                 other => {

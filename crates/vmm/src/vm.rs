@@ -9,12 +9,15 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kiln_devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
+use kiln_devices::cmos::Cmos;
 use kiln_devices::i8042::I8042;
 use kiln_devices::power::SleepControl;
 use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
 use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
 use kiln_devices::{Bus, EventFdTrigger};
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -175,6 +178,8 @@ impl Vmm {
         let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
         pio.insert(Arc::new(Mutex::new(I8042::new(reset))), 0x60, 5)
             .map_err(dev_err)?;
+        pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
+            .map_err(dev_err)?;
         let sleep = SleepControl::new(
             acpi::S5_SLEEP_TYPE,
             power_evt.try_clone().map_err(io("poweroff eventfd"))?,
@@ -259,11 +264,10 @@ impl Vmm {
     /// Runs the guest until it ends. `input`, if given, is read (non-blocking
     /// is not required) and fed to the serial port.
     pub fn run(&mut self, input: Option<RawFd>) -> Result<ExitReason> {
-        register_signal_handler(SIGRTMIN(), kick_handler)
-            .map_err(|e| VmmError::Io {
-                what: "vCPU kick signal handler",
-                source: std::io::Error::from_raw_os_error(e.errno()),
-            })?;
+        register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Io {
+            what: "vCPU kick signal handler",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
         let stop = Arc::new(AtomicBool::new(false));
         let reason = Arc::new(Mutex::new(None));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -288,7 +292,11 @@ impl Vmm {
         outcome
     }
 
-    fn event_loop(&self, input: Option<RawFd>, reason: &Mutex<Option<VcpuStop>>) -> Result<ExitReason> {
+    fn event_loop(
+        &self,
+        input: Option<RawFd>,
+        reason: &Mutex<Option<VcpuStop>>,
+    ) -> Result<ExitReason> {
         const RESET: u64 = 1;
         const POWER: u64 = 2;
         const PANIC: u64 = 3;
@@ -297,7 +305,11 @@ impl Vmm {
         let epoll = Epoll::new().map_err(io("epoll_create"))?;
         let add = |fd: RawFd, token: u64| {
             epoll
-                .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, token))
+                .ctl(
+                    ControlOperation::Add,
+                    fd,
+                    EpollEvent::new(EventSet::IN, token),
+                )
                 .map_err(io("epoll_ctl"))
         };
         add(self.reset_evt.as_raw_fd(), RESET)?;
@@ -318,7 +330,12 @@ impl Vmm {
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(VmmError::Io { what: "epoll_wait", source: e }),
+                Err(e) => {
+                    return Err(VmmError::Io {
+                        what: "epoll_wait",
+                        source: e,
+                    })
+                }
             };
             for ev in &events[..n] {
                 match ev.data() {

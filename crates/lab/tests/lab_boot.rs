@@ -1,0 +1,142 @@
+//! Boots the lab once and runs several commands in that single boot.
+//!
+//! Needs `qemu-system-x86_64`, `apt-get`/`dpkg-deb` and network access on the
+//! first run (images are cached afterwards). Set `KILN_LAB_SKIP=1` to skip.
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use kiln_lab::{images, qemu_available, Lab, LabError};
+
+/// Serializes QEMU boots: TCG runs on a 2-core host slow each other down.
+static BOOT: Mutex<()> = Mutex::new(());
+
+/// Returns the images, or `None` when lab tests are skipped.
+fn setup() -> Option<images::Images> {
+    if std::env::var_os("KILN_LAB_SKIP").is_some() {
+        eprintln!("KILN_LAB_SKIP set; skipping");
+        return None;
+    }
+    assert!(
+        qemu_available(),
+        "qemu-system-x86_64 missing: install qemu-system-x86 (or set KILN_LAB_SKIP=1)"
+    );
+    Some(images::ensure(&images::default_cache_dir()).expect("images"))
+}
+
+#[test]
+fn lab_boots_and_runs_commands() {
+    let Some(imgs) = setup() else { return };
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    // A dynamically linked host binary exercises library copying.
+    let env_bin = ["/usr/bin/env", "/bin/env"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("env binary");
+    let note = std::env::temp_dir().join(format!("kiln-lab-note-{}", std::process::id()));
+    std::fs::write(&note, "lab file ok\n").unwrap();
+    let lab = Lab::new(imgs)
+        .binary(env_bin)
+        .file(&note, "/etc/kiln/note.txt")
+        .timeout(Duration::from_secs(240));
+    let cmds: Vec<String> = [
+        "test -c /dev/kvm",
+        "grep -c svm /proc/cpuinfo",
+        "exit 3",
+        "echo hello",
+        "test -s /images/vmlinuz && test -s /images/initramfs.img",
+        "/usr/local/bin/env true && echo env-ok",
+        "cat /etc/kiln/note.txt",
+        "echo to-stderr >&2; printf 'no newline'",
+        "test -c /dev/net/tun && mount | grep -c cgroup2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let report = lab.run_report(&cmds).expect("lab run");
+    std::fs::remove_file(&note).ok();
+    eprintln!(
+        "lab boot time: {:?}, total: {:?}",
+        report.boot_time, report.total_time
+    );
+    let o = &report.outputs;
+    assert_eq!(o.len(), cmds.len());
+    for (c, r) in cmds.iter().zip(o) {
+        assert_eq!(&r.command, c);
+    }
+    assert_eq!(o[0].status, 0, "/dev/kvm missing: {o:?}");
+    assert_eq!(o[1].status, 0);
+    assert!(
+        o[1].output.trim().parse::<u32>().unwrap() >= 1,
+        "{:?}",
+        o[1]
+    );
+    assert_eq!(o[2].status, 3);
+    assert_eq!(o[3].output, "hello\n");
+    assert_eq!(o[3].status, 0);
+    assert_eq!(o[4].status, 0);
+    assert_eq!((o[5].status, o[5].output.as_str()), (0, "env-ok\n"));
+    assert_eq!(o[6].output, "lab file ok\n");
+    assert_eq!(o[7].output, "to-stderr\nno newline");
+    assert_eq!(o[8].status, 0, "{:?}", o[8]);
+    assert!(report.boot_time.is_some());
+}
+
+#[test]
+fn lab_death_is_an_error_not_a_result() {
+    let Some(imgs) = setup() else { return };
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    let cmds: Vec<String> = ["echo a", "poweroff -f", "echo never"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let err = Lab::new(imgs)
+        .timeout(Duration::from_secs(120))
+        .run(&cmds)
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, LabError::Incomplete { .. }), "{msg}");
+    assert!(msg.contains("1/3 commands finished"), "{msg}");
+    assert!(msg.contains("`poweroff -f` was running"), "{msg}");
+}
+
+#[test]
+fn lab_timeout_kills_qemu() {
+    let Some(imgs) = setup() else { return };
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    let err = Lab::new(imgs)
+        .timeout(Duration::from_secs(1))
+        .run_one("sleep 60")
+        .unwrap_err();
+    assert!(matches!(err, LabError::Timeout { .. }), "{err}");
+    assert!(err.to_string().contains("never became ready"), "{err}");
+}
+
+/// Boots the guest initramfs directly under QEMU/TCG (no KVM, no VMM) to
+/// check the guest /init protocol: ready marker, "$@" command, exit marker.
+#[test]
+fn guest_initramfs_protocol() {
+    let Some(imgs) = setup() else { return };
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    let out = Command::new("qemu-system-x86_64")
+        .args(["-M", "q35", "-accel", "tcg", "-cpu", "EPYC", "-m", "512"])
+        .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        .args(["-serial", "stdio", "-no-reboot", "-kernel"])
+        .arg(&imgs.kernel)
+        .arg("-initrd")
+        .arg(&imgs.initramfs)
+        .args([
+            "-append",
+            "console=ttyS0 reboot=k panic=-1 quiet -- echo guest-says-hi; test -e /sys/module/virtio_mmio && exit 7",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("qemu");
+    let console = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let lines: Vec<&str> = console.lines().collect();
+    let ready = lines.iter().position(|l| *l == "KILN-INIT-READY");
+    let ready = ready.unwrap_or_else(|| panic!("no ready marker:\n{console}"));
+    assert_eq!(lines[ready + 1], "guest-says-hi", "{console}");
+    assert_eq!(lines[ready + 2], "KILN-EXIT=7", "{console}");
+}
