@@ -137,7 +137,27 @@ fn resolve_images(args: &mut RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn precheck(args: &RunArgs) -> Result<()> {
+    let mut c = VmConfig::new(args.kernel.clone().unwrap_or_default());
+    c.vcpus = args.vcpus;
+    c.mem_mib = args.mem;
+    c.cmdline = args.cmdline.clone();
+    c.validate()?;
+    if let Some(k) = &args.kernel {
+        kiln_vmm::boot::check_kernel_file(k)?;
+    }
+    if let Some(i) = &args.initrd {
+        std::fs::metadata(i).map_err(|source| kiln_vmm::boot::BootError::Initrd {
+            path: i.clone(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
+    // Bad options fail here, with one line, wherever the VM would run.
+    precheck(&args)?;
     let inside_lab = std::env::var_os("KILN_IN_LAB").is_some();
     if !inside_lab && use_lab() {
         eprintln!(

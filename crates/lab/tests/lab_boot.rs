@@ -1,7 +1,7 @@
 //! Boots the lab once and runs several commands in that single boot.
 //!
 //! Needs `qemu-system-x86_64`, `apt-get`/`dpkg-deb` and network access on the
-//! first run (images are cached afterwards). Set `KILN_LAB_SKIP=1` to skip.
+//! first run (images are cached afterwards).
 
 use std::process::Command;
 use std::sync::Mutex;
@@ -12,15 +12,11 @@ use kiln_lab::{images, qemu_available, Lab, LabError};
 /// Serializes QEMU boots: TCG runs on a 2-core host slow each other down.
 static BOOT: Mutex<()> = Mutex::new(());
 
-/// Returns the images, or `None` when lab tests are skipped.
+/// Returns the images (building them on first use).
 fn setup() -> Option<images::Images> {
-    if std::env::var_os("KILN_LAB_SKIP").is_some() {
-        eprintln!("KILN_LAB_SKIP set; skipping");
-        return None;
-    }
     assert!(
         qemu_available(),
-        "qemu-system-x86_64 missing: install qemu-system-x86 (or set KILN_LAB_SKIP=1)"
+        "qemu-system-x86_64 missing: install qemu-system-x86"
     );
     Some(images::ensure(&images::default_cache_dir()).expect("images"))
 }

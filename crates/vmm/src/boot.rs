@@ -83,6 +83,31 @@ pub struct KernelEntry {
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
 }
 
+/// Checks, without guest memory, that `path` looks like an ELF or a bzImage.
+pub fn check_kernel_file(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let open_err = |source| BootError::KernelOpen {
+        path: path.to_owned(),
+        source,
+    };
+    let mut head = Vec::with_capacity(0x210);
+    File::open(path)
+        .map_err(open_err)?
+        .take(0x210)
+        .read_to_end(&mut head)
+        .map_err(open_err)?;
+    let elf = head.starts_with(b"\x7fELF");
+    let bzimage = head.get(0x202..0x206) == Some(b"HdrS".as_slice());
+    if elf || bzimage {
+        Ok(())
+    } else {
+        Err(BootError::NotAKernel {
+            path: path.to_owned(),
+            detail: "no ELF magic and no bzImage setup header".into(),
+        })
+    }
+}
+
 /// Loads `path` (ELF vmlinux, using PVH when the ELF has the note; else bzImage).
 pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry> {
     let mut f = File::open(path).map_err(|source| BootError::KernelOpen {
@@ -262,9 +287,7 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()> {
 
 /// Checks the whole guest RAM is addressable (a sanity check for tests).
 pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter()
-        .map(vm_memory::GuestMemoryRegion::len)
-        .sum()
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
 #[cfg(test)]

@@ -77,10 +77,7 @@ impl Vmm {
     pub fn new(config: VmConfig, console: Box<dyn Write + Send>, start: Instant) -> Result<Self> {
         config.validate()?;
         // Fail early, with the path, before touching KVM.
-        std::fs::metadata(&config.kernel).map_err(|source| boot::BootError::KernelOpen {
-            path: config.kernel.clone(),
-            source,
-        })?;
+        boot::check_kernel_file(&config.kernel)?;
         if let Some(initrd) = &config.initrd {
             std::fs::metadata(initrd).map_err(|source| boot::BootError::Initrd {
                 path: initrd.clone(),

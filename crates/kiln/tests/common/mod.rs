@@ -1,0 +1,161 @@
+//! Shared harness for tests that boot real guests.
+//!
+//! Every command a test needs runs on a "KVM host": this machine when its KVM
+//! runs guests natively, else the lab (QEMU/TCG with nested KVM). All commands
+//! of a test binary run in one batch (one lab boot); each test then looks up
+//! its own result. `KILN_LAB=1`/`0` forces the lab or native.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use kiln_lab::{images, CommandOutput, Lab, LabMode};
+
+/// The kiln binary under test.
+pub fn kiln_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
+}
+
+/// Guest images, built on first use.
+pub fn guest_images() -> images::Images {
+    images::ensure(&images::default_cache_dir()).expect("building guest images")
+}
+
+/// Whether commands go to the lab.
+pub fn use_lab() -> bool {
+    match kiln_lab::mode_from_env() {
+        Some(LabMode::Lab) => true,
+        Some(LabMode::Native) => false,
+        None => !matches!(
+            kiln_vmm::probe::probe(),
+            kiln_vmm::probe::KvmProbe::Native(_)
+        ),
+    }
+}
+
+/// Runs `cases` (name, shell command) on the KVM host, all in one batch.
+pub fn run_batch(cases: &[(&str, String)], timeout: Duration) -> HashMap<String, CommandOutput> {
+    let imgs = guest_images();
+    let outputs: Vec<CommandOutput> = if use_lab() {
+        let prefix =
+            "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz KILN_INITRD=/images/initramfs.img; ";
+        let cmds: Vec<String> = cases.iter().map(|(_, c)| format!("{prefix}{c}")).collect();
+        Lab::new(imgs)
+            .binary(kiln_bin())
+            .timeout(timeout)
+            .run(&cmds)
+            .expect("lab run")
+    } else {
+        let dir = kiln_bin().parent().unwrap().to_path_buf();
+        let path = format!(
+            "{}:{}",
+            dir.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        cases
+            .iter()
+            .map(|(_, c)| {
+                let out = Command::new("sh")
+                    .arg("-c")
+                    .arg(c)
+                    .env("PATH", &path)
+                    .env("KILN_LAB", "0")
+                    .env("KILN_KERNEL", &imgs.kernel)
+                    .env("KILN_INITRD", &imgs.initramfs)
+                    .output()
+                    .expect("sh");
+                let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.push_str(&String::from_utf8_lossy(&out.stderr));
+                CommandOutput {
+                    command: c.clone(),
+                    output: text,
+                    status: out.status.code().unwrap_or(128),
+                }
+            })
+            .collect()
+    };
+    cases
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .zip(outputs)
+        .collect()
+}
+
+/// A lazily-run batch shared by the tests of one binary.
+pub struct Batch {
+    cell: OnceLock<HashMap<String, CommandOutput>>,
+    cases: fn() -> Vec<(&'static str, String)>,
+    timeout: Duration,
+}
+
+impl Batch {
+    /// A batch of `cases`.
+    pub const fn new(cases: fn() -> Vec<(&'static str, String)>, timeout: Duration) -> Self {
+        Self {
+            cell: OnceLock::new(),
+            cases,
+            timeout,
+        }
+    }
+
+    /// The result of case `name` (running the batch on first use).
+    pub fn get(&self, name: &str) -> &CommandOutput {
+        let all = self
+            .cell
+            .get_or_init(|| run_batch(&(self.cases)(), self.timeout));
+        all.get(name)
+            .unwrap_or_else(|| panic!("no case named {name}"))
+    }
+}
+
+/// Lines the guest printed between the init marker and its exit marker.
+pub fn guest_lines(out: &CommandOutput) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut inside = false;
+    for l in out.output.lines() {
+        let l = l.trim_end_matches('\r');
+        if l == "KILN-INIT-READY" {
+            inside = true;
+        } else if l.starts_with("KILN-EXIT=") {
+            inside = false;
+        } else if inside {
+            lines.push(l.to_string());
+        }
+    }
+    lines
+}
+
+/// The guest command's exit status from the `KILN-EXIT=` line.
+pub fn guest_status(out: &CommandOutput) -> Option<i32> {
+    out.output
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("KILN-EXIT="))
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Runs kiln directly on this machine (no KVM needed for error paths).
+pub fn kiln_here(args: &[&str]) -> std::process::Output {
+    Command::new(kiln_bin())
+        .args(args)
+        .env("KILN_LAB", "0")
+        .output()
+        .expect("running kiln")
+}
+
+/// A temp file with `contents`.
+pub fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, contents).unwrap();
+    p
+}
+
+/// True if `p` exists.
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
