@@ -12,6 +12,7 @@ pub mod i8042;
 pub mod power;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
 
