@@ -1,8 +1,9 @@
 #!/bin/sh
 # Installs what Kiln needs on a fresh Debian/Ubuntu machine: QEMU for the lab
 # (used when this host's KVM cannot run a stock kernel natively), dpkg/apt
-# tools for building guest images from Debian packages, iproute2 for TAP
-# devices, util-linux for namespaces. Then builds the guest images.
+# tools for building guest images from Debian packages, e2fsprogs for the
+# guest ext4 rootfs, iproute2 for TAP devices, util-linux for namespaces.
+# Then builds the guest images.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ command -v qemu-system-x86_64 >/dev/null 2>&1 || need="$need qemu-system-x86"
 command -v dpkg-deb >/dev/null 2>&1 || need="$need dpkg"
 command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need="$need e2fsprogs"
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -80,6 +80,11 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
         cmdline: cmdline.to_string(),
         vcpus,
         mem,
+        disks: vec![],
+        rng: false,
+        balloon: None,
+        nets: vec![],
+        vsock: None,
         guest_command: vec![],
     };
     crate::resolve_images(&mut args)?;

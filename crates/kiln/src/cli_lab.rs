@@ -102,6 +102,32 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
     };
     lab = copy("--kernel", &args.kernel, "/work/kernel", lab);
     lab = copy("--initrd", &args.initrd, "/work/initrd", lab);
+    // Disks are copied into the lab: the guest's writes stay there.
+    for (i, spec) in args.disks.iter().enumerate() {
+        let (path, opts) = match spec.split_once(',') {
+            Some((p, o)) => (p, format!(",{o}")),
+            None => (spec.as_str(), String::new()),
+        };
+        let guest = format!("/work/disk{i}");
+        lab = lab.file(PathBuf::from(path), guest.clone());
+        cmd.push("--disk".into());
+        cmd.push(format!("{guest}{opts}"));
+    }
+    for n in &args.nets {
+        cmd.push("--net".into());
+        cmd.push(n.clone());
+    }
+    if let Some(v) = &args.vsock {
+        cmd.push("--vsock".into());
+        cmd.push(v.clone());
+    }
+    if args.rng {
+        cmd.push("--rng".into());
+    }
+    if let Some(b) = &args.balloon {
+        cmd.push("--balloon".into());
+        cmd.push(b.clone());
+    }
     cmd.extend([
         "--cmdline".into(),
         args.cmdline.clone(),

@@ -10,6 +10,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
+use kiln_vmm::kiln_devices::virtio::block::BlockConfig;
+use kiln_vmm::kiln_devices::virtio::net::{parse_mac, NetConfig};
+use kiln_vmm::kiln_devices::virtio::vsock::VsockConfig;
 use kiln_vmm::{ExitReason, VmConfig, Vmm};
 
 /// Exit status when the guest kernel panicked.
@@ -61,6 +65,23 @@ pub struct RunArgs {
     /// Guest memory in MiB (at least 128).
     #[arg(long, default_value_t = 256)]
     pub mem: u64,
+    /// Attach a virtio-blk disk: PATH[,ro][,id=NAME] (repeatable; /dev/vda, /dev/vdb, ...).
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    pub disks: Vec<String>,
+    /// Attach a virtio-net interface on host TAP device TAP: TAP[,mac=AA:BB:CC:DD:EE:FF] (repeatable).
+    #[arg(long = "net", value_name = "TAP[,mac=MAC]")]
+    pub nets: Vec<String>,
+    /// Attach a virtio-vsock device: CID,UDS (Firecracker's hybrid design: host
+    /// connects to UDS and sends "CONNECT <port>"; the guest's connections to
+    /// port P go to UDS_P).
+    #[arg(long, value_name = "CID,UDS")]
+    pub vsock: Option<String>,
+    /// Attach a virtio-rng entropy device.
+    #[arg(long)]
+    pub rng: bool,
+    /// Attach a virtio-balloon inflated to MIB: MIB[,deflate_on_oom][,stats=SECONDS].
+    #[arg(long, value_name = "MIB[,deflate_on_oom][,stats=S]")]
+    pub balloon: Option<String>,
     /// Command for the guest's init (appended to the command line after `--`).
     #[arg(last = true)]
     pub guest_command: Vec<String>,
@@ -137,7 +158,124 @@ fn resolve_images(args: &mut RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Parses `PATH[,ro][,id=NAME]`.
+pub fn parse_disk(spec: &str, index: usize) -> Result<BlockConfig> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--disk {spec:?}: expected PATH[,ro][,id=NAME]"))?;
+    let mut cfg = BlockConfig {
+        path: PathBuf::from(path),
+        read_only: false,
+        id: format!("disk{index}"),
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "ro" => cfg.read_only = true,
+            None if opt == "rw" => cfg.read_only = false,
+            Some(("id", v)) if !v.is_empty() && v.len() <= 20 => cfg.id = v.to_string(),
+            _ => anyhow::bail!(
+                "--disk {spec:?}: unknown option {opt:?} (expected ro, rw or id=NAME of at most 20 bytes)"
+            ),
+        }
+    }
+    Ok(cfg)
+}
+
+/// Parses `TAP[,mac=MAC]`.
+pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig> {
+    let mut parts = spec.split(',');
+    let tap = parts
+        .next()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow::anyhow!("--net {spec:?}: expected TAP[,mac=MAC]"))?;
+    let mut cfg = NetConfig {
+        tap: tap.to_string(),
+        mac: None,
+        id: format!("eth{index}"),
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("mac", m)) => {
+                cfg.mac = Some(parse_mac(m).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--net {spec:?}: {m:?} is not a MAC address (AA:BB:CC:DD:EE:FF)"
+                    )
+                })?)
+            }
+            _ => anyhow::bail!("--net {spec:?}: unknown option {opt:?}"),
+        }
+    }
+    Ok(cfg)
+}
+
+/// Parses `CID,UDS`.
+pub fn parse_vsock(spec: &str) -> Result<VsockConfig> {
+    let (cid, path) = spec
+        .split_once(',')
+        .ok_or_else(|| anyhow::anyhow!("--vsock {spec:?}: expected CID,UDS_PATH"))?;
+    let guest_cid = cid
+        .parse::<u64>()
+        .map_err(|_| anyhow::anyhow!("--vsock {spec:?}: {cid:?} is not a CID number"))?;
+    if path.is_empty() {
+        anyhow::bail!("--vsock {spec:?}: empty socket path");
+    }
+    Ok(VsockConfig {
+        guest_cid,
+        uds_path: PathBuf::from(path),
+    })
+}
+
+/// Parses `MIB[,deflate_on_oom][,stats=SECONDS]`.
+pub fn parse_balloon(spec: &str) -> Result<BalloonConfig> {
+    let mut parts = spec.split(',');
+    let mib = parts
+        .next()
+        .and_then(|m| m.parse::<u64>().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!("--balloon {spec:?}: expected MIB[,deflate_on_oom][,stats=SECONDS]")
+        })?;
+    let mut cfg = BalloonConfig {
+        target_mib: mib,
+        ..Default::default()
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            None if opt == "deflate_on_oom" => cfg.deflate_on_oom = true,
+            Some(("stats", v)) => {
+                cfg.stats_interval_s = v.parse().map_err(|_| {
+                    anyhow::anyhow!("--balloon {spec:?}: stats={v:?} is not a number of seconds")
+                })?
+            }
+            _ => anyhow::bail!("--balloon {spec:?}: unknown option {opt:?}"),
+        }
+    }
+    Ok(cfg)
+}
+
 fn precheck(args: &RunArgs) -> Result<()> {
+    if let Some(v) = &args.vsock {
+        parse_vsock(v)?;
+    }
+    for (i, n) in args.nets.iter().enumerate() {
+        parse_net(n, i)?;
+    }
+    if let Some(b) = &args.balloon {
+        let cfg = parse_balloon(b)?;
+        if cfg.target_mib >= args.mem {
+            anyhow::bail!(
+                "--balloon {} MiB must be smaller than the guest's memory ({} MiB)",
+                cfg.target_mib,
+                args.mem
+            );
+        }
+    }
+    for (i, d) in args.disks.iter().enumerate() {
+        let cfg = parse_disk(d, i)?;
+        std::fs::metadata(&cfg.path)
+            .map_err(|e| anyhow::anyhow!("cannot open disk {}: {e}", cfg.path.display()))?;
+    }
     let mut c = VmConfig::new(args.kernel.clone().unwrap_or_default());
     c.vcpus = args.vcpus;
     c.mem_mib = args.mem;
@@ -177,6 +315,21 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         cmdline,
         vcpus: args.vcpus,
         mem_mib: args.mem,
+        disks: args
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| parse_disk(d, i))
+            .collect::<Result<_>>()?,
+        rng: args.rng,
+        nets: args
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| parse_net(n, i))
+            .collect::<Result<_>>()?,
+        balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
+        vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
     };
     let mut vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
     if std::env::var_os("KILN_MEM_REPORT").is_some() {
@@ -201,4 +354,24 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
             EXIT_VCPU_ERROR
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_disk;
+
+    #[test]
+    fn disk_specs() {
+        let d = parse_disk("/a/b.img", 3).unwrap();
+        assert_eq!(
+            (d.path.to_str().unwrap(), d.read_only, d.id.as_str()),
+            ("/a/b.img", false, "disk3")
+        );
+        let d = parse_disk("/x,ro,id=root", 0).unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id, "root");
+        assert!(parse_disk("/x,bogus", 0).is_err());
+        assert!(parse_disk(",ro", 0).is_err());
+        assert!(parse_disk("/x,id=012345678901234567890", 0).is_err());
+    }
 }

@@ -2,9 +2,14 @@
 //!
 //! [`ensure`] downloads the pinned `.deb` files with `apt-get download`,
 //! verifies their SHA-256, extracts them with `dpkg-deb -x` and builds two
-//! initramfs images with the crate's own cpio writer:
+//! initramfs images with the crate's own cpio writer and one ext4 image with
+//! `mkfs.ext4 -d`:
 //!
-//! * the **guest initramfs** (booted by the Kiln VMM as the L2 guest), and
+//! * the **guest initramfs** (booted by the Kiln VMM as the L2 guest),
+//! * the **guest rootfs** (a raw ext4 image for virtio-blk: the same busybox,
+//!   modules and `/init` as the guest initramfs, plus
+//!   [`scripts::ROOTFS_MARKER_FILE`]; the initramfs switches to it when the
+//!   kernel command line has `root=/dev/vda`), and
 //! * the **lab initramfs** (booted by QEMU/TCG with emulated AMD-V; it loads
 //!   KVM and carries the guest kernel and guest initramfs under `/images`).
 //!
@@ -25,7 +30,14 @@ use crate::cpio::CpioWriter;
 use crate::scripts;
 
 /// Bump when the image layout changes in a way the stamp cannot see.
-pub const BUILDER_VERSION: u32 = 1;
+pub const BUILDER_VERSION: u32 = 3;
+
+/// Size of the guest rootfs image in bytes (a multiple of 512).
+pub const ROOTFS_SIZE: u64 = 64 << 20;
+/// Fixed filesystem UUID of the guest rootfs (reproducible images).
+pub const ROOTFS_UUID: &str = "6b696c6e-726f-4f74-8673-000000000001";
+/// Label of the guest rootfs.
+pub const ROOTFS_LABEL: &str = "kiln-root";
 
 /// A Debian package pinned by name, version and SHA-256 of the `.deb`.
 #[derive(Debug, Clone, Copy)]
@@ -62,6 +74,11 @@ pub struct Images {
     pub kernel: PathBuf,
     /// Guest initramfs (uncompressed newc cpio).
     pub initramfs: PathBuf,
+    /// Guest root filesystem: raw ext4 image of [`ROOTFS_SIZE`] bytes, for
+    /// a virtio-blk disk with `root=/dev/vda` on the kernel command line.
+    pub rootfs: PathBuf,
+    /// The in-guest agent (static binary; also in both initramfs images at /usr/bin/kiln-agent).
+    pub agent: PathBuf,
     /// Lab-host initramfs (uncompressed newc cpio).
     pub lab_initramfs: PathBuf,
     /// `uname -r` of the kernel.
@@ -273,6 +290,43 @@ fn ensure_package(cache: &Path, p: &Pinned) -> Result<PathBuf, ImageError> {
     Ok(dest)
 }
 
+/// Source of `kiln-agent`, compiled static with plain `rustc` for guests.
+pub const AGENT_SOURCE: &str = include_str!("../../agent/src/main.rs");
+
+/// Compiles the agent as a static, stripped binary at `dest`.
+fn build_agent(cache: &Path, dest: &Path) -> Result<(), ImageError> {
+    let src = cache.join("images/kiln-agent.rs");
+    fs::write(&src, AGENT_SOURCE).ctx(|| format!("writing {}", src.display()))?;
+    let rustc = std::env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    let out = Command::new(&rustc)
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "-o",
+        ])
+        .arg(&tmp)
+        .arg(&src)
+        .output()
+        .map_err(|_| ImageError::ToolMissing {
+            tool: "rustc",
+            hint: "the Rust toolchain is needed to build the in-guest agent",
+        })?;
+    if !out.status.success() {
+        return Err(ImageError::CommandFailed {
+            command: format!("{} (kiln-agent)", rustc.to_string_lossy()),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    fs::rename(&tmp, dest).ctx(|| format!("renaming {}", tmp.display()))
+}
+
 /// The stamp that identifies the current image inputs.
 fn stamp() -> String {
     let mut h = Sha256::new();
@@ -281,6 +335,9 @@ fn stamp() -> String {
         h.update(format!("{} {} {}\n", p.name, p.version, p.sha256));
     }
     h.update(scripts::guest_init(KERNEL_VERSION));
+    h.update(AGENT_SOURCE);
+    h.update(scripts::ROOTFS_MARKER_TEXT);
+    h.update(format!("{:?}\n", mkfs_args(Path::new("D"), Path::new("I"))));
     h.update(scripts::LAB_INIT_STAGE1);
     h.update(scripts::lab_init_stage2(KERNEL_VERSION));
     for m in scripts::GUEST_MODULES.iter().chain(scripts::LAB_MODULES) {
@@ -296,6 +353,8 @@ fn paths(cache: &Path) -> Images {
     Images {
         kernel: k.join(format!("boot/vmlinuz-{KERNEL_VERSION}")),
         initramfs: cache.join("images/guest-initramfs.img"),
+        rootfs: cache.join("images/rootfs.ext4"),
+        agent: cache.join("images/kiln-agent"),
         lab_initramfs: cache.join("images/lab-initramfs.img"),
         kernel_version: KERNEL_VERSION.to_string(),
         modules_dir: k.join(format!("lib/modules/{KERNEL_VERSION}")),
@@ -315,6 +374,8 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
         && [
             &images.kernel,
             &images.initramfs,
+            &images.rootfs,
+            &images.agent,
             &images.lab_initramfs,
             &images.busybox,
         ]
@@ -339,6 +400,11 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
         }
     }
     let applets = busybox_applets(&images.busybox)?;
+    eprintln!(
+        "kiln-lab: building the in-guest agent {} ...",
+        images.agent.display()
+    );
+    build_agent(cache_dir, &images.agent)?;
 
     eprintln!(
         "kiln-lab: building guest initramfs {} ...",
@@ -347,6 +413,14 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
     write_atomic(&images.initramfs, |w| {
         base_tree(w, &images, &applets)?;
         add_modules(w, &images, scripts::GUEST_MODULES)?;
+        w.file_from_host("usr/bin/kiln-agent", 0o755, &images.agent)
+            .ctx(|| "adding kiln-agent".into())?;
+        w.file(
+            scripts::INITRAMFS_MARKER_FILE,
+            0o644,
+            b"kiln guest initramfs\n",
+        )
+        .ctx(|| "writing the initramfs marker".into())?;
         w.file(
             "init",
             0o755,
@@ -356,12 +430,20 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
     })?;
 
     eprintln!(
+        "kiln-lab: building guest rootfs {} ...",
+        images.rootfs.display()
+    );
+    build_rootfs(&images, &applets)?;
+
+    eprintln!(
         "kiln-lab: building lab initramfs {} ...",
         images.lab_initramfs.display()
     );
     write_atomic(&images.lab_initramfs, |w| {
         base_tree(w, &images, &applets)?;
         add_modules(w, &images, scripts::LAB_MODULES)?;
+        w.file_from_host("usr/bin/kiln-agent", 0o755, &images.agent)
+            .ctx(|| "adding kiln-agent".into())?;
         w.file_from_host("images/vmlinuz", 0o644, &images.kernel)
             .ctx(|| format!("adding {}", images.kernel.display()))?;
         w.file_from_host("images/initramfs.img", 0o644, &images.initramfs)
@@ -438,6 +520,213 @@ fn base_tree(w: &mut Cpio<'_>, images: &Images, applets: &[String]) -> Result<()
     Ok(())
 }
 
+/// `mkfs.ext4` arguments building `image` from the directory `dir`.
+///
+/// Fixed UUID, directory hash seed and label so the image depends only on
+/// its inputs (as far as mke2fs allows); 4 KiB blocks; root dir owned by 0:0.
+fn mkfs_args(dir: &Path, image: &Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = [
+        "-F",
+        "-q",
+        "-t",
+        "ext4",
+        "-b",
+        "4096",
+        "-L",
+        ROOTFS_LABEL,
+        "-U",
+        ROOTFS_UUID,
+        "-E",
+        &format!("hash_seed={ROOTFS_UUID},root_owner=0:0"),
+        "-d",
+    ]
+    .iter()
+    .map(Into::into)
+    .collect();
+    v.push(dir.into());
+    v.push(image.into());
+    v.push(format!("{}k", ROOTFS_SIZE / 1024).into());
+    v
+}
+
+/// Builds the guest rootfs image: stages a directory tree (busybox and its
+/// applet links, the guest modules, `/init`, the rootfs marker, empty
+/// mount-point directories) with fixed modes and timestamps, then runs
+/// `mkfs.ext4 -d` into a temporary file and renames it into place.
+fn build_rootfs(images: &Images, applets: &[String]) -> Result<(), ImageError> {
+    let pid = std::process::id();
+    let stage = images.rootfs.with_extension(format!("d.tmp{pid}"));
+    let tmp = images.rootfs.with_extension(format!("ext4.tmp{pid}"));
+    let _ = fs::remove_dir_all(&stage);
+    let _ = fs::remove_file(&tmp);
+    let result = stage_rootfs(&stage, images, applets).and_then(|entries| {
+        const HINT: &str = "install e2fsprogs (apt-get install e2fsprogs)";
+        // mke2fs stamps new metadata with E2FSPROGS_FAKE_TIME (or, in newer
+        // versions, SOURCE_DATE_EPOCH), but copies each inode's ctime from
+        // the staged file; debugfs then resets those ctimes as well.
+        let mut cmd = Command::new("mkfs.ext4");
+        cmd.args(mkfs_args(&stage, &tmp))
+            .env("E2FSPROGS_FAKE_TIME", "1")
+            .env("SOURCE_DATE_EPOCH", "1")
+            .env("PATH", sbin_path());
+        run_tool(&mut cmd, "mkfs.ext4", HINT)?;
+        let script = images.rootfs.with_extension(format!("debugfs.tmp{pid}"));
+        let cmds: String = entries
+            .iter()
+            .map(|e| format!("set_inode_field /{e} ctime 1\n"))
+            .collect();
+        fs::write(&script, cmds).ctx(|| format!("writing {}", script.display()))?;
+        let mut cmd = Command::new("debugfs");
+        cmd.arg("-w")
+            .arg("-f")
+            .arg(&script)
+            .arg(&tmp)
+            .env("E2FSPROGS_FAKE_TIME", "1")
+            .env("PATH", sbin_path());
+        let r = run_tool(&mut cmd, "debugfs", HINT);
+        let _ = fs::remove_file(&script);
+        r?;
+        fs::rename(&tmp, &images.rootfs).ctx(|| format!("renaming {}", tmp.display()))
+    });
+    let _ = fs::remove_dir_all(&stage);
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// `$PATH` plus the sbin directories, where `mkfs.ext4` lives.
+fn sbin_path() -> std::ffi::OsString {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    for d in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        if !dirs.iter().any(|x| x == Path::new(d)) {
+            dirs.push(d.into());
+        }
+    }
+    std::env::join_paths(dirs).unwrap_or_default()
+}
+
+/// Writes the rootfs tree into `stage` (see [`build_rootfs`]) and returns
+/// the paths of all entries relative to it (`""` for the root itself).
+fn stage_rootfs(
+    stage: &Path,
+    images: &Images,
+    applets: &[String],
+) -> Result<Vec<String>, ImageError> {
+    let e = |p: &Path| format!("staging {}", p.display());
+    let mkdir = |rel: &str, mode: u32| -> Result<PathBuf, ImageError> {
+        let p = stage.join(rel);
+        fs::create_dir_all(&p).ctx(|| e(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).ctx(|| e(&p))?;
+        Ok(p)
+    };
+    let put = |rel: &str, mode: u32, data: &[u8]| -> Result<(), ImageError> {
+        let p = stage.join(rel);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).ctx(|| e(parent))?;
+        }
+        fs::write(&p, data).ctx(|| e(&p))?;
+        fs::set_permissions(&p, fs::Permissions::from_mode(mode)).ctx(|| e(&p))
+    };
+    mkdir("", 0o755)?;
+    for d in [
+        "bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "root", "run", "mnt",
+    ] {
+        mkdir(d, 0o755)?;
+    }
+    mkdir("tmp", 0o1777)?;
+    let busybox = fs::read(&images.busybox).ctx(|| e(&images.busybox))?;
+    put("bin/busybox", 0o755, &busybox)?;
+    for a in applets {
+        let p = stage.join(a);
+        if let Some(parent) = p.parent() {
+            fs::create_dir_all(parent).ctx(|| e(parent))?;
+        }
+        std::os::unix::fs::symlink("/bin/busybox", &p).ctx(|| e(&p))?;
+    }
+    for m in scripts::GUEST_MODULES {
+        let host = images.modules_dir.join(m);
+        let data = fs::read(&host).map_err(|_| ImageError::MissingInPackage {
+            what: format!("module {m}"),
+            path: host.clone(),
+            package: KERNEL_PACKAGE.name,
+        })?;
+        put(
+            &format!("lib/modules/{}/{m}", images.kernel_version),
+            0o644,
+            &data,
+        )?;
+    }
+    let agent = fs::read(&images.agent).ctx(|| e(&images.agent))?;
+    put("usr/bin/kiln-agent", 0o755, &agent)?;
+    put(
+        scripts::ROOTFS_MARKER_FILE,
+        0o644,
+        scripts::ROOTFS_MARKER_TEXT.as_bytes(),
+    )?;
+    put(
+        "init",
+        0o755,
+        scripts::guest_init(&images.kernel_version).as_bytes(),
+    )?;
+    let mut entries = Vec::new();
+    zero_times(stage, "", &mut entries)?;
+    Ok(entries)
+}
+
+/// Sets the access and modification times of everything under `dir`
+/// (symlinks themselves included) to the epoch, children before parents,
+/// and appends the entries' paths (relative to the top, `rel` for `dir`).
+fn zero_times(dir: &Path, rel: &str, entries: &mut Vec<String>) -> Result<(), ImageError> {
+    let mut children: Vec<_> = fs::read_dir(dir)
+        .ctx(|| format!("listing {}", dir.display()))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<io::Result<_>>()
+        .ctx(|| format!("listing {}", dir.display()))?;
+    children.sort();
+    for p in children {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        let child_rel = if rel.is_empty() {
+            name.into_owned()
+        } else {
+            format!("{rel}/{name}")
+        };
+        let meta = fs::symlink_metadata(&p).ctx(|| format!("stat {}", p.display()))?;
+        if meta.is_dir() {
+            zero_times(&p, &child_rel, entries)?;
+        } else {
+            set_times_zero(&p)?;
+            entries.push(child_rel);
+        }
+    }
+    entries.push(rel.to_string());
+    set_times_zero(dir)
+}
+
+fn set_times_zero(p: &Path) -> Result<(), ImageError> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+        .ctx(|| format!("path {}", p.display()))?;
+    let times = [libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    }; 2];
+    // SAFETY: `c` is a valid NUL-terminated path and `times` holds two timespecs.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error()).ctx(|| format!("setting times of {}", p.display()));
+    }
+    Ok(())
+}
+
 /// Adds kernel modules (paths relative to the modules dir).
 fn add_modules(w: &mut Cpio<'_>, images: &Images, mods: &[&str]) -> Result<(), ImageError> {
     for m in mods {
@@ -483,5 +772,6 @@ mod tests {
         assert!(i.kernel.starts_with("/c/extract"));
         assert!(i.kernel.ends_with(format!("boot/vmlinuz-{KERNEL_VERSION}")));
         assert_eq!(i.initramfs, Path::new("/c/images/guest-initramfs.img"));
+        assert_eq!(i.rootfs, Path::new("/c/images/rootfs.ext4"));
     }
 }

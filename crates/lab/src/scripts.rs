@@ -12,6 +12,78 @@ pub const GUEST_EXIT_PREFIX: &str = "KILN-EXIT=";
 pub const LAB_READY_MARKER: &str = "KILN-LAB-READY";
 /// Prefix of lab-host error lines on the console.
 pub const LAB_ERROR_PREFIX: &str = "KILN-LAB-ERROR:";
+/// Prefix of the line the guest initramfs `/init` prints when `root=` is
+/// given but the root filesystem cannot be mounted (it then reboots).
+pub const GUEST_ROOT_ERROR_PREFIX: &str = "KILN-ROOT-ERROR:";
+/// File present only in the guest initramfs: its `/init` switches to the
+/// `root=` device, the rootfs's `/init` (the same script) does not.
+pub const INITRAMFS_MARKER_FILE: &str = "etc/kiln-initramfs";
+/// File present only in the guest rootfs image (see [`ROOTFS_MARKER_TEXT`]).
+pub const ROOTFS_MARKER_FILE: &str = "etc/kiln-rootfs-marker";
+/// Contents of [`ROOTFS_MARKER_FILE`].
+pub const ROOTFS_MARKER_TEXT: &str = "kiln guest rootfs\n";
+/// How long the initramfs waits for the `root=` device, in 0.1 s polls.
+pub const ROOT_WAIT_POLLS: u32 = 50;
+
+/// Shell functions of the guest `/init` for `root=` handling. They only use
+/// POSIX shell, so the unit tests run them under the host's `sh`.
+///
+/// * `k_cmdline WORD...` parses kernel parameters (stopping at `--`, after
+///   which come the init's arguments) into `K_ROOT` (the `root=` device, empty
+///   if none), `K_FSTYPE` (`rootfstype=`, default `ext4`) and `K_MODE`
+///   (`ro` if `ro` is given, else `rw`; the last of `ro`/`rw` wins).
+/// * `k_wait_dev DEV POLLS` waits up to POLLS × 0.1 s for the block device
+///   DEV to appear (virtio probing is asynchronous); fails if it does not.
+/// * `k_root_fail WHY` prints `KILN-ROOT-ERROR: WHY` and reboots.
+/// * `k_switch_root ARGS...` mounts `K_ROOT` on `/newroot`, unmounts `/proc`,
+///   `/sys` and `/dev` and `exec`s `switch_root /newroot /init ARGS...`.
+pub const ROOT_FUNCTIONS: &str = r#"k_cmdline() {
+    K_ROOT= K_FSTYPE=ext4 K_MODE=rw
+    for w in "$@"; do
+        case "$w" in
+            --) break ;;
+            root=*) K_ROOT=${w#root=} ;;
+            rootfstype=*) K_FSTYPE=${w#rootfstype=} ;;
+            ro) K_MODE=ro ;;
+            rw) K_MODE=rw ;;
+        esac
+    done
+}
+k_wait_dev() {
+    k_n=0
+    while [ ! -b "$1" ]; do
+        [ "$k_n" -ge "$2" ] && return 1
+        sleep 0.1
+        k_n=$((k_n + 1))
+    done
+    return 0
+}
+k_root_fail() {
+    echo "KILN-ROOT-ERROR: $1"
+    sync
+    reboot -f
+    while :; do sleep 1; done
+}
+k_switch_root() {
+    case "$K_ROOT" in
+        /dev/*) ;;
+        *) k_root_fail "root=$K_ROOT is not supported (only /dev/... paths)" ;;
+    esac
+    k_wait_dev "$K_ROOT" "$K_POLLS" ||
+        k_root_fail "$K_ROOT did not appear within $((K_POLLS / 10)) s"
+    mkdir -p /newroot
+    mount -t "$K_FSTYPE" -o "$K_MODE" "$K_ROOT" /newroot ||
+        k_root_fail "cannot mount $K_ROOT ($K_FSTYPE, $K_MODE) on /newroot"
+    if [ ! -x /newroot/init ]; then
+        umount /newroot
+        k_root_fail "no executable /init on $K_ROOT"
+    fi
+    umount /sys
+    umount /dev || umount -l /dev
+    umount /proc
+    exec switch_root /newroot /init "$@"
+}
+"#;
 
 /// Guest modules, in load order, relative to `/lib/modules/<version>/`.
 pub const GUEST_MODULES: &[&str] = &[
@@ -44,7 +116,19 @@ pub fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
-/// `/init` of the guest initramfs (the L2 guest booted by the Kiln VMM).
+/// `/init` of the guest initramfs and of the guest rootfs (the L2 guest
+/// booted by the Kiln VMM).
+///
+/// Protocol: mount `/proc`, `/sys`, `/dev`; load [`GUEST_MODULES`] (already
+/// loaded ones fail quietly). Then, only in the initramfs (it has
+/// [`INITRAMFS_MARKER_FILE`]) and only if the kernel command line has
+/// `root=/dev/...`: wait for the device, mount it (`rootfstype=`, default
+/// ext4; read-only with `ro`), and `switch_root` to its `/init` with the same
+/// arguments, or print [`GUEST_ROOT_ERROR_PREFIX`]` <why>` and reboot. The
+/// init that runs the command (exactly one per boot) writes the boot timer,
+/// prints [`GUEST_READY_MARKER`], runs `"$*"` with `sh -c` (or a shell if
+/// there are no arguments), prints [`GUEST_EXIT_PREFIX`]`<status>`, `sync`s
+/// and reboots.
 pub fn guest_init(kernel_version: &str) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
@@ -65,17 +149,31 @@ mount -t devtmpfs devtmpfs /dev
         r#"; do
     [ -f "$M/$m" ] && insmod "$M/$m" >/dev/null 2>&1
 done
+"#,
+    );
+    s.push_str(ROOT_FUNCTIONS);
+    s.push_str(&format!(
+        "K_POLLS={ROOT_WAIT_POLLS}\nif [ -e /{INITRAMFS_MARKER_FILE} ]; then\n"
+    ));
+    s.push_str(
+        r#"    read -r K_CMDLINE </proc/cmdline
+    set -f
+    # shellcheck disable=SC2086
+    k_cmdline $K_CMDLINE
+    set +f
+    [ -n "$K_ROOT" ] && k_switch_root "$@"
+fi
 # Boot-timer write: the VMM timestamps this MMIO access.
 devmem 0xd0000000 8 123 >/dev/null 2>&1
 echo KILN-INIT-READY
 if [ $# -gt 0 ]; then
     sh -c "$*"
     echo "KILN-EXIT=$?"
-    reboot -f
 else
     setsid cttyhack sh
-    reboot -f
 fi
+sync
+reboot -f
 # reboot -f should not return; never let PID 1 exit.
 while :; do sleep 1; done
 "#,
@@ -205,6 +303,111 @@ mod tests {
             .output()
             .unwrap();
         assert_eq!(String::from_utf8(out.stdout).unwrap(), tricky);
+    }
+
+    /// Runs `body` under the host's `sh` after [`ROOT_FUNCTIONS`], with
+    /// `reboot`, `sync` and `mount` shadowed so nothing touches the host.
+    fn sh_with_root_functions(body: &str) -> (String, i32) {
+        let script = format!(
+            "reboot() {{ echo REBOOT; exit 9; }}\nsync() {{ :; }}\nmount() {{ echo MOUNT; exit 8; }}\n{ROOT_FUNCTIONS}\n{body}"
+        );
+        let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            out.status.code().unwrap_or(-1),
+        )
+    }
+
+    #[test]
+    fn cmdline_parsing() {
+        let parse = |cmdline: &str| {
+            let body = format!(
+                "c={}\nset -f\nk_cmdline $c\nset +f\nprintf '%s|%s|%s' \"$K_ROOT\" \"$K_FSTYPE\" \"$K_MODE\"",
+                shell_quote(cmdline)
+            );
+            let (out, rc) = sh_with_root_functions(&body);
+            assert_eq!(rc, 0, "{cmdline}: {out}");
+            out
+        };
+        assert_eq!(parse("console=ttyS0 quiet"), "|ext4|rw");
+        assert_eq!(parse("quiet root=/dev/vda panic=-1"), "/dev/vda|ext4|rw");
+        assert_eq!(parse("root=/dev/vda ro"), "/dev/vda|ext4|ro");
+        assert_eq!(
+            parse("ro root=/dev/vdb rootfstype=ext2 rw"),
+            "/dev/vdb|ext2|rw"
+        );
+        // Words after `--` are the init's arguments, not kernel parameters.
+        assert_eq!(
+            parse("root=/dev/vda -- echo root=/dev/vdb ro"),
+            "/dev/vda|ext4|rw"
+        );
+        assert_eq!(parse("-- root=/dev/vda"), "|ext4|rw");
+        // No globbing of kernel parameters.
+        assert_eq!(parse("* root=/dev/vd? /*"), "/dev/vd?|ext4|rw");
+    }
+
+    #[test]
+    fn device_wait_gives_up() {
+        let t = std::time::Instant::now();
+        let (out, rc) =
+            sh_with_root_functions("k_wait_dev /dev/kiln-no-such-disk 2 && echo yes || echo no");
+        assert_eq!((out.as_str(), rc), ("no\n", 0));
+        assert!(t.elapsed() >= std::time::Duration::from_millis(200));
+        // A block device that exists is found without polling (if the host has one).
+        let dev = std::fs::read_dir("/dev").unwrap().find_map(|e| {
+            use std::os::unix::fs::FileTypeExt;
+            let e = e.ok()?;
+            e.file_type().ok()?.is_block_device().then(|| e.path())
+        });
+        if let Some(dev) = dev {
+            let (out, _) = sh_with_root_functions(&format!(
+                "k_wait_dev {} 0 && echo yes",
+                shell_quote(&dev.to_string_lossy())
+            ));
+            assert_eq!(out, "yes\n", "{}", dev.display());
+        }
+    }
+
+    #[test]
+    fn root_errors_are_reported_then_reboot() {
+        let (out, rc) = sh_with_root_functions(
+            "K_POLLS=1\nk_cmdline root=/dev/kiln-no-such-disk\nk_switch_root echo hi",
+        );
+        assert_eq!(
+            out,
+            "KILN-ROOT-ERROR: /dev/kiln-no-such-disk did not appear within 0 s\nREBOOT\n"
+        );
+        assert_eq!(rc, 9);
+        let (out, _) =
+            sh_with_root_functions("K_POLLS=1\nk_cmdline root=LABEL=x\nk_switch_root echo hi");
+        assert!(
+            out.starts_with("KILN-ROOT-ERROR: root=LABEL=x is not supported"),
+            "{out}"
+        );
+        assert!(out.ends_with("REBOOT\n"), "{out}");
+    }
+
+    #[test]
+    fn guest_init_is_valid_shell() {
+        let g = guest_init("6.1.0-test");
+        let out = Command::new("sh")
+            .arg("-n")
+            .arg("-c")
+            .arg(&g)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Only the initramfs switches root, and only before the ready marker.
+        let switch = g.find("k_switch_root \"$@\"").unwrap();
+        assert!(g[..switch].contains(&format!("[ -e /{INITRAMFS_MARKER_FILE} ]")));
+        assert!(switch < g.find(GUEST_READY_MARKER).unwrap());
+        assert_eq!(g.matches(GUEST_READY_MARKER).count(), 1);
+        assert!(g.contains("sync\nreboot -f\n"));
+        assert!(g.contains(&format!("K_POLLS={ROOT_WAIT_POLLS}\n")));
     }
 
     #[test]

@@ -136,3 +136,103 @@ fn guest_initramfs_protocol() {
     assert_eq!(lines[ready + 1], "guest-says-hi", "{console}");
     assert_eq!(lines[ready + 2], "KILN-EXIT=7", "{console}");
 }
+
+/// Boots the guest initramfs directly under QEMU/TCG on the `microvm`
+/// machine (virtio-mmio declared in ACPI, as with Kiln) with the guest rootfs
+/// as a virtio-blk disk (writes go to a throw-away overlay), and returns the
+/// console with `\r` removed. `microvm` has no i8042, so the guest reboots by
+/// triple fault (`reboot=t`), which `-no-reboot` turns into QEMU exiting;
+/// QEMU is killed after 120 s in any case.
+fn boot_guest_with_rootfs(imgs: &images::Images, cmdline: &str) -> String {
+    use std::io::Read;
+    let start = std::time::Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "EPYC"])
+        .args(["-m", "256", "-nodefaults", "-no-user-config"])
+        .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
+        .arg("-kernel")
+        .arg(&imgs.kernel)
+        .arg("-initrd")
+        .arg(&imgs.initramfs)
+        .arg("-append")
+        .arg(format!("console=ttyS0 reboot=t panic=-1 quiet {cmdline}"))
+        .arg("-drive")
+        .arg(format!(
+            "file={},if=none,id=d0,format=raw,snapshot=on",
+            imgs.rootfs.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("qemu");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = stdout.read_to_end(&mut v);
+        v
+    });
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break Some(s);
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let console = String::from_utf8_lossy(&reader.join().unwrap()).replace('\r', "");
+    eprintln!("guest boot ({cmdline}): {:?}", start.elapsed());
+    match status {
+        Some(s) if s.success() => console,
+        Some(s) => panic!("qemu {s}:\n{console}"),
+        None => panic!("qemu timed out:\n{console}"),
+    }
+}
+
+/// `root=/dev/vda`: the initramfs switches to the rootfs, whose /init runs
+/// the command (once), and the rootfs is writable (`ro` makes it read-only).
+#[test]
+fn guest_switches_to_rootfs_on_virtio_blk() {
+    let Some(imgs) = setup() else { return };
+    let size = std::fs::metadata(&imgs.rootfs).expect("rootfs").len();
+    assert_eq!(size, images::ROOTFS_SIZE);
+    assert_eq!(size % 512, 0);
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    let console = boot_guest_with_rootfs(
+        &imgs,
+        "root=/dev/vda -- cat /etc/kiln-rootfs-marker; test -e /etc/kiln-initramfs && echo in-initramfs; \
+         grep -c '^/dev/vda / ext4 rw' /proc/mounts; echo data >/written && cat /written; exit 5",
+    );
+    let lines: Vec<&str> = console.lines().collect();
+    let ready: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i] == "KILN-INIT-READY")
+        .collect();
+    assert_eq!(ready.len(), 1, "ready marker not exactly once:\n{console}");
+    let r = ready[0];
+    assert_eq!(
+        lines[r + 1..r + 5],
+        ["kiln guest rootfs", "1", "data", "KILN-EXIT=5"],
+        "{console}"
+    );
+    assert!(!console.contains("KILN-ROOT-ERROR"), "{console}");
+}
+
+/// `root=` naming a device that never appears: a clear error, then reboot.
+#[test]
+fn guest_reports_missing_root_device() {
+    let Some(imgs) = setup() else { return };
+    let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
+    let console = boot_guest_with_rootfs(&imgs, "root=/dev/vdz ro -- echo never");
+    assert!(
+        console
+            .lines()
+            .any(|l| l == "KILN-ROOT-ERROR: /dev/vdz did not appear within 5 s"),
+        "{console}"
+    );
+    assert!(!console.contains("KILN-INIT-READY"), "{console}");
+    assert!(!console.contains("never"), "{console}");
+}

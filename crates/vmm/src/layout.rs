@@ -55,6 +55,10 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// First address for virtio-mmio device windows.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_2000;
+/// First GSI for virtio devices (COM1 has 4).
+pub const VIRTIO_IRQ_BASE: u32 = 5;
+/// IOAPIC pins usable by virtio devices (5..=23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
 /// IOAPIC registers.
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC registers.

@@ -15,6 +15,7 @@ pub mod regs;
 mod vcpu;
 mod vm;
 
+pub use kiln_devices;
 pub use vcpu::VcpuStop;
 pub use vm::{ExitReason, Vmm};
 
@@ -38,6 +39,16 @@ pub struct VmConfig {
     pub vcpus: u8,
     /// Guest memory in MiB (>= 128).
     pub mem_mib: u64,
+    /// virtio-blk disks, in order (/dev/vda, /dev/vdb, ...).
+    pub disks: Vec<kiln_devices::virtio::block::BlockConfig>,
+    /// Attach a virtio-rng device.
+    pub rng: bool,
+    /// virtio-net interfaces backed by TAP devices.
+    pub nets: Vec<kiln_devices::virtio::net::NetConfig>,
+    /// A virtio-vsock device bridged to a Unix socket.
+    pub vsock: Option<kiln_devices::virtio::vsock::VsockConfig>,
+    /// Attach a virtio-balloon device.
+    pub balloon: Option<kiln_devices::virtio::balloon::BalloonConfig>,
 }
 
 impl VmConfig {
@@ -49,6 +60,11 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
             mem_mib: 256,
+            disks: Vec::new(),
+            rng: false,
+            balloon: None,
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -73,6 +89,18 @@ impl VmConfig {
             return Err(VmmError::Config(format!(
                 "guest memory {} MiB is too large: use at most 1048576 MiB",
                 self.mem_mib
+            )));
+        }
+        if self.disks.len()
+            + self.nets.len()
+            + usize::from(self.rng)
+            + usize::from(self.balloon.is_some())
+            + usize::from(self.vsock.is_some())
+            > layout::MAX_VIRTIO_DEVICES
+        {
+            return Err(VmmError::Config(format!(
+                "too many virtio devices: at most {}",
+                layout::MAX_VIRTIO_DEVICES
             )));
         }
         if self.cmdline.len() >= layout::CMDLINE_MAX {

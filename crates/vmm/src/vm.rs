@@ -14,11 +14,18 @@ use kiln_devices::i8042::I8042;
 use kiln_devices::power::SleepControl;
 use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
 use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
+use kiln_devices::virtio::balloon::{Balloon, BalloonHandle};
+use kiln_devices::virtio::block::Block;
+use kiln_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
+use kiln_devices::virtio::net::Net;
+use kiln_devices::virtio::rng::Rng;
+use kiln_devices::virtio::vsock::Vsock;
+use kiln_devices::virtio::VirtioDevice;
 use kiln_devices::{Bus, EventFdTrigger};
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -68,6 +75,7 @@ pub struct Vmm {
     exit_evt: EventFd,
     panicked: Arc<AtomicBool>,
     boot_timer: Arc<Mutex<BootTimer>>,
+    balloon: Option<BalloonHandle>,
 }
 
 impl Vmm {
@@ -138,21 +146,6 @@ impl Vmm {
             Some(p) => Some(boot::load_initrd(&mem, p, &kernel, mem_bytes)?),
             None => None,
         };
-        boot::write_cmdline(&mem, &config.cmdline)?;
-        mem.write_slice(&mptable::build(config.vcpus), GuestAddress(EBDA_START))
-            .map_err(|e| VmmError::Device(format!("writing the MP table: {e}")))?;
-        let rsdp = acpi::write(&mem, config.vcpus, &[])?;
-        boot::write_boot_info(
-            &mem,
-            &boot::BootInfo {
-                kernel: &kernel,
-                initrd,
-                cmdline_len: config.cmdline.len(),
-                mem_bytes,
-                rsdp,
-            },
-        )?;
-
         // Legacy devices.
         let evt = |what| EventFd::new(libc::EFD_NONBLOCK).map_err(io(what));
         let reset_evt = evt("reset eventfd")?;
@@ -197,6 +190,82 @@ impl Vmm {
         mmio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_ADDR, PVPANIC_LEN)
             .map_err(dev_err)?;
 
+        // Virtio devices: opened now so bad paths fail before the guest runs.
+        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        for d in &config.disks {
+            let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+            virtio.push(Box::new(b));
+        }
+        for n in &config.nets {
+            let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+            virtio.push(Box::new(d));
+        }
+        if let Some(v) = &config.vsock {
+            let d = Vsock::new(v.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+            virtio.push(Box::new(d));
+        }
+        if config.rng {
+            virtio.push(Box::new(Rng::new()));
+        }
+        let mut balloon = None;
+        if let Some(cfg) = &config.balloon {
+            let b = Balloon::new(cfg.clone());
+            balloon = Some(b.handle());
+            virtio.push(Box::new(b));
+        }
+        let mut mmio_infos = Vec::new();
+        for (i, dev) in virtio.into_iter().enumerate() {
+            let info = acpi::MmioDeviceInfo {
+                addr: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW,
+                len: MMIO_WINDOW,
+                irq: VIRTIO_IRQ_BASE + i as u32,
+            };
+            let irqfd = evt("virtio irq eventfd")?;
+            vm.register_irqfd(&irqfd, info.irq)
+                .map_err(kvm("KVM_IRQFD (virtio)"))?;
+            let mut queue_evts = Vec::new();
+            for q in 0..dev.queue_max_sizes().len() {
+                let e = evt("virtio queue eventfd")?;
+                vm.register_ioevent(
+                    &e,
+                    &IoEventAddress::Mmio(info.addr + QUEUE_NOTIFY),
+                    q as u32,
+                )
+                .map_err(kvm("KVM_IOEVENTFD"))?;
+                queue_evts.push(e);
+            }
+            let transport = MmioTransport::new(dev, mem.clone(), queue_evts, irqfd);
+            mmio.insert(Arc::new(Mutex::new(transport)), info.addr, info.len)
+                .map_err(dev_err)?;
+            mmio_infos.push(info);
+        }
+
+        // Boot data: command line (with the devices for kernels that read
+        // them there), MP table, ACPI tables (with the devices in the DSDT),
+        // zero page or PVH start info.
+        let cmdline = cmdline_with_virtio(&config.cmdline, &mmio_infos);
+        if cmdline.len() >= CMDLINE_MAX {
+            return Err(VmmError::Config(format!(
+                "kernel command line with device entries is {} bytes; the limit is {}",
+                cmdline.len(),
+                CMDLINE_MAX - 1
+            )));
+        }
+        boot::write_cmdline(&mem, &cmdline)?;
+        mem.write_slice(&mptable::build(config.vcpus), GuestAddress(EBDA_START))
+            .map_err(|e| VmmError::Device(format!("writing the MP table: {e}")))?;
+        let rsdp = acpi::write(&mem, config.vcpus, &mmio_infos)?;
+        boot::write_boot_info(
+            &mem,
+            &boot::BootInfo {
+                kernel: &kernel,
+                initrd,
+                cmdline_len: cmdline.len(),
+                mem_bytes,
+                rsdp,
+            },
+        )?;
+
         // vCPUs.
         let supported = kvm_fd
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -234,6 +303,7 @@ impl Vmm {
             exit_evt,
             panicked,
             boot_timer,
+            balloon,
         })
     }
 
@@ -251,6 +321,11 @@ impl Vmm {
                 Some((host as u64, r.len()))
             })
             .collect()
+    }
+
+    /// The balloon, when the VM has one.
+    pub fn balloon(&self) -> Option<BalloonHandle> {
+        self.balloon.clone()
     }
 
     /// The boot time the guest reported through the boot timer, if it did.
@@ -386,6 +461,29 @@ impl Vmm {
     }
 }
 
+/// Adds `virtio_mmio.device=` entries before any init arguments (` -- `).
+pub fn cmdline_with_virtio(cmdline: &str, devices: &[acpi::MmioDeviceInfo]) -> String {
+    if devices.is_empty() {
+        return cmdline.to_string();
+    }
+    let entries: Vec<String> = devices
+        .iter()
+        .map(|d| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:{}",
+                d.len >> 10,
+                d.addr,
+                d.irq
+            )
+        })
+        .collect();
+    let entries = entries.join(" ");
+    match cmdline.find(" -- ") {
+        Some(i) => format!("{} {entries}{}", &cmdline[..i], &cmdline[i..]),
+        None => format!("{cmdline} {entries}"),
+    }
+}
+
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only interrupts KVM_RUN; the vCPU loop then sees the stop flag.
 }
@@ -402,5 +500,28 @@ fn stop_threads(threads: Vec<JoinHandle<()>>) {
         } else {
             log::warn!("a vCPU thread did not stop in time");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtio_cmdline_entries_go_before_init_args() {
+        let d = [acpi::MmioDeviceInfo {
+            addr: 0xd000_2000,
+            len: 0x1000,
+            irq: 5,
+        }];
+        assert_eq!(
+            cmdline_with_virtio("console=ttyS0 -- echo hi", &d),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0002000:5 -- echo hi"
+        );
+        assert_eq!(
+            cmdline_with_virtio("quiet", &d),
+            "quiet virtio_mmio.device=4K@0xd0002000:5"
+        );
+        assert_eq!(cmdline_with_virtio("quiet", &[]), "quiet");
     }
 }

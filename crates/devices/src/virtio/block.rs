@@ -9,9 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_ID_BYTES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
@@ -19,7 +19,10 @@ use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{Next, Worker};
-use super::{read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{
+    read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice,
+    VIRTIO_F_VERSION_1,
+};
 
 /// Sector size the protocol counts in.
 pub const SECTOR_SIZE: u64 = 512;
@@ -150,7 +153,11 @@ impl BlockBackend {
 
     /// Executes one request; returns the number of bytes written to guest
     /// memory (the used length).
-    pub fn process(&mut self, mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> u32 {
+    pub fn process(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+    ) -> u32 {
         let (reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
             (Ok(r), Ok(w)) => (r, w),
             _ => {
@@ -183,7 +190,11 @@ impl BlockBackend {
         (written + 1) as u32
     }
 
-    fn execute(&mut self, mut reader: Reader<'_>, writer: &mut Writer<'_>) -> Result<usize, Failure> {
+    fn execute(
+        &mut self,
+        mut reader: Reader<'_>,
+        writer: &mut Writer<'_>,
+    ) -> Result<usize, Failure> {
         let invalid = |m: &DeviceMetrics| {
             DeviceMetrics::add(&m.invalid_requests, 1);
             Failure::Status(VIRTIO_BLK_S_IOERR as u8)
@@ -192,7 +203,9 @@ impl BlockBackend {
         match hdr.kind {
             VIRTIO_BLK_T_IN => {
                 let len = writer.available_bytes();
-                let mut off = self.in_range(hdr.sector, len).ok_or_else(|| invalid(&self.metrics))?;
+                let mut off = self
+                    .in_range(hdr.sector, len)
+                    .ok_or_else(|| invalid(&self.metrics))?;
                 let mut buf = vec![0u8; len.min(CHUNK)];
                 let mut left = len;
                 while left > 0 {
@@ -200,7 +213,9 @@ impl BlockBackend {
                     self.file
                         .read_exact_at(&mut buf[..n], off)
                         .map_err(|_| Failure::Status(VIRTIO_BLK_S_IOERR as u8))?;
-                    writer.write_all(&buf[..n]).map_err(|_| invalid(&self.metrics))?;
+                    writer
+                        .write_all(&buf[..n])
+                        .map_err(|_| invalid(&self.metrics))?;
                     off += n as u64;
                     left -= n;
                 }
@@ -212,12 +227,16 @@ impl BlockBackend {
                     return Err(Failure::Status(VIRTIO_BLK_S_IOERR as u8));
                 }
                 let len = reader.available_bytes();
-                let mut off = self.in_range(hdr.sector, len).ok_or_else(|| invalid(&self.metrics))?;
+                let mut off = self
+                    .in_range(hdr.sector, len)
+                    .ok_or_else(|| invalid(&self.metrics))?;
                 let mut buf = vec![0u8; len.min(CHUNK)];
                 let mut left = len;
                 while left > 0 {
                     let n = left.min(CHUNK);
-                    reader.read_exact(&mut buf[..n]).map_err(|_| invalid(&self.metrics))?;
+                    reader
+                        .read_exact(&mut buf[..n])
+                        .map_err(|_| invalid(&self.metrics))?;
                     self.file
                         .write_all_at(&buf[..n], off)
                         .map_err(|_| Failure::Status(VIRTIO_BLK_S_IOERR as u8))?;
@@ -238,7 +257,9 @@ impl BlockBackend {
             }
             VIRTIO_BLK_T_GET_ID => {
                 let n = writer.available_bytes().min(self.id.len());
-                writer.write_all(&self.id[..n]).map_err(|_| invalid(&self.metrics))?;
+                writer
+                    .write_all(&self.id[..n])
+                    .map_err(|_| invalid(&self.metrics))?;
                 Ok(n)
             }
             _ => Err(Failure::Status(VIRTIO_BLK_S_UNSUPP as u8)),
@@ -395,11 +416,23 @@ mod tests {
         let mut q = ChainBuilder::new();
 
         // Read sector 1.
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_IN, 1)), Desc::w(512), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_IN, 1)),
+            Desc::w(512),
+            Desc::w(1),
+        ]);
         // Write sector 2.
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_OUT, 2)), Desc::r(&[7u8; 512]), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_OUT, 2)),
+            Desc::r(&[7u8; 512]),
+            Desc::w(1),
+        ]);
         q.push(&[Desc::r(&header(VIRTIO_BLK_T_FLUSH, 0)), Desc::w(1)]);
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_GET_ID, 0)), Desc::w(20), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_GET_ID, 0)),
+            Desc::w(20),
+            Desc::w(1),
+        ]);
         q.push(&[Desc::r(&header(99, 0)), Desc::w(1)]);
         let used = q.run(|mem, queue| drain_queue(&mut be, queue, mem));
         assert_eq!(used.len(), 5);
@@ -420,7 +453,11 @@ mod tests {
     fn read_only_refuses_writes_and_leaves_file_alone() {
         let (mut be, path) = backend(&[1u8; 1024], true);
         let mut q = ChainBuilder::new();
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_OUT, 0)), Desc::r(&[9u8; 512]), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_OUT, 0)),
+            Desc::r(&[9u8; 512]),
+            Desc::w(1),
+        ]);
         q.run(|mem, queue| drain_queue(&mut be, queue, mem));
         assert_eq!(q.written(0, 2), vec![VIRTIO_BLK_S_IOERR as u8]);
         assert_eq!(std::fs::read(&path).unwrap(), vec![1u8; 1024]);
@@ -432,9 +469,17 @@ mod tests {
         let (mut be, path) = backend(&[0u8; 1024], false);
         let mut q = ChainBuilder::new();
         // Past the end of the disk.
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_IN, 2)), Desc::w(512), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_IN, 2)),
+            Desc::w(512),
+            Desc::w(1),
+        ]);
         // Sector number that overflows when scaled.
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_IN, u64::MAX / 2)), Desc::w(512), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_IN, u64::MAX / 2)),
+            Desc::w(512),
+            Desc::w(1),
+        ]);
         // Header too short.
         q.push(&[Desc::r(&[0u8; 8]), Desc::w(1)]);
         // Header in a device-writable descriptor (wrong direction).
@@ -442,7 +487,11 @@ mod tests {
         // No writable status byte at all.
         q.push(&[Desc::r(&header(VIRTIO_BLK_T_IN, 0)), Desc::r(&[0u8; 512])]);
         // A buffer outside guest memory.
-        q.push(&[Desc::r(&header(VIRTIO_BLK_T_IN, 0)), Desc::raw(0xffff_0000, 512, true), Desc::w(1)]);
+        q.push(&[
+            Desc::r(&header(VIRTIO_BLK_T_IN, 0)),
+            Desc::raw(0xffff_0000, 512, true),
+            Desc::w(1),
+        ]);
         // A descriptor loop.
         q.push_loop();
         let used = q.run(|mem, queue| drain_queue(&mut be, queue, mem));
@@ -453,7 +502,10 @@ mod tests {
         assert_eq!(used[4].1, 0);
         assert_eq!(used[5].1, 0);
         assert!(used.len() >= 6);
-        let m = be.metrics.invalid_requests.load(std::sync::atomic::Ordering::Relaxed);
+        let m = be
+            .metrics
+            .invalid_requests
+            .load(std::sync::atomic::Ordering::Relaxed);
         assert!(m >= 6, "invalid requests counted: {m}");
         std::fs::remove_file(path).unwrap();
     }

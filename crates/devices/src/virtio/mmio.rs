@@ -121,13 +121,20 @@ impl MmioTransport {
         // Bits may only be added, in the order the spec gives.
         let new_bits = v & !self.status;
         if v & self.status != self.status {
-            log::debug!("{}: driver cleared status bits ({:#x} -> {v:#x})", self.device.name(), self.status);
+            log::debug!(
+                "{}: driver cleared status bits ({:#x} -> {v:#x})",
+                self.device.name(),
+                self.status
+            );
             return;
         }
         if new_bits & STATUS_FEATURES_OK != 0 {
             // Features are final: the driver must have accepted VERSION_1.
             if self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!("{}: driver did not accept VIRTIO_F_VERSION_1", self.device.name());
+                log::warn!(
+                    "{}: driver did not accept VIRTIO_F_VERSION_1",
+                    self.device.name()
+                );
                 self.status = v & !STATUS_FEATURES_OK;
                 return;
             }
@@ -150,7 +157,10 @@ impl MmioTransport {
                 continue;
             }
             if !q.is_valid(&self.mem) {
-                log::warn!("{}: queue {i} is not valid (addresses outside guest memory or bad size)", self.device.name());
+                log::warn!(
+                    "{}: queue {i} is not valid (addresses outside guest memory or bad size)",
+                    self.device.name()
+                );
                 self.status |= STATUS_NEEDS_RESET;
                 self.interrupt.signal_config();
                 return;
@@ -158,7 +168,10 @@ impl MmioTransport {
             let evt = match self.queue_evts.get(i).map(|e| e.try_clone()) {
                 Some(Ok(e)) => e,
                 _ => {
-                    log::error!("{}: no notification eventfd for queue {i}", self.device.name());
+                    log::error!(
+                        "{}: no notification eventfd for queue {i}",
+                        self.device.name()
+                    );
                     self.status |= STATUS_FAILED;
                     return;
                 }
@@ -209,7 +222,10 @@ impl MmioTransport {
             0x070 => self.status,
             0x0fc => self.config_generation,
             _ => {
-                log::debug!("{}: read of unknown register {offset:#x}", self.device.name());
+                log::debug!(
+                    "{}: read of unknown register {offset:#x}",
+                    self.device.name()
+                );
                 0
             }
         }
@@ -223,8 +239,14 @@ impl MmioTransport {
                 if self.status & STATUS_DRIVER != 0 && self.status & STATUS_FEATURES_OK == 0 {
                     let offered = self.device.features() | VIRTIO_F_VERSION_1;
                     match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                        1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32),
+                        0 => {
+                            self.driver_features =
+                                (self.driver_features & !0xffff_ffff) | u64::from(v)
+                        }
+                        1 => {
+                            self.driver_features =
+                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
+                        }
                         _ => {}
                     }
                     // Drivers can only accept what was offered.
@@ -296,7 +318,11 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset % 4 != 0 {
-            log::debug!("{}: ignored {}-byte write at {offset:#x}", self.device.name(), data.len());
+            log::debug!(
+                "{}: ignored {}-byte write at {offset:#x}",
+                self.device.name(),
+                data.len()
+            );
             return;
         }
         let v = u32::from_le_bytes(data.try_into().expect("4 bytes"));
@@ -365,8 +391,15 @@ mod tests {
             activated: activated.clone(),
             resets: resets.clone(),
         };
-        let evts = (0..2).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
-        let t = MmioTransport::new(Box::new(dev), mem, evts, EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let evts = (0..2)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+            .collect();
+        let t = MmioTransport::new(
+            Box::new(dev),
+            mem,
+            evts,
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
         (t, activated, resets)
     }
 
@@ -420,9 +453,17 @@ mod tests {
     fn missing_version_1_fails_features_ok() {
         let (mut t, activated, _) = transport();
         w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
-        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+        );
         assert_eq!(r(&mut t, 0x70) & STATUS_FEATURES_OK, 0);
-        w(&mut t, 0x70, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK);
+        w(
+            &mut t,
+            0x70,
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_DRIVER_OK,
+        );
         assert!(activated.lock().unwrap().is_none());
     }
 

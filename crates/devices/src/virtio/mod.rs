@@ -6,18 +6,21 @@
 //! (KVM ioeventfds) and an [`Interrupt`] (a KVM irqfd). The device then does
 //! all its work on its own thread ([`worker`]), never on a vCPU thread.
 
+pub mod balloon;
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod vsock;
 pub mod worker;
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: every Kiln device is a modern device.

@@ -3,11 +3,11 @@
 use std::io::Write;
 use std::sync::Arc;
 
+use std::os::fd::AsRawFd;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use std::os::fd::AsRawFd;
 
 use super::worker::{Next, Worker};
 use super::{ActivateContext, ActivateError, DeviceMetrics, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -99,20 +99,35 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let ActivateContext { mem, queues, interrupt } = ctx;
+        let ActivateContext {
+            mem,
+            queues,
+            interrupt,
+        } = ctx;
         let Some((mut queue, evt)) = queues.into_iter().next() else {
-            return Err(ActivateError::Queues { device: self.name(), got: 0, want: 1 });
+            return Err(ActivateError::Queues {
+                device: self.name(),
+                got: 0,
+                want: 1,
+            });
         };
         let metrics = self.metrics.clone();
         let fd = evt.as_raw_fd();
-        let worker = Worker::spawn("kiln_rng".into(), vec![(fd, 0, EventSet::IN)], move |_, _| {
-            let _ = evt.read();
-            if drain_queue(&mut queue, &mem, &metrics) {
-                interrupt.signal_used();
-            }
-            Next::Continue
-        })
-        .map_err(|source| ActivateError::Io { device: self.name(), source })?;
+        let worker = Worker::spawn(
+            "kiln_rng".into(),
+            vec![(fd, 0, EventSet::IN)],
+            move |_, _| {
+                let _ = evt.read();
+                if drain_queue(&mut queue, &mem, &metrics) {
+                    interrupt.signal_used();
+                }
+                Next::Continue
+            },
+        )
+        .map_err(|source| ActivateError::Io {
+            device: self.name(),
+            source,
+        })?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -140,8 +155,15 @@ mod tests {
         q.push(&[Desc::r(&[1, 2, 3])]); // nothing writable
         q.push(&[Desc::raw(0xfff0_0000, 64, true)]); // outside memory
         let used = q.run(|mem, queue| drain_queue(queue, mem, &m));
-        assert_eq!(used.iter().map(|u| u.1).collect::<Vec<_>>(), vec![64, 32, 0, 0]);
+        assert_eq!(
+            used.iter().map(|u| u.1).collect::<Vec<_>>(),
+            vec![64, 32, 0, 0]
+        );
         assert_ne!(q.written(0, 0), vec![0u8; 64], "random bytes, not zeros");
-        assert_eq!(m.invalid_requests.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert_eq!(
+            m.invalid_requests
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
     }
 }

@@ -23,15 +23,30 @@ pub struct Desc {
 impl Desc {
     /// A device-readable buffer holding `data`.
     pub fn r(data: &[u8]) -> Self {
-        Self { addr: None, data: data.to_vec(), len: data.len() as u32, write: false }
+        Self {
+            addr: None,
+            data: data.to_vec(),
+            len: data.len() as u32,
+            write: false,
+        }
     }
     /// A device-writable buffer of `len` bytes.
     pub fn w(len: u32) -> Self {
-        Self { addr: None, data: vec![], len, write: true }
+        Self {
+            addr: None,
+            data: vec![],
+            len,
+            write: true,
+        }
     }
     /// A descriptor at an arbitrary guest address (possibly invalid).
     pub fn raw(addr: u64, len: u32, write: bool) -> Self {
-        Self { addr: Some(addr), data: vec![], len, write }
+        Self {
+            addr: Some(addr),
+            data: vec![],
+            len,
+            write,
+        }
     }
 }
 
@@ -47,7 +62,12 @@ impl ChainBuilder {
     /// 1 MiB of guest memory with empty rings.
     pub fn new() -> Self {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        Self { mem, next_desc: 0, next_data: DATA, chains: vec![] }
+        Self {
+            mem,
+            next_desc: 0,
+            next_data: DATA,
+            chains: vec![],
+        }
     }
 
     /// The guest memory.
@@ -60,7 +80,9 @@ impl ChainBuilder {
         self.mem
             .write_obj(head, GuestAddress(AVAIL + 4 + 2 * u64::from(idx % QSIZE)))
             .unwrap();
-        self.mem.write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2)).unwrap();
+        self.mem
+            .write_obj(idx.wrapping_add(1), GuestAddress(AVAIL + 2))
+            .unwrap();
     }
 
     fn write_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {

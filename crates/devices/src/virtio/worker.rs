@@ -27,7 +27,11 @@ impl Worker {
     /// Spawns thread `name` that waits on `fds` (fd, token, events) and calls
     /// `handler(token, events)` for each ready fd. The handler owns the device
     /// state (queues, backend) for the life of the thread.
-    pub fn spawn<F>(name: String, fds: Vec<(RawFd, u64, EventSet)>, mut handler: F) -> std::io::Result<Self>
+    pub fn spawn<F>(
+        name: String,
+        fds: Vec<(RawFd, u64, EventSet)>,
+        mut handler: F,
+    ) -> std::io::Result<Self>
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
     {
@@ -41,28 +45,30 @@ impl Worker {
         for (fd, token, events) in fds {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
         }
-        let handle = std::thread::Builder::new().name(name.clone()).spawn(move || {
-            let mut events = vec![EpollEvent::default(); 16];
-            loop {
-                let n = match epoll.wait(-1, &mut events) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::error!("{name}: epoll_wait: {e}");
-                        return;
-                    }
-                };
-                for ev in &events[..n] {
-                    if ev.data() == KILL_TOKEN {
-                        return;
-                    }
-                    if let Next::Stop = handler(ev.data(), ev.event_set()) {
-                        log::error!("{name}: worker stopped");
-                        return;
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 16];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("{name}: epoll_wait: {e}");
+                            return;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        if ev.data() == KILL_TOKEN {
+                            return;
+                        }
+                        if let Next::Stop = handler(ev.data(), ev.event_set()) {
+                            log::error!("{name}: worker stopped");
+                            return;
+                        }
                     }
                 }
-            }
-        })?;
+            })?;
         Ok(Self {
             kill,
             handle: Some(handle),

@@ -38,17 +38,23 @@ pub fn use_lab() -> bool {
 }
 
 /// Runs `cases` (name, shell command) on the KVM host, all in one batch.
-pub fn run_batch(cases: &[(&str, String)], timeout: Duration) -> HashMap<String, CommandOutput> {
+/// A lab failure is returned as an error message (shared by every test).
+pub fn run_batch(
+    cases: &[(&str, String)],
+    timeout: Duration,
+) -> Result<HashMap<String, CommandOutput>, String> {
     let imgs = guest_images();
     let outputs: Vec<CommandOutput> = if use_lab() {
         let prefix =
             "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz KILN_INITRD=/images/initramfs.img; ";
         let cmds: Vec<String> = cases.iter().map(|(_, c)| format!("{prefix}{c}")).collect();
+        let rootfs = imgs.rootfs.clone();
         Lab::new(imgs)
             .binary(kiln_bin())
+            .file(rootfs, "/images/rootfs.ext4")
             .timeout(timeout)
             .run(&cmds)
-            .expect("lab run")
+            .map_err(|e| format!("the lab run failed: {e}"))?
     } else {
         let dir = kiln_bin().parent().unwrap().to_path_buf();
         let path = format!(
@@ -66,6 +72,8 @@ pub fn run_batch(cases: &[(&str, String)], timeout: Duration) -> HashMap<String,
                     .env("KILN_LAB", "0")
                     .env("KILN_KERNEL", &imgs.kernel)
                     .env("KILN_INITRD", &imgs.initramfs)
+                    .env("KILN_ROOTFS", &imgs.rootfs)
+                    .env("KILN_AGENT", &imgs.agent)
                     .output()
                     .expect("sh");
                 let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -78,16 +86,16 @@ pub fn run_batch(cases: &[(&str, String)], timeout: Duration) -> HashMap<String,
             })
             .collect()
     };
-    cases
+    Ok(cases
         .iter()
         .map(|(n, _)| n.to_string())
         .zip(outputs)
-        .collect()
+        .collect())
 }
 
 /// A lazily-run batch shared by the tests of one binary.
 pub struct Batch {
-    cell: OnceLock<HashMap<String, CommandOutput>>,
+    cell: OnceLock<Result<HashMap<String, CommandOutput>, String>>,
     cases: fn() -> Vec<(&'static str, String)>,
     timeout: Duration,
 }
@@ -102,11 +110,14 @@ impl Batch {
         }
     }
 
-    /// The result of case `name` (running the batch on first use).
+    /// The result of case `name` (running the batch on first use; a failed
+    /// batch fails every test with the same message, without re-running).
     pub fn get(&self, name: &str) -> &CommandOutput {
         let all = self
             .cell
-            .get_or_init(|| run_batch(&(self.cases)(), self.timeout));
+            .get_or_init(|| run_batch(&(self.cases)(), self.timeout))
+            .as_ref()
+            .unwrap_or_else(|e| panic!("{e}"));
         all.get(name)
             .unwrap_or_else(|| panic!("no case named {name}"))
     }
