@@ -158,6 +158,17 @@ fn resolve_images(args: &mut RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// The guest command as init arguments: one double-quoted word when it can
+/// be (the kernel passes at most 32 words to init and splits on spaces).
+pub fn init_args(words: &[String]) -> String {
+    let joined = words.join(" ");
+    if joined.contains('"') {
+        joined
+    } else {
+        format!("\"{joined}\"")
+    }
+}
+
 /// Parses `PATH[,ro][,id=NAME]`.
 pub fn parse_disk(spec: &str, index: usize) -> Result<BlockConfig> {
     let mut parts = spec.split(',');
@@ -307,7 +318,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
     let mut cmdline = args.cmdline.clone();
     if !args.guest_command.is_empty() {
         cmdline.push_str(" -- ");
-        cmdline.push_str(&args.guest_command.join(" "));
+        cmdline.push_str(&init_args(&args.guest_command));
     }
     let config = VmConfig {
         kernel: args.kernel.clone().expect("kernel resolved"),
@@ -359,6 +370,16 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::parse_disk;
+
+    #[test]
+    fn guest_command_is_one_quoted_word() {
+        let w = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            super::init_args(&w(&["echo", "a b; ls"])),
+            "\"echo a b; ls\""
+        );
+        assert_eq!(super::init_args(&w(&["echo", "\"x\""])), "echo \"x\"");
+    }
 
     #[test]
     fn disk_specs() {

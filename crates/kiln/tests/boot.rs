@@ -20,6 +20,11 @@ fn cases() -> Vec<(&'static str, String)> {
             "cmdline",
             format!("{t} kiln run --cmdline '{QUIET} kiln.test=cmdline-ok' -- cat /proc/cmdline"),
         ),
+        (
+            "pvh",
+            // The ELF vmlinux (with the Xen PVH note) enters through PVH.
+            format!("KILN_LOG=info {t} kiln run --kernel $KILN_VMLINUX --initrd $KILN_INITRD --vcpus 2 -- grep -c ^processor /proc/cpuinfo"),
+        ),
         ("reboot", format!("{t} kiln run -- 'echo before-reboot; reboot -f'")),
         ("poweroff", format!("{t} kiln run -- 'echo before-poweroff; poweroff -f'")),
         ("exit_status", format!("{t} kiln run -- 'exit 7'")),
@@ -39,7 +44,7 @@ fn cases() -> Vec<(&'static str, String)> {
     ]
 }
 
-static BATCH: Batch = Batch::new(cases, Duration::from_secs(1800));
+static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
 
 fn only_line(name: &str) -> String {
     let out = BATCH.get(name);
@@ -142,4 +147,12 @@ fn serial_input_reaches_guest_shell() {
         out.output
     );
     assert!(out.output.contains("status=0"), "{}", out.output);
+}
+
+#[test]
+fn elf_vmlinux_boots_through_pvh() {
+    let out = BATCH.get("pvh");
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert!(out.output.contains("Pvh entry at"), "{}", out.output);
+    assert_eq!(guest_lines(out), vec!["2"], "{}", out.output);
 }

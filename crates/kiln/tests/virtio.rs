@@ -203,7 +203,7 @@ fn round_trip(text: &str) -> (u64, String, u64, String) {
         .lines()
         .find(|l| l.trim_start_matches('\r').starts_with("sent "))
         .unwrap_or_else(|| panic!("no agent report in: {text}"));
-    let f: Vec<&str> = l.trim().split_whitespace().collect();
+    let f: Vec<&str> = l.split_whitespace().collect();
     (
         f[1].parse().unwrap(),
         f[2].to_string(),

@@ -30,7 +30,7 @@ use crate::cpio::CpioWriter;
 use crate::scripts;
 
 /// Bump when the image layout changes in a way the stamp cannot see.
-pub const BUILDER_VERSION: u32 = 3;
+pub const BUILDER_VERSION: u32 = 4;
 
 /// Size of the guest rootfs image in bytes (a multiple of 512).
 pub const ROOTFS_SIZE: u64 = 64 << 20;
@@ -77,6 +77,8 @@ pub struct Images {
     /// Guest root filesystem: raw ext4 image of [`ROOTFS_SIZE`] bytes, for
     /// a virtio-blk disk with `root=/dev/vda` on the kernel command line.
     pub rootfs: PathBuf,
+    /// The same kernel as an ELF vmlinux (with the PVH note), for PVH boots.
+    pub vmlinux: PathBuf,
     /// The in-guest agent (static binary; also in both initramfs images at /usr/bin/kiln-agent).
     pub agent: PathBuf,
     /// Lab-host initramfs (uncompressed newc cpio).
@@ -290,6 +292,64 @@ fn ensure_package(cache: &Path, p: &Pinned) -> Result<PathBuf, ImageError> {
     Ok(dest)
 }
 
+/// Extracts the ELF `vmlinux` from a bzImage: finds a compressed payload
+/// (lz4 legacy, xz, zstd or gzip) and decompresses it with the matching tool,
+/// keeping the first candidate that yields an ELF image. The ELF carries the
+/// Xen PVH entry note, so it exercises Kiln's PVH boot path.
+fn build_vmlinux(bzimage: &Path, dest: &Path) -> Result<(), ImageError> {
+    let data = fs::read(bzimage).ctx(|| format!("reading {}", bzimage.display()))?;
+    const FORMATS: [(&[u8], &str, &str); 4] = [
+        (&[0x02, 0x21, 0x4c, 0x18], "lz4", "lz4"),
+        (&[0xfd, b'7', b'z', b'X', b'Z', 0], "xz", "xz-utils"),
+        (&[0x28, 0xb5, 0x2f, 0xfd], "zstd", "zstd"),
+        (&[0x1f, 0x8b, 0x08], "gzip", "gzip"),
+    ];
+    let tmp = dest.with_extension(format!("tmp{}", std::process::id()));
+    for (magic, tool, package) in FORMATS {
+        let Some(off) = data.windows(magic.len()).position(|w| w == magic) else {
+            continue;
+        };
+        let mut child = match Command::new(tool)
+            .arg("-dc")
+            .stdin(std::process::Stdio::piped())
+            .stdout(File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(_) => {
+                let _ = fs::remove_file(&tmp);
+                return Err(ImageError::ToolMissing {
+                    tool: "lz4/xz/zstd",
+                    hint: match package {
+                        "lz4" => "apt-get install lz4",
+                        "xz-utils" => "apt-get install xz-utils",
+                        _ => "apt-get install zstd",
+                    },
+                });
+            }
+        };
+        let mut stdin = child.stdin.take().expect("piped");
+        // Trailing bytes after the payload make the tool complain; its
+        // output up to there is what we want.
+        let _ = std::io::Write::write_all(&mut stdin, &data[off..]);
+        drop(stdin);
+        let _ = child.wait();
+        let head = fs::read(&tmp)
+            .map(|d| d.get(..4) == Some(b"\x7fELF".as_slice()))
+            .unwrap_or(false);
+        if head {
+            return fs::rename(&tmp, dest).ctx(|| format!("renaming {}", tmp.display()));
+        }
+    }
+    let _ = fs::remove_file(&tmp);
+    Err(ImageError::CommandFailed {
+        command: format!("extracting vmlinux from {}", bzimage.display()),
+        status: "no compressed ELF payload found".into(),
+        stderr: String::new(),
+    })
+}
+
 /// Source of `kiln-agent`, compiled static with plain `rustc` for guests.
 pub const AGENT_SOURCE: &str = include_str!("../../agent/src/main.rs");
 
@@ -355,6 +415,7 @@ fn paths(cache: &Path) -> Images {
         initramfs: cache.join("images/guest-initramfs.img"),
         rootfs: cache.join("images/rootfs.ext4"),
         agent: cache.join("images/kiln-agent"),
+        vmlinux: cache.join("images/vmlinux"),
         lab_initramfs: cache.join("images/lab-initramfs.img"),
         kernel_version: KERNEL_VERSION.to_string(),
         modules_dir: k.join(format!("lib/modules/{KERNEL_VERSION}")),
@@ -376,6 +437,7 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
             &images.initramfs,
             &images.rootfs,
             &images.agent,
+            &images.vmlinux,
             &images.lab_initramfs,
             &images.busybox,
         ]
@@ -400,6 +462,11 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
         }
     }
     let applets = busybox_applets(&images.busybox)?;
+    eprintln!(
+        "kiln-lab: extracting {} from the bzImage ...",
+        images.vmlinux.display()
+    );
+    build_vmlinux(&images.kernel, &images.vmlinux)?;
     eprintln!(
         "kiln-lab: building the in-guest agent {} ...",
         images.agent.display()

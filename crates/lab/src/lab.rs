@@ -29,7 +29,12 @@ use crate::scripts;
 /// Name of the QEMU binary (overridable with `KILN_QEMU`).
 const QEMU: &str = "qemu-system-x86_64";
 /// Kernel command line of the lab host.
-const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+/// (`lapic=notscdeadline`: the lab kernel programs its LAPIC timer in
+/// one-shot mode; TCG's emulated TSC-deadline timer is the suspect in rare
+/// lab stalls where the whole emulated machine sat idle.)
+const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet lapic=notscdeadline";
+/// A run whose results channel shows no progress for this long is stalled.
+const DEFAULT_STALL: Duration = Duration::from_secs(420);
 /// How much console output to include in errors.
 const TAIL_BYTES: usize = 4000;
 
@@ -351,6 +356,42 @@ impl Lab {
         Ok(self.run_report(commands)?.outputs)
     }
 
+    /// Like [`Lab::run`], but when the lab itself fails (stalls, times out or
+    /// dies), the commands that did not finish run once more in a fresh lab;
+    /// results of commands that finished are kept. A command's own failure is
+    /// a result, not a lab failure, and is never retried.
+    pub fn run_resilient(&self, commands: &[String]) -> Result<Vec<CommandOutput>, LabError> {
+        let (parsed, err) = match self.boot(&scripts::run_script(commands), commands, false) {
+            Ok((parsed, _, _)) => (parsed, None),
+            Err(b) => {
+                let (e, parsed) = *b;
+                (parsed, Some(e))
+            }
+        };
+        let done: Vec<CommandOutput> = parsed
+            .frames
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, f)| f.index == *i)
+            .map(|(i, f)| CommandOutput {
+                command: commands[i].clone(),
+                output: f.output,
+                status: f.status,
+            })
+            .collect();
+        let Some(first) = err else { return Ok(done) };
+        let rest = &commands[done.len()..];
+        eprintln!(
+            "kiln-lab: warning: the lab failed after {}/{} commands; running the other {} in a fresh lab. First failure: {first}",
+            done.len(),
+            commands.len(),
+            rest.len()
+        );
+        let mut out = done;
+        out.extend(self.run(rest)?);
+        Ok(out)
+    }
+
     /// Runs one command; see [`Lab::run`].
     pub fn run_one(&self, cmd: &str) -> Result<CommandOutput, LabError> {
         let mut v = self.run(&[cmd.to_string()])?;
@@ -360,8 +401,9 @@ impl Lab {
 
     /// Like [`Lab::run`], also returning boot and total timings.
     pub fn run_report(&self, commands: &[String]) -> Result<RunReport, LabError> {
-        let (parsed, boot_time, total_time) =
-            self.boot(&scripts::run_script(commands), commands, false)?;
+        let (parsed, boot_time, total_time) = self
+            .boot(&scripts::run_script(commands), commands, false)
+            .map_err(|b| b.0)?;
         let outputs = parsed
             .frames
             .into_iter()
@@ -383,7 +425,9 @@ impl Lab {
     /// the moment the lab is ready) and returns the command's exit status.
     pub fn run_interactive(&self, command: &str) -> Result<i32, LabError> {
         let cmds = [command.to_string()];
-        let (parsed, _, _) = self.boot(&scripts::interactive_script(command), &cmds, true)?;
+        let (parsed, _, _) = self
+            .boot(&scripts::interactive_script(command), &cmds, true)
+            .map_err(|b| b.0)?;
         Ok(parsed.frames[0].status)
     }
 
@@ -427,17 +471,14 @@ impl Lab {
     }
 
     /// Boots the lab with `run_sh`, waits for it, and parses the results.
-    fn boot(
-        &self,
-        run_sh: &str,
-        commands: &[String],
-        echo: bool,
-    ) -> Result<(Parsed, Option<Duration>, Duration), LabError> {
-        let qemu = qemu_path().ok_or(LabError::QemuMissing)?;
-        let tmp = TempDir::new()?;
+    fn boot(&self, run_sh: &str, commands: &[String], echo: bool) -> BootResult {
+        let none = || framing::parse(b"");
+        let qemu = qemu_path().ok_or_else(|| Box::new((LabError::QemuMissing, none())))?;
+        let tmp = TempDir::new().map_err(|e| Box::new((e, none())))?;
         let initrd = tmp.0.join("initrd.img");
         let results = tmp.0.join("results.log");
-        self.build_initrd(&initrd, run_sh)?;
+        self.build_initrd(&initrd, run_sh)
+            .map_err(|e| Box::new((e, none())))?;
 
         let mut cmd = Command::new(&qemu);
         cmd.args(["-M", "q35", "-accel", "tcg,thread=multi"])
@@ -457,7 +498,8 @@ impl Lab {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let start = Instant::now();
-        let mut child = io_ctx(cmd.spawn(), || format!("starting {}", qemu.display()))?;
+        let mut child = io_ctx(cmd.spawn(), || format!("starting {}", qemu.display()))
+            .map_err(|e| Box::new((e, none())))?;
         let console = Arc::new(Mutex::new(Console::default()));
         let out_thread = child
             .stdout
@@ -473,7 +515,9 @@ impl Lab {
             })
         });
 
-        let status = wait_deadline(&mut child, start + self.timeout);
+        // An interactive run may sit quietly for as long as its user likes.
+        let stall = if echo { self.timeout } else { DEFAULT_STALL };
+        let status = wait_deadline(&mut child, start + self.timeout, &results, stall);
         let total_time = start.elapsed();
         for t in [out_thread, err_thread].into_iter().flatten() {
             let _ = t.join();
@@ -492,35 +536,67 @@ impl Lab {
         let status = match status {
             Some(s) => s,
             None => {
-                return Err(LabError::Timeout {
-                    timeout: self.timeout,
-                    progress,
-                    console_tail: tail,
-                })
+                let timeout = if start.elapsed() >= self.timeout {
+                    self.timeout
+                } else {
+                    DEFAULT_STALL
+                };
+                return Err(Box::new((
+                    LabError::Timeout {
+                        timeout,
+                        progress,
+                        console_tail: tail,
+                    },
+                    parsed,
+                )));
             }
         };
         if let Some(e) = &parsed.error {
-            return Err(LabError::Protocol(format!("{e} ({progress})")));
+            let e = LabError::Protocol(format!("{e} ({progress})"));
+            return Err(Box::new((e, parsed)));
         }
         let complete = parsed.done
             && parsed.frames.len() == commands.len()
             && parsed.frames.iter().enumerate().all(|(i, f)| f.index == i);
         if !complete {
             let stderr = stderr_buf.lock().unwrap_or_else(|e| e.into_inner());
-            return Err(LabError::Incomplete {
+            let e = LabError::Incomplete {
                 qemu_status: status,
                 progress,
                 console_tail: tail,
                 qemu_stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
-            });
+            };
+            return Err(Box::new((e, parsed)));
         }
         Ok((parsed, boot_time, total_time))
     }
 }
 
-/// Waits for `child` until `deadline`; kills it on timeout (returns `None`).
-fn wait_deadline(child: &mut Child, deadline: Instant) -> Option<String> {
+/// A boot's results, boot time and total time; or the failure with whatever
+/// results arrived before it.
+type BootResult = Result<(Parsed, Option<Duration>, Duration), Box<(LabError, Parsed)>>;
+
+/// Waits for `child` until `deadline`, or until `progress` (the results
+/// file) has not grown for `stall`; kills it then (returns `None`).
+fn wait_deadline(
+    child: &mut Child,
+    deadline: Instant,
+    progress: &Path,
+    stall: Duration,
+) -> Option<String> {
+    let mut last_len = 0u64;
+    let mut last_change = Instant::now();
     loop {
+        let len = fs::metadata(progress).map(|m| m.len()).unwrap_or(0);
+        if len != last_len {
+            last_len = len;
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() >= stall {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
         match child.try_wait() {
             Ok(Some(s)) => return Some(s.to_string()),
             Ok(None) => {}

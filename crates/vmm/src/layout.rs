@@ -39,8 +39,9 @@ pub const PDPT_ADDR: u64 = 0xa000;
 pub const PD_ADDR: u64 = 0xb000;
 /// Kernel command line.
 pub const CMDLINE_ADDR: u64 = 0x20000;
-/// Largest command line we accept (bytes, including the NUL).
-pub const CMDLINE_MAX: usize = 4096;
+/// Largest command line we accept (bytes, including the NUL): x86 Linux
+/// keeps at most 2048 (COMMAND_LINE_SIZE).
+pub const CMDLINE_MAX: usize = 2048;
 /// Start of the extended BIOS data area, where the MP table goes.
 pub const EBDA_START: u64 = 0x9fc00;
 /// ACPI tables area (the RSDP must lie in 0xe0000..0x100000 for legacy scans).

@@ -142,6 +142,12 @@ impl Vmm {
 
         // Guest image and boot tables.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
+        log::info!(
+            "kernel {}: {:?} entry at {:#x}",
+            config.kernel.display(),
+            kernel.protocol,
+            kernel.entry
+        );
         let initrd = match &config.initrd {
             Some(p) => Some(boot::load_initrd(&mem, p, &kernel, mem_bytes)?),
             None => None,

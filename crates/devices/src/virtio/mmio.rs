@@ -301,7 +301,7 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - 0x100, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             data.fill(0);
             return;
         }
@@ -317,7 +317,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             log::debug!(
                 "{}: ignored {}-byte write at {offset:#x}",
                 self.device.name(),
@@ -382,7 +382,9 @@ mod tests {
         u32::from_le_bytes(b)
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<Option<usize>>>, Arc<Mutex<u32>>) {
+    type Activated = Arc<Mutex<Option<usize>>>;
+
+    fn transport() -> (MmioTransport, Activated, Arc<Mutex<u32>>) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let activated = Arc::new(Mutex::new(None));
         let resets = Arc::new(Mutex::new(0));

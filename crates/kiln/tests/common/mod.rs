@@ -49,11 +49,25 @@ pub fn run_batch(
             "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz KILN_INITRD=/images/initramfs.img; ";
         let cmds: Vec<String> = cases.iter().map(|(_, c)| format!("{prefix}{c}")).collect();
         let rootfs = imgs.rootfs.clone();
-        Lab::new(imgs)
-            .binary(kiln_bin())
-            .file(rootfs, "/images/rootfs.ext4")
-            .timeout(timeout)
-            .run(&cmds)
+        let vmlinux = imgs.vmlinux.clone();
+        let mut lab = Lab::new(imgs).binary(kiln_bin());
+        // iproute2 (for `ip tuntap`): the lab's busybox `ip` lacks it.
+        if let Some(ip) = ["/usr/sbin/ip", "/sbin/ip", "/bin/ip"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+        {
+            lab = lab.binary(ip);
+        }
+        if cases.iter().any(|(_, c)| c.contains("KILN_ROOTFS")) {
+            lab = lab.file(rootfs, "/images/rootfs.ext4");
+        }
+        if cases.iter().any(|(_, c)| c.contains("KILN_VMLINUX")) {
+            lab = lab.file(vmlinux, "/images/vmlinux");
+        }
+        let lab = lab.timeout(timeout);
+        // The lab is an emulated machine; if it stalls, the unfinished
+        // commands run again in a fresh lab (see Lab::run_resilient).
+        lab.run_resilient(&cmds)
             .map_err(|e| format!("the lab run failed: {e}"))?
     } else {
         let dir = kiln_bin().parent().unwrap().to_path_buf();
@@ -74,6 +88,7 @@ pub fn run_batch(
                     .env("KILN_INITRD", &imgs.initramfs)
                     .env("KILN_ROOTFS", &imgs.rootfs)
                     .env("KILN_AGENT", &imgs.agent)
+                    .env("KILN_VMLINUX", &imgs.vmlinux)
                     .output()
                     .expect("sh");
                 let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
