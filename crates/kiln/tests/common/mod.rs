@@ -45,8 +45,9 @@ pub fn run_batch(
 ) -> Result<HashMap<String, CommandOutput>, String> {
     let imgs = guest_images();
     let outputs: Vec<CommandOutput> = if use_lab() {
-        let prefix =
-            "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz KILN_INITRD=/images/initramfs.img; ";
+        let prefix = "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz \
+            KILN_INITRD=/images/initramfs.img KILN_ROOTFS=/images/rootfs.ext4 \
+            KILN_AGENT=/usr/bin/kiln-agent KILN_VMLINUX=/images/vmlinux; ";
         let cmds: Vec<String> = cases.iter().map(|(_, c)| format!("{prefix}{c}")).collect();
         let rootfs = imgs.rootfs.clone();
         let vmlinux = imgs.vmlinux.clone();
