@@ -11,8 +11,12 @@ pub mod cmos;
 pub mod i8042;
 pub mod power;
 pub mod pvpanic;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
+
+#[doc(hidden)]
+pub mod fuzz_harness;
 
 pub use bus::{Bus, BusDevice, BusError};
 

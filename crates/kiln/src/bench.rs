@@ -82,6 +82,7 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
         mem,
         disks: vec![],
         rng: false,
+        rng_rate: None,
         balloon: None,
         nets: vec![],
         vsock: None,

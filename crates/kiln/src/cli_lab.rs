@@ -124,6 +124,10 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
     if args.rng {
         cmd.push("--rng".into());
     }
+    if let Some(r) = &args.rng_rate {
+        cmd.push("--rng-rate".into());
+        cmd.push(r.clone());
+    }
     if let Some(b) = &args.balloon {
         cmd.push("--balloon".into());
         cmd.push(b.clone());

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use kiln_vmm::kiln_devices::rate_limiter::RateLimiterConfig;
 use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
 use kiln_vmm::kiln_devices::virtio::block::BlockConfig;
 use kiln_vmm::kiln_devices::virtio::net::{parse_mac, NetConfig};
@@ -65,11 +66,14 @@ pub struct RunArgs {
     /// Guest memory in MiB (at least 128).
     #[arg(long, default_value_t = 256)]
     pub mem: u64,
-    /// Attach a virtio-blk disk: PATH[,ro][,id=NAME] (repeatable; /dev/vda, /dev/vdb, ...).
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME]")]
+    /// Attach a virtio-blk disk (repeatable; /dev/vda, /dev/vdb, ...):
+    /// PATH[,ro][,id=NAME][,bw=BYTES[:BURST]/MS][,ops=N[:BURST]/MS].
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=..][,ops=..]")]
     pub disks: Vec<String>,
-    /// Attach a virtio-net interface on host TAP device TAP: TAP[,mac=AA:BB:CC:DD:EE:FF] (repeatable).
-    #[arg(long = "net", value_name = "TAP[,mac=MAC]")]
+    /// Attach a virtio-net interface on host TAP device TAP (repeatable):
+    /// TAP[,mac=AA:BB:CC:DD:EE:FF][,rx_bw=..|rx_ops=..|tx_bw=..|tx_ops=..] with
+    /// rate limits as BYTES_OR_OPS[:BURST]/REFILL_MS.
+    #[arg(long = "net", value_name = "TAP[,mac=MAC][,rx_bw=..]")]
     pub nets: Vec<String>,
     /// Attach a virtio-vsock device: CID,UDS (Firecracker's hybrid design: host
     /// connects to UDS and sends "CONNECT <port>"; the guest's connections to
@@ -79,6 +83,9 @@ pub struct RunArgs {
     /// Attach a virtio-rng entropy device.
     #[arg(long)]
     pub rng: bool,
+    /// Rate-limit the entropy device: bw=BYTES[:BURST]/MS[,ops=N[:BURST]/MS] (implies --rng).
+    #[arg(long, value_name = "bw=..[,ops=..]")]
+    pub rng_rate: Option<String>,
     /// Attach a virtio-balloon inflated to MIB: MIB[,deflate_on_oom][,stats=SECONDS].
     #[arg(long, value_name = "MIB[,deflate_on_oom][,stats=S]")]
     pub balloon: Option<String>,
@@ -180,14 +187,20 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<BlockConfig> {
         path: PathBuf::from(path),
         read_only: false,
         id: format!("disk{index}"),
+        rate_limiter: None,
     };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => cfg.read_only = true,
             None if opt == "rw" => cfg.read_only = false,
             Some(("id", v)) if !v.is_empty() && v.len() <= 20 => cfg.id = v.to_string(),
+            Some((k @ ("bw" | "ops"), v)) => cfg
+                .rate_limiter
+                .get_or_insert_with(Default::default)
+                .apply_opt(k, v)
+                .map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?,
             _ => anyhow::bail!(
-                "--disk {spec:?}: unknown option {opt:?} (expected ro, rw or id=NAME of at most 20 bytes)"
+                "--disk {spec:?}: unknown option {opt:?} (expected ro, rw, id=NAME of at most 20 bytes, bw=BYTES[:BURST]/MS, ops=N[:BURST]/MS)"
             ),
         }
     }
@@ -205,9 +218,22 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig> {
         tap: tap.to_string(),
         mac: None,
         id: format!("eth{index}"),
+        rx_rate_limiter: None,
+        tx_rate_limiter: None,
     };
     for opt in parts {
         match opt.split_once('=') {
+            Some((k @ ("rx_bw" | "rx_ops" | "tx_bw" | "tx_ops"), v)) => {
+                let (dir, key) = k.split_once('_').expect("prefixed key");
+                let slot = if dir == "rx" {
+                    &mut cfg.rx_rate_limiter
+                } else {
+                    &mut cfg.tx_rate_limiter
+                };
+                slot.get_or_insert_with(Default::default)
+                    .apply_opt(key, v)
+                    .map_err(|e| anyhow::anyhow!("--net {spec:?}: {e}"))?
+            }
             Some(("mac", m)) => {
                 cfg.mac = Some(parse_mac(m).ok_or_else(|| {
                     anyhow::anyhow!(
@@ -332,7 +358,13 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
             .enumerate()
             .map(|(i, d)| parse_disk(d, i))
             .collect::<Result<_>>()?,
-        rng: args.rng,
+        rng: args.rng || args.rng_rate.is_some(),
+        rng_rate_limiter: args
+            .rng_rate
+            .as_deref()
+            .map(RateLimiterConfig::parse_opts)
+            .transpose()
+            .map_err(|e| anyhow::anyhow!("--rng-rate: {e}"))?,
         nets: args
             .nets
             .iter()
@@ -394,5 +426,13 @@ mod tests {
         assert!(parse_disk("/x,bogus", 0).is_err());
         assert!(parse_disk(",ro", 0).is_err());
         assert!(parse_disk("/x,id=012345678901234567890", 0).is_err());
+        let d = parse_disk("/x,bw=1048576/100,ops=50:10/1000", 0).unwrap();
+        let rl = d.rate_limiter.unwrap();
+        assert_eq!(rl.bandwidth.unwrap().size, 1048576);
+        assert_eq!(rl.ops.unwrap().one_time_burst, 10);
+        assert!(parse_disk("/x,bw=1M/100", 0).is_err());
+        let n = super::parse_net("tap0,rx_bw=1000/10,tx_ops=5/100", 0).unwrap();
+        assert_eq!(n.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
+        assert_eq!(n.tx_rate_limiter.unwrap().ops.unwrap().size, 5);
     }
 }

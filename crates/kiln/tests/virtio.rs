@@ -49,6 +49,15 @@ fn cases() -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "disk_rate_limit",
+            // 1 MiB/s with a 1 MiB bucket: reading 4 MiB takes about 3 s.
+            format!(
+                "cd /tmp && dd if=/dev/zero of=rl.img bs=1M count=8 2>/dev/null && \
+                 {t} kiln run --disk /tmp/rl.img,bw=1048576/1000 -- \
+                 'start=$(cut -d. -f1 /proc/uptime); dd if=/dev/vda of=/dev/null bs=1M count=4 iflag=direct 2>/dev/null; end=$(cut -d. -f1 /proc/uptime); echo elapsed=$((end-start))'"
+            ),
+        ),
+        (
             "rng",
             format!(
                 "{t} kiln run --rng -- 'cat /sys/class/misc/hw_random/rng_current; head -c 4096 /dev/hwrng | wc -c; head -c 4096 /dev/hwrng | gzip -c | wc -c'"
@@ -59,7 +68,8 @@ fn cases() -> Vec<(&'static str, String)> {
             // A TAP on the KVM host, ping both ways, then 100 MiB from the
             // guest to the host over TCP with checksums compared.
             format!(
-                "ip tuntap add dev kt0 mode tap && ip addr add 172.30.0.1/24 dev kt0 && ip link set kt0 up && \
+                "IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; \
+                 $IP tuntap add dev kt0 mode tap && $IP addr add 172.30.0.1/24 dev kt0 && $IP link set kt0 up && \
                  (nc -l -p 5000 > /tmp/recv; echo host-nc-done) & \
                  ({t} kiln run --mem 512 --net kt0,mac=52:54:00:12:34:56 -- \
                    'ip addr add 172.30.0.2/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && \
@@ -68,7 +78,7 @@ fn cases() -> Vec<(&'static str, String)> {
                     nc 172.30.0.1 5000 < /tmp/blob; echo sent' > /tmp/net.out 2>&1; echo kiln-status=$? >> /tmp/net.out) & \
                  i=0; until ping -c 1 -W 1 172.30.0.2 >/dev/null 2>&1 || [ $i -gt 400 ]; do sleep 0.3; i=$((i+1)); done; \
                  ping -c 1 -W 2 172.30.0.2 >/dev/null && echo host-ping-ok; \
-                 wait; cat /tmp/net.out; echo host-md5 $(md5sum < /tmp/recv); ip link del kt0"
+                 wait; cat /tmp/net.out; echo host-md5 $(md5sum < /tmp/recv); $IP link del kt0"
             ),
         ),
         (
@@ -252,4 +262,17 @@ fn balloon_inflate_lowers_memtotal() {
         totals[1],
         out.output
     );
+}
+
+#[test]
+fn disk_bandwidth_limit_slows_reads() {
+    let out = BATCH.get("disk_rate_limit");
+    assert_eq!(out.status, 0, "{}", out.output);
+    let secs: u64 = out
+        .output
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix("elapsed="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no elapsed line: {}", out.output));
+    assert!(secs >= 2, "4 MiB at 1 MiB/s took only {secs} s: {}", out.output);
 }

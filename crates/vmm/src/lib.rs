@@ -43,6 +43,8 @@ pub struct VmConfig {
     pub disks: Vec<kiln_devices::virtio::block::BlockConfig>,
     /// Attach a virtio-rng device.
     pub rng: bool,
+    /// Rate limit for the virtio-rng device.
+    pub rng_rate_limiter: Option<kiln_devices::rate_limiter::RateLimiterConfig>,
     /// virtio-net interfaces backed by TAP devices.
     pub nets: Vec<kiln_devices::virtio::net::NetConfig>,
     /// A virtio-vsock device bridged to a Unix socket.
@@ -62,6 +64,7 @@ impl VmConfig {
             mem_mib: 256,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limiter: None,
             balloon: None,
             nets: Vec::new(),
             vsock: None,

@@ -211,7 +211,7 @@ impl Vmm {
             virtio.push(Box::new(d));
         }
         if config.rng {
-            virtio.push(Box::new(Rng::new()));
+            virtio.push(Box::new(Rng::with_rate_limiter(config.rng_rate_limiter)));
         }
         let mut balloon = None;
         if let Some(cfg) = &config.balloon {

@@ -123,6 +123,8 @@ pub struct DeviceMetrics {
     pub bytes_from_guest: AtomicU64,
     /// Bytes the device wrote to guest memory.
     pub bytes_to_guest: AtomicU64,
+    /// Times a rate limiter stopped a queue (one per throttling episode).
+    pub throttled: AtomicU64,
 }
 
 impl DeviceMetrics {

@@ -28,6 +28,7 @@ use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
 
 /// Size of the virtio net header (`virtio_net_hdr_v1`, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
@@ -38,6 +39,8 @@ const QUEUE_SIZE: u16 = 256;
 const RX_QUEUE: u64 = 0;
 const TX_QUEUE: u64 = 1;
 const TAP: u64 = 2;
+const RX_LIMITER: u64 = 3;
+const TX_LIMITER: u64 = 4;
 const IFNAMSIZ: usize = 16;
 
 const _: () = assert!(VNET_HDR_LEN == 12);
@@ -53,6 +56,11 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// The interface's ID (for logs and the generated MAC).
     pub id: String,
+    /// Limits on what the guest receives (bandwidth: Ethernet frame bytes,
+    /// without the virtio-net header; ops: frames). `None`: unlimited.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits on what the guest sends, counted the same way.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// Errors setting up a network interface.
@@ -264,6 +272,11 @@ pub struct NetBackend<T> {
     tx_buf: Vec<u8>,
     rx_buf: Vec<u8>,
     metrics: Arc<DeviceMetrics>,
+    rx_limiter: Option<RateLimiter>,
+    tx_limiter: Option<RateLimiter>,
+    /// Length of a packet read from the TAP into `rx_buf` that the RX
+    /// limiter refused: delivered first when RX resumes.
+    rx_pending: Option<usize>,
 }
 
 impl<T: Read + Write> NetBackend<T> {
@@ -275,6 +288,30 @@ impl<T: Read + Write> NetBackend<T> {
             // One spare byte tells an oversized packet from a maximal one.
             rx_buf: vec![0; MAX_PACKET + 1],
             metrics,
+            rx_limiter: None,
+            tx_limiter: None,
+            rx_pending: None,
+        }
+    }
+
+    /// Puts RX and TX under these limiters (their timerfds must be watched:
+    /// see [`Self::limiter_event`]).
+    pub fn with_rate_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
+    }
+
+    /// Call when the RX (`rx`) or TX limiter's timerfd is readable; then
+    /// process that queue again.
+    pub fn limiter_event(&mut self, rx: bool) {
+        let l = if rx {
+            &mut self.rx_limiter
+        } else {
+            &mut self.tx_limiter
+        };
+        if let Some(l) = l {
+            l.event_handler();
         }
     }
 
@@ -287,7 +324,15 @@ impl<T: Read + Write> NetBackend<T> {
             let head = chain.head_index();
             let ok = well_formed(&chain);
             match Reader::new(mem, chain) {
-                Ok(r) if ok && packet_len_ok(r.available_bytes()) => self.send(r),
+                Ok(r) if ok && packet_len_ok(r.available_bytes()) => {
+                    let frame = (r.available_bytes() - VNET_HDR_LEN) as u64;
+                    let limiter = self.tx_limiter.as_mut();
+                    if !rate_limiter::admit(limiter, 1, frame, &self.metrics.throttled) {
+                        queue.go_to_previous_position();
+                        break;
+                    }
+                    self.send(r)
+                }
                 _ => {
                     log::debug!("net: dropped a malformed TX chain (head {head})");
                     DeviceMetrics::add(&self.metrics.invalid_requests, 1);
@@ -365,7 +410,18 @@ impl<T: Read + Write> NetBackend<T> {
     /// the guest has no buffers left. A packet is read only once a buffer is
     /// in hand; a packet larger than that buffer is dropped (and counted) and
     /// the buffer kept for the next one. Returns whether any chain was used.
+    ///
+    /// Under an RX limiter, a packet the limiter refuses stays in the device
+    /// (the next one delivered) and the buffer stays available; nothing more
+    /// is read from the TAP until the limiter's timer fires.
     pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+        if self
+            .rx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            return false;
+        }
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -382,7 +438,7 @@ impl<T: Read + Write> NetBackend<T> {
             };
             let room = writer.available_bytes();
             let len = loop {
-                match self.recv() {
+                match self.rx_pending.take().or_else(|| self.recv()) {
                     Some(n) if n <= room => break Some(n),
                     Some(n) => {
                         log::debug!("net: dropped a {n}-byte packet: RX buffer holds {room}");
@@ -396,6 +452,14 @@ impl<T: Read + Write> NetBackend<T> {
                 queue.go_to_previous_position();
                 break;
             };
+            let frame = (n - VNET_HDR_LEN) as u64;
+            let limiter = self.rx_limiter.as_mut();
+            if !rate_limiter::admit(limiter, 1, frame, &self.metrics.throttled) {
+                // Keep the packet and the buffer for when the timer fires.
+                self.rx_pending = Some(n);
+                queue.go_to_previous_position();
+                break;
+            }
             // The Writer only covers validated guest memory with room >= n.
             let n = match writer.write_all(&self.rx_buf[..n]) {
                 Ok(()) => {
@@ -462,7 +526,23 @@ impl VirtioDevice for Net {
             (tx_evt.as_raw_fd(), TX_QUEUE, EventSet::IN),
             (tap.as_raw_fd(), TAP, tap_events),
         ];
-        let mut backend = NetBackend::new(tap, self.metrics.clone());
+        let rx_limiter =
+            rate_limiter::build(self.config.rx_rate_limiter.as_ref()).map_err(io_err)?;
+        let tx_limiter =
+            rate_limiter::build(self.config.tx_rate_limiter.as_ref()).map_err(io_err)?;
+        let mut fds = fds;
+        fds.extend(
+            rx_limiter
+                .as_ref()
+                .map(|l| (l.as_raw_fd(), RX_LIMITER, EventSet::IN)),
+        );
+        fds.extend(
+            tx_limiter
+                .as_ref()
+                .map(|l| (l.as_raw_fd(), TX_LIMITER, EventSet::IN)),
+        );
+        let mut backend =
+            NetBackend::new(tap, self.metrics.clone()).with_rate_limiters(rx_limiter, tx_limiter);
         let worker = Worker::spawn(
             format!("kiln_net_{}", self.config.id),
             fds,
@@ -474,6 +554,14 @@ impl VirtioDevice for Net {
                     }
                     TX_QUEUE => {
                         let _ = tx_evt.read();
+                        backend.process_tx(&mut txq, &mem)
+                    }
+                    RX_LIMITER => {
+                        backend.limiter_event(true);
+                        backend.process_rx(&mut rxq, &mem)
+                    }
+                    TX_LIMITER => {
+                        backend.limiter_event(false);
                         backend.process_tx(&mut txq, &mem)
                     }
                     _ => backend.process_rx(&mut rxq, &mem),
@@ -668,6 +756,88 @@ mod tests {
         assert_eq!(counts(&be.metrics), [3, 0, 0]);
     }
 
+    /// Runs `f` on the queue of `q`, carrying the queue's state over from
+    /// the previous call (`state`).
+    fn run_again(
+        q: &mut ChainBuilder,
+        state: &mut Option<virtio_queue::QueueState>,
+        f: impl FnOnce(&mut Queue, &GuestMemoryMmap) -> bool,
+    ) -> Vec<(u16, u32)> {
+        q.run(|mem, queue| {
+            if let Some(s) = state.take() {
+                *queue = Queue::try_from(s).unwrap();
+            }
+            let r = f(queue, mem);
+            *state = Some(queue.state());
+            r
+        })
+    }
+
+    fn limiter(opts: &str) -> Option<RateLimiter> {
+        Some(RateLimiter::new(&RateLimiterConfig::parse_opts(opts).unwrap()).unwrap())
+    }
+
+    #[test]
+    fn tx_rate_limit_holds_frames_back_in_order() {
+        use crate::rate_limiter::tests::wait_for_timer;
+        let (be, mut peer) = backend();
+        // One frame per 40 ms.
+        let mut be = be.with_rate_limiters(None, limiter("ops=1/40"));
+        let p: Vec<_> = (0..3).map(|i| packet(0, 46, i as u8)).collect();
+        let mut q = ChainBuilder::new();
+        p.iter().for_each(|x| q.push(&[Desc::r(x)]));
+        let start = std::time::Instant::now();
+        let mut st = None;
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_tx(qu, mem));
+        assert_eq!(used, vec![(0, 0)], "served partially");
+        assert_eq!(recv_all(&mut peer), vec![p[0].clone()]);
+        assert_eq!(be.metrics.throttled.load(Relaxed), 1);
+        // Kicks while throttled send nothing.
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_tx(qu, mem));
+        assert_eq!(used.len(), 1);
+        let mut got = vec![];
+        while got.len() < 2 {
+            wait_for_timer(be.tx_limiter.as_mut().unwrap());
+            run_again(&mut q, &mut st, |qu, mem| be.process_tx(qu, mem));
+            got.extend(recv_all(&mut peer));
+        }
+        assert_eq!(got, p[1..]);
+        let waited = start.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(75), "{waited:?}");
+        assert_eq!(counts(&be.metrics), [3, 0, 0]);
+    }
+
+    #[test]
+    fn rx_rate_limit_keeps_the_refused_packet_for_later() {
+        use crate::rate_limiter::tests::wait_for_timer;
+        let (be, mut peer) = backend();
+        // 60-byte frames (72 bytes with the header); two frames per 60 ms.
+        let mut be = be.with_rate_limiters(limiter("bw=120/60"), None);
+        let p: Vec<_> = (0..4).map(|i| packet(0, 46, 10 * i as u8)).collect();
+        p[..3].iter().for_each(|x| peer.write_all(x).unwrap());
+        let mut q = ChainBuilder::new();
+        (0..4).for_each(|_| q.push(&[Desc::w(256)]));
+        let mut st = None;
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_rx(qu, mem));
+        assert_eq!(used.len(), 2, "served partially");
+        assert!(be.rx_pending.is_some(), "the third packet is held");
+        // A packet arriving while throttled queues behind the held one.
+        peer.write_all(&p[3]).unwrap();
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_rx(qu, mem));
+        assert_eq!(used.len(), 2);
+        let mut used = used;
+        while used.len() < 4 {
+            wait_for_timer(be.rx_limiter.as_mut().unwrap());
+            used = run_again(&mut q, &mut st, |qu, mem| be.process_rx(qu, mem));
+        }
+        for (i, x) in p.iter().enumerate() {
+            assert_eq!(used[i], (i as u16, x.len() as u32));
+            assert_eq!(q.written(i, 0)[..x.len()], delivered(x)[..], "packet {i}");
+        }
+        assert_eq!(counts(&be.metrics), [4, 0, 0]);
+        assert!(be.metrics.throttled.load(Relaxed) >= 1);
+    }
+
     #[test]
     fn macs_config_space_and_setup_errors() {
         assert_eq!(
@@ -696,6 +866,8 @@ mod tests {
             tap: tap.into(),
             mac,
             id: "eth0".into(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         let e = Net::new(cfg("a-very-long-tap-name", None)).err().unwrap();
         assert!(e.to_string().contains("a-very-long-tap-name"), "{e}");
@@ -752,6 +924,8 @@ mod tests {
             tap: name.clone(),
             mac: None,
             id: "t".into(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         let mut net = Net::new(cfg).unwrap();
         assert_eq!(net.tap_name(), name);

@@ -11,6 +11,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{Next, Worker};
 use super::{ActivateContext, ActivateError, DeviceMetrics, VirtioDevice, VIRTIO_F_VERSION_1};
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
 
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request.
@@ -21,12 +22,22 @@ pub const MAX_REQUEST: usize = 64 * 1024;
 pub struct Rng {
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
+    rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl Rng {
     /// A new entropy device.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An entropy device under `limits` (bandwidth: bytes handed to the
+    /// guest; ops: requests); `None` is unlimited.
+    pub fn with_rate_limiter(limits: Option<RateLimiterConfig>) -> Self {
+        Self {
+            rate_limiter: limits,
+            ..Self::default()
+        }
     }
 }
 
@@ -48,6 +59,17 @@ fn fill_random(buf: &mut [u8]) -> bool {
 
 /// Answers every available request; returns whether any completed.
 pub fn drain_queue(queue: &mut Queue, mem: &GuestMemoryMmap, metrics: &DeviceMetrics) -> bool {
+    drain_queue_limited(queue, mem, metrics, None)
+}
+
+/// [`drain_queue`] under `limiter`: stops at the first request the limiter
+/// refuses, leaving it available for when the limiter's timer fires.
+pub fn drain_queue_limited(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    metrics: &DeviceMetrics,
+    mut limiter: Option<&mut RateLimiter>,
+) -> bool {
     let mut used = false;
     let mut buf = vec![0u8; MAX_REQUEST];
     while let Some(chain) = queue.pop_descriptor_chain(mem) {
@@ -55,6 +77,11 @@ pub fn drain_queue(queue: &mut Queue, mem: &GuestMemoryMmap, metrics: &DeviceMet
         let len = match Writer::new(mem, chain) {
             Ok(mut w) => {
                 let n = w.available_bytes().min(MAX_REQUEST);
+                let limiter = limiter.as_deref_mut();
+                if n > 0 && !rate_limiter::admit(limiter, 1, n as u64, &metrics.throttled) {
+                    virtio_queue::QueueOwnedT::go_to_previous_position(queue);
+                    break;
+                }
                 if n > 0 && fill_random(&mut buf[..n]) && w.write_all(&buf[..n]).is_ok() {
                     DeviceMetrics::add(&metrics.bytes_to_guest, n as u64);
                     DeviceMetrics::add(&metrics.requests, 1);
@@ -112,18 +139,25 @@ impl VirtioDevice for Rng {
             });
         };
         let metrics = self.metrics.clone();
-        let fd = evt.as_raw_fd();
-        let worker = Worker::spawn(
-            "kiln_rng".into(),
-            vec![(fd, 0, EventSet::IN)],
-            move |_, _| {
-                let _ = evt.read();
-                if drain_queue(&mut queue, &mem, &metrics) {
-                    interrupt.signal_used();
+        let io_err = |source| ActivateError::Io {
+            device: self.name(),
+            source,
+        };
+        let mut limiter = rate_limiter::build(self.rate_limiter.as_ref()).map_err(io_err)?;
+        let mut fds = vec![(evt.as_raw_fd(), 0, EventSet::IN)];
+        fds.extend(limiter.as_ref().map(|l| (l.as_raw_fd(), 1, EventSet::IN)));
+        let worker = Worker::spawn("kiln_rng".into(), fds, move |token, _| {
+            match (token, limiter.as_mut()) {
+                (1, Some(l)) => l.event_handler(),
+                _ => {
+                    let _ = evt.read();
                 }
-                Next::Continue
-            },
-        )
+            }
+            if drain_queue_limited(&mut queue, &mem, &metrics, limiter.as_mut()) {
+                interrupt.signal_used();
+            }
+            Next::Continue
+        })
         .map_err(|source| ActivateError::Io {
             device: self.name(),
             source,
@@ -145,6 +179,91 @@ impl VirtioDevice for Rng {
 mod tests {
     use super::*;
     use crate::virtio::testing::{ChainBuilder, Desc};
+
+    #[test]
+    fn rate_limited_requests_wait_for_the_refill_in_order() {
+        use crate::rate_limiter::tests::wait_for_timer;
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = DeviceMetrics::default();
+        // 64 bytes per 60 ms: two 32-byte requests now, the others later.
+        let cfg = RateLimiterConfig::parse_opts("bw=64/60").unwrap();
+        let mut rl = RateLimiter::new(&cfg).unwrap();
+        let mut q = ChainBuilder::new();
+        for _ in 0..4 {
+            q.push(&[Desc::w(32)]);
+        }
+        let start = std::time::Instant::now();
+        let mut state = None;
+        let mut run = |q: &mut ChainBuilder, rl: &mut RateLimiter| {
+            q.run(|mem, queue| {
+                if let Some(s) = state.take() {
+                    *queue = Queue::try_from(s).unwrap();
+                }
+                let r = drain_queue_limited(queue, mem, &m, Some(rl));
+                state = Some(queue.state());
+                r
+            })
+        };
+        let mut used = run(&mut q, &mut rl);
+        assert_eq!(used, vec![(0, 32), (1, 32)], "served partially");
+        assert!(rl.is_blocked());
+        while used.len() < 4 {
+            wait_for_timer(&mut rl);
+            used = run(&mut q, &mut rl);
+        }
+        let waited = start.elapsed();
+        assert!(waited >= std::time::Duration::from_millis(55), "{waited:?}");
+        assert_eq!(used, vec![(0, 32), (1, 32), (2, 32), (3, 32)]);
+        assert_eq!(m.bytes_to_guest.load(Relaxed), 128);
+        assert!(m.throttled.load(Relaxed) >= 1);
+    }
+
+    /// The worker resumes a throttled queue on its own when the limiter's
+    /// timer fires: one kick, every request served, in order.
+    #[test]
+    fn worker_resumes_on_the_limiter_timer_without_a_kick() {
+        use crate::virtio::Interrupt;
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::time::{Duration, Instant};
+        use vmm_sys_util::eventfd::EventFd;
+        let cfg = RateLimiterConfig::parse_opts("bw=64/60").unwrap();
+        let mut rng = Rng::with_rate_limiter(Some(cfg));
+        let mut q = ChainBuilder::new();
+        for _ in 0..4 {
+            q.push(&[Desc::w(32)]);
+        }
+        let mut st = None;
+        q.run(|_, queue| {
+            st = Some(queue.state());
+            false
+        });
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        rng.activate(ActivateContext {
+            mem: q.mem().clone(),
+            queues: vec![(
+                Queue::try_from(st.unwrap()).unwrap(),
+                evt.try_clone().unwrap(),
+            )],
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+        })
+        .unwrap();
+        let start = Instant::now();
+        evt.write(1).unwrap();
+        let deadline = start + Duration::from_secs(5);
+        let used = loop {
+            let used = q.run(|_, _| false);
+            if used.len() == 4 || Instant::now() > deadline {
+                break used;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let waited = start.elapsed();
+        rng.reset();
+        assert_eq!(used, vec![(0, 32), (1, 32), (2, 32), (3, 32)]);
+        assert!(waited >= Duration::from_millis(55), "{waited:?}");
+        assert!(rng.metrics().throttled.load(Relaxed) >= 1);
+    }
 
     #[test]
     fn fills_writable_buffers_and_rejects_bad_ones() {
