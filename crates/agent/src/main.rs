@@ -7,13 +7,24 @@
 //! kiln-agent vsock-send CID PORT BYTES     connect over vsock, send, read the echo
 //! kiln-agent uds-echo PATH                 host: echo one Unix-socket connection
 //! kiln-agent uds-send PATH PORT BYTES      host: CONNECT PORT through PATH, send, read the echo
+//! kiln-agent blk-bench DEV [--seq-mib N] [--rand-4k-ops N]
+//!                                          guest: O_DIRECT sequential write/read, 4 KiB random read
+//! kiln-agent tcp-send HOST PORT BYTES      send BYTES over TCP, wait for the peer's 8-byte count
+//! kiln-agent tcp-recv PORT                 accept one TCP connection, read to EOF, answer the count
 //! ```
 //!
 //! Senders print `sent <n> <fnv64> recv <m> <fnv64>`; equal pairs mean the
-//! data made the round trip intact.
+//! data made the round trip intact. The benchmarks print `phase <name>` when a
+//! measured phase starts and `phase end` after the last one (so a host can
+//! sample the VMM's CPU time per phase), then one `key=value` result line:
+//! `blk seq_read_mbps=.. seq_write_mbps=.. rand4k_read_iops=..`,
+//! `tcp-send bytes=.. secs=.. mbps=..`, `tcp-recv bytes=.. secs=.. mbps=..`
+//! (MB = 10^6 bytes).
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
@@ -21,6 +32,10 @@ const AF_VSOCK: i32 = 40;
 const SOCK_STREAM: i32 = 1;
 const SOCK_CLOEXEC: i32 = 0o2000000;
 const VMADDR_CID_ANY: u32 = u32::MAX;
+/// `O_DIRECT` on x86_64 (and most architectures).
+const O_DIRECT: i32 = 0o40000;
+const MIB: usize = 1 << 20;
+const BLOCK: usize = 4096;
 
 #[repr(C)]
 struct SockaddrVm {
@@ -238,8 +253,214 @@ fn uds_connect(path: &str, port: u32) -> io::Result<UnixStream> {
     }
 }
 
+/// A zeroed heap buffer aligned for `O_DIRECT`.
+struct AlignedBuf {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl AlignedBuf {
+    fn new(len: usize) -> Self {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), BLOCK).expect("layout");
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(layout) };
+        let ptr =
+            std::ptr::NonNull::new(p).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        AlignedBuf { ptr, layout }
+    }
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: `ptr` owns `layout.size()` initialized (zeroed) bytes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and `&mut self` makes the borrow unique.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+    }
+}
+
+/// xorshift64: the next pseudo-random number.
+fn xorshift(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+/// A 4 KiB-aligned random offset below `size` (at least one block).
+fn rand_block_offset(state: &mut u64, size: u64) -> u64 {
+    let blocks = (size / BLOCK as u64).max(1);
+    (xorshift(state) % blocks) * BLOCK as u64
+}
+
+fn phase(name: &str) {
+    println!("phase {name}");
+}
+
+fn rate(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / secs.max(1e-9) / 1e6
+}
+
+/// O_DIRECT benchmark of a block device: sequential 1 MiB writes (then
+/// fdatasync) and reads over the first `seq_mib` MiB, then `rand_ops` 4 KiB
+/// reads at random aligned offsets over the whole device.
+fn blk_bench(dev: &str, seq_mib: u64, rand_ops: u64) -> io::Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(O_DIRECT)
+        .open(dev)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {dev} O_DIRECT: {e}")))?;
+    let size = f.seek(io::SeekFrom::End(0))?;
+    let seq = (seq_mib * MIB as u64).min(size / MIB as u64 * MIB as u64);
+    if seq == 0 || size < BLOCK as u64 {
+        return Err(io::Error::other(format!("{dev}: too small ({size} bytes)")));
+    }
+    let mut buf = AlignedBuf::new(MIB);
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    fill(&mut state, buf.as_mut_slice());
+
+    phase("seq_write");
+    let t = Instant::now();
+    let mut off = 0;
+    while off < seq {
+        f.write_all_at(buf.as_slice(), off)?;
+        off += MIB as u64;
+    }
+    f.sync_data()?;
+    let write_secs = t.elapsed().as_secs_f64();
+
+    phase("seq_read");
+    let t = Instant::now();
+    let mut off = 0;
+    while off < seq {
+        f.read_exact_at(buf.as_mut_slice(), off)?;
+        off += MIB as u64;
+    }
+    let read_secs = t.elapsed().as_secs_f64();
+
+    phase("rand4k_read");
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let t = Instant::now();
+    for _ in 0..rand_ops {
+        let off = rand_block_offset(&mut rng, size);
+        f.read_exact_at(&mut buf.as_mut_slice()[..BLOCK], off)?;
+    }
+    let rand_secs = t.elapsed().as_secs_f64();
+    phase("end");
+
+    println!(
+        "blk seq_read_mbps={:.1} seq_write_mbps={:.1} rand4k_read_iops={:.0} seq_bytes={seq} rand_ops={rand_ops} dev_bytes={size}",
+        rate(seq, read_secs),
+        rate(seq, write_secs),
+        rand_ops as f64 / rand_secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Writes `bytes` of pseudo-random data to `w` in 64 KiB pieces.
+fn send_bytes(w: &mut impl Write, bytes: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut state = 0x0123_4567_89ab_cdefu64;
+    fill(&mut state, &mut buf);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    w.flush()
+}
+
+/// Reads `r` to EOF and returns how many bytes came.
+fn drain(r: &mut impl Read) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n as u64,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Connects to HOST:PORT, sends `bytes`, half-closes and waits for the
+/// receiver's 8-byte little-endian count, so the time covers delivery.
+fn tcp_send(host: &str, port: u16, bytes: u64) -> io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut s = loop {
+        match TcpStream::connect((host, port)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("connect {host}:{port}: {e}"),
+                ))
+            }
+        }
+    };
+    phase("tcp_tx");
+    let t = Instant::now();
+    send_bytes(&mut s, bytes)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack)?;
+    let secs = t.elapsed().as_secs_f64();
+    phase("end");
+    let got = u64::from_le_bytes(ack);
+    if got != bytes {
+        return Err(io::Error::other(format!(
+            "the receiver got {got} of {bytes} bytes"
+        )));
+    }
+    println!(
+        "tcp-send bytes={bytes} secs={secs:.3} mbps={:.1}",
+        rate(bytes, secs)
+    );
+    Ok(())
+}
+
+/// Accepts one connection on PORT, reads it to EOF (timed from the accept)
+/// and answers the byte count.
+fn tcp_recv(port: u16) -> io::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port))?;
+    phase("tcp_rx");
+    let (mut s, _) = l.accept()?;
+    let t = Instant::now();
+    let got = drain(&mut s)?;
+    let secs = t.elapsed().as_secs_f64();
+    s.write_all(&got.to_le_bytes())?;
+    let _ = s.shutdown(Shutdown::Write);
+    phase("end");
+    println!(
+        "tcp-recv bytes={got} secs={secs:.3} mbps={:.1}",
+        rate(got, secs)
+    );
+    Ok(())
+}
+
+/// The value of `--name N` in `args`, or `default`.
+fn flag(args: &[String], name: &str, default: u64) -> u64 {
+    match args.iter().position(|a| a == name) {
+        Some(i) => num(args.get(i + 1)),
+        None => default,
+    }
+}
+
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES");
+    eprintln!("usage: kiln-agent vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
     std::process::exit(2)
 }
 
@@ -285,6 +506,19 @@ fn run(args: &[String]) -> io::Result<()> {
             };
             send_and_check(s, w, shut, num(args.get(3)))
         }
+        Some("blk-bench") => {
+            let dev = args.get(1).unwrap_or_else(|| usage());
+            blk_bench(
+                dev,
+                flag(args, "--seq-mib", 64),
+                flag(args, "--rand-4k-ops", 2000),
+            )
+        }
+        Some("tcp-send") => {
+            let host = args.get(1).unwrap_or_else(|| usage());
+            tcp_send(host, num(args.get(2)), num(args.get(3)))
+        }
+        Some("tcp-recv") => tcp_recv(num(args.get(1))),
         _ => usage(),
     }
 }
@@ -317,6 +551,52 @@ mod tests {
         )
         .unwrap();
         assert_eq!(t.join().unwrap(), 1 << 20);
+    }
+
+    #[test]
+    fn random_offsets_are_aligned_and_in_range() {
+        let mut st = 42u64;
+        let size = 10 * BLOCK as u64 + 100;
+        let offs: Vec<u64> = (0..1000)
+            .map(|_| rand_block_offset(&mut st, size))
+            .collect();
+        assert!(offs
+            .iter()
+            .all(|o| o % BLOCK as u64 == 0 && o + BLOCK as u64 <= size));
+        // All ten blocks get hit.
+        let mut seen: Vec<u64> = offs.clone();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 10);
+        assert_eq!(AlignedBuf::new(MIB).as_slice().as_ptr() as usize % BLOCK, 0);
+    }
+
+    #[test]
+    fn blk_bench_on_a_file() {
+        // O_DIRECT may be refused by the temp file system (tmpfs): then skip.
+        let p = std::env::temp_dir().join(format!("kiln-agent-blk-{}", std::process::id()));
+        let f = std::fs::File::create(&p).unwrap();
+        f.set_len(4 * MIB as u64).unwrap();
+        drop(f);
+        let r = blk_bench(p.to_str().unwrap(), 2, 50);
+        let _ = std::fs::remove_file(&p);
+        if let Err(e) = r {
+            assert!(e.to_string().contains("O_DIRECT"), "{e}");
+        }
+    }
+
+    #[test]
+    fn tcp_send_and_recv_agree() {
+        let l = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let sink = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let n = drain(&mut s).unwrap();
+            s.write_all(&n.to_le_bytes()).unwrap();
+            n
+        });
+        tcp_send("127.0.0.1", port, 3 * MIB as u64 + 5).unwrap();
+        assert_eq!(sink.join().unwrap(), 3 * MIB as u64 + 5);
     }
 
     #[test]

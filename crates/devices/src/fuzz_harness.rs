@@ -20,7 +20,8 @@
 //! ```text
 //! byte 0          flags (bit 7: VIRTIO_RING_F_EVENT_IDX; the others are per target)
 //! 11 bytes/queue  log2(size) (capped at 8), desc table, avail ring, used ring
-//!                 (u16 LE guest addresses, aligned down), next_avail, next_used
+//!                 (u16 LE guest addresses, aligned down), next_avail, and how
+//!                 far next_used is behind it (modulo size + 1)
 //! rest            guest memory image, copied at guest address 0
 //! ```
 
@@ -76,13 +77,17 @@ pub struct QueueLayout {
 impl QueueLayout {
     fn decode(b: &[u8]) -> Self {
         let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let size = 1 << (b[0] & 0x0f).min(8);
+        let next_avail = u(7);
         Self {
-            size: 1 << (b[0] & 0x0f).min(8),
+            size,
             desc: u(1) & !0xf,
             avail: u(3) & !1,
             used: u(5) & !3,
-            next_avail: u(7),
-            next_used: u(9),
+            next_avail,
+            // A device never uses more chains than it took, nor has more
+            // than `size` in flight: next_used is within `size` behind.
+            next_used: next_avail.wrapping_sub(u(9) % (size + 1)),
         }
     }
 
@@ -95,7 +100,7 @@ impl QueueLayout {
             self.avail,
             self.used,
             self.next_avail,
-            self.next_used,
+            self.next_avail.wrapping_sub(self.next_used),
         ]
         .into_iter()
         .enumerate()
@@ -357,6 +362,7 @@ pub fn virtio_blk(data: &[u8]) {
         read_only,
         id: "fuzzdisk".into(),
         rate_limiter: None,
+        engine: Default::default(),
     })
     .unwrap();
     let mut backend = dev.backend();
@@ -390,10 +396,7 @@ pub struct FakeTap {
 
 impl Read for FakeTap {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let p = self
-            .incoming
-            .pop_front()
-            .ok_or(io::ErrorKind::WouldBlock)?;
+        let p = self.incoming.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
         // Like a datagram socket: the tail of a longer packet is lost.
         let n = p.len().min(buf.len());
         buf[..n].copy_from_slice(&p[..n]);
@@ -688,6 +691,10 @@ pub fn mmio_run(data: &[u8]) -> u64 {
 
 // --------------------------------------------------------------------- seeds
 
+/// One descriptor for [`InputBuilder::chain`]: (device-writable, bytes if
+/// readable, length if writable).
+pub type DescSpec<'a> = (bool, &'a [u8], u32);
+
 /// Builds well-formed inputs: queue headers and a memory image.
 pub struct InputBuilder {
     flags: u8,
@@ -733,7 +740,7 @@ impl InputBuilder {
     }
 
     /// Adds a chain to queue `qi`: (device-writable?, bytes or writable length).
-    pub fn chain(&mut self, qi: usize, descs: &[(bool, &[u8], u32)]) -> &mut Self {
+    pub fn chain(&mut self, qi: usize, descs: &[DescSpec<'_>]) -> &mut Self {
         let l = self.layouts[qi];
         let head = self.next_desc[qi];
         for (k, (write, bytes, wlen)) in descs.iter().enumerate() {
@@ -770,12 +777,12 @@ impl InputBuilder {
     }
 
     /// Readable descriptor holding `b`.
-    pub fn r(b: &[u8]) -> (bool, &[u8], u32) {
+    pub fn r(b: &[u8]) -> DescSpec<'_> {
         (false, b, 0)
     }
 
     /// Writable descriptor of `n` bytes.
-    pub fn w(n: u32) -> (bool, &'static [u8], u32) {
+    pub fn w(n: u32) -> DescSpec<'static> {
         (true, &[], n)
     }
 
@@ -790,8 +797,11 @@ impl InputBuilder {
     }
 }
 
+/// A harness: runs one input.
+pub type Harness = fn(&[u8]);
+
 /// The fuzz targets, by name, with their harness.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Harness)] = &[
     ("virtio_blk", virtio_blk),
     ("virtio_net_tx", virtio_net),
     ("virtio_vsock", virtio_vsock),
@@ -848,7 +858,11 @@ pub fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
             b.chain(0, &[B::r(&pkt)])
                 .chain(
                     0,
-                    &[B::r(&pkt[..VNET_HDR_LEN]), B::r(&pkt[VNET_HDR_LEN..]), B::w(8)],
+                    &[
+                        B::r(&pkt[..VNET_HDR_LEN]),
+                        B::r(&pkt[VNET_HDR_LEN..]),
+                        B::w(8),
+                    ],
                 )
                 .chain(0, &[B::r(&pkt[..20])]);
             out.push(("tx".into(), b.build()));
@@ -943,6 +957,7 @@ mod tests {
             read_only: false,
             id: "fuzzdisk".into(),
             rate_limiter: None,
+            engine: Default::default(),
         })
         .unwrap();
         block::drain_queue(&mut dev.backend(), &mut s.queues[0], &s.mem);

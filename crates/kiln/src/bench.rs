@@ -11,6 +11,9 @@ use kiln_lab::scripts::{shell_quote, GUEST_READY_MARKER};
 
 use crate::cli_lab;
 
+#[path = "bench_io.rs"]
+mod bench_io;
+
 /// Options of `kiln bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -34,6 +37,22 @@ enum BenchKind {
         /// Kernel command line.
         #[arg(long, default_value = kiln_vmm::DEFAULT_CMDLINE)]
         cmdline: String,
+    },
+    /// virtio-blk, virtio-net and vsock throughput measured in the guest,
+    /// with the VMM's host CPU time per phase.
+    Io {
+        /// Boots per test (the table shows medians).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+        /// MiB per transfer: disk sequential span, TCP and vsock payloads.
+        #[arg(long, default_value_t = 64)]
+        size: u64,
+        /// 4 KiB random disk reads per run.
+        #[arg(long, default_value_t = 2000)]
+        rand_ops: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
     },
 }
 
@@ -60,6 +79,17 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             }
             boot_bench(runs, mem, vcpus, &cmdline)
         }
+        BenchKind::Io {
+            runs,
+            size,
+            rand_ops,
+            mem,
+        } => bench_io::bench_io(bench_io::IoOptions {
+            runs: runs.max(1),
+            size_mib: size.max(1),
+            rand_ops,
+            mem,
+        }),
     }
 }
 

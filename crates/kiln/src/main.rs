@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use kiln_vmm::kiln_devices::rate_limiter::RateLimiterConfig;
 use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
-use kiln_vmm::kiln_devices::virtio::block::BlockConfig;
+use kiln_vmm::kiln_devices::virtio::block::{BlockConfig, BlockEngine};
 use kiln_vmm::kiln_devices::virtio::net::{parse_mac, NetConfig};
 use kiln_vmm::kiln_devices::virtio::vsock::VsockConfig;
 use kiln_vmm::{ExitReason, VmConfig, Vmm};
@@ -67,7 +67,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 256)]
     pub mem: u64,
     /// Attach a virtio-blk disk (repeatable; /dev/vda, /dev/vdb, ...):
-    /// PATH[,ro][,id=NAME][,bw=BYTES[:BURST]/MS][,ops=N[:BURST]/MS].
+    /// PATH[,ro][,id=NAME][,engine=sync|io_uring][,bw=BYTES[:BURST]/MS][,ops=N[:BURST]/MS].
     #[arg(long = "disk", value_name = "PATH[,ro][,id=NAME][,bw=..][,ops=..]")]
     pub disks: Vec<String>,
     /// Attach a virtio-net interface on host TAP device TAP (repeatable):
@@ -188,19 +188,25 @@ pub fn parse_disk(spec: &str, index: usize) -> Result<BlockConfig> {
         read_only: false,
         id: format!("disk{index}"),
         rate_limiter: None,
+        engine: BlockEngine::Sync,
     };
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "ro" => cfg.read_only = true,
             None if opt == "rw" => cfg.read_only = false,
             Some(("id", v)) if !v.is_empty() && v.len() <= 20 => cfg.id = v.to_string(),
+            Some(("engine", v)) => {
+                cfg.engine = v
+                    .parse::<BlockEngine>()
+                    .map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?
+            }
             Some((k @ ("bw" | "ops"), v)) => cfg
                 .rate_limiter
                 .get_or_insert_with(Default::default)
                 .apply_opt(k, v)
                 .map_err(|e| anyhow::anyhow!("--disk {spec:?}: {e}"))?,
             _ => anyhow::bail!(
-                "--disk {spec:?}: unknown option {opt:?} (expected ro, rw, id=NAME of at most 20 bytes, bw=BYTES[:BURST]/MS, ops=N[:BURST]/MS)"
+                "--disk {spec:?}: unknown option {opt:?} (expected ro, rw, id=NAME of at most 20 bytes, engine=sync|io_uring, bw=BYTES[:BURST]/MS, ops=N[:BURST]/MS)"
             ),
         }
     }
@@ -402,6 +408,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::parse_disk;
+    use kiln_vmm::kiln_devices::virtio::block::BlockEngine;
 
     #[test]
     fn guest_command_is_one_quoted_word() {
@@ -431,6 +438,11 @@ mod tests {
         assert_eq!(rl.bandwidth.unwrap().size, 1048576);
         assert_eq!(rl.ops.unwrap().one_time_burst, 10);
         assert!(parse_disk("/x,bw=1M/100", 0).is_err());
+        assert_eq!(
+            parse_disk("/x,engine=io_uring", 0).unwrap().engine,
+            BlockEngine::IoUring
+        );
+        assert!(parse_disk("/x,engine=aio", 0).is_err());
         let n = super::parse_net("tap0,rx_bw=1000/10,tx_ops=5/100", 0).unwrap();
         assert_eq!(n.rx_rate_limiter.unwrap().bandwidth.unwrap().size, 1000);
         assert_eq!(n.tx_rate_limiter.unwrap().ops.unwrap().size, 5);

@@ -31,6 +31,17 @@ fn cases() -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "io_uring",
+            // The io_uring engine: the guest writes, reads back with O_DIRECT,
+            // and the host finds the data in the file.
+            format!(
+                "cd /tmp && dd if=/dev/zero of=u.img bs=1M count=8 2>/dev/null && \
+                 {t} kiln run --disk /tmp/u.img,engine=io_uring -- \
+                 'printf uring-data | dd of=/dev/vda bs=512 seek=5 conv=fsync 2>/dev/null; dd if=/dev/vda bs=512 skip=5 count=1 iflag=direct 2>/dev/null | head -c 10; echo' && \
+                 dd if=u.img bs=512 skip=5 count=1 2>/dev/null | head -c 10; echo"
+            ),
+        ),
+        (
             "read_only",
             format!(
                 "cd /tmp && dd if=/dev/zero of=ro.img bs=1M count=8 2>/dev/null && \
@@ -65,20 +76,21 @@ fn cases() -> Vec<(&'static str, String)> {
         ),
         (
             "net",
-            // A TAP on the KVM host, ping both ways, then 100 MiB from the
-            // guest to the host over TCP with checksums compared.
+            // A TAP on the KVM host, ping both ways, then 100 MiB of random
+            // data from the host to the guest over TCP, checksums compared.
             format!(
-                "IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; \
-                 $IP tuntap add dev kt0 mode tap && $IP addr add 172.30.0.1/24 dev kt0 && $IP link set kt0 up && \
-                 (nc -l -p 5000 > /tmp/recv; echo host-nc-done) & \
-                 ({t} kiln run --mem 512 --net kt0,mac=52:54:00:12:34:56 -- \
-                   'ip addr add 172.30.0.2/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && \
-                    ping -c 3 -W 5 172.30.0.1 >/dev/null && echo guest-ping-ok; \
-                    sleep 2; head -c 104857600 /dev/urandom > /tmp/blob; echo guest-md5 $(md5sum < /tmp/blob); \
-                    nc 172.30.0.1 5000 < /tmp/blob; echo sent' > /tmp/net.out 2>&1; echo kiln-status=$? >> /tmp/net.out) & \
-                 i=0; until ping -c 1 -W 1 172.30.0.2 >/dev/null 2>&1 || [ $i -gt 400 ]; do sleep 0.3; i=$((i+1)); done; \
-                 ping -c 1 -W 2 172.30.0.2 >/dev/null && echo host-ping-ok; \
-                 wait; cat /tmp/net.out; echo host-md5 $(md5sum < /tmp/recv); $IP link del kt0"
+                "IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; \\
+                 head -c 104857600 /dev/urandom > /tmp/blob && echo host-md5 $(md5sum < /tmp/blob) && \\
+                 $IP tuntap add dev kt0 mode tap && $IP addr add 172.30.0.1/24 dev kt0 && $IP link set kt0 up && \\
+                 ({t} kiln run --mem 512 --net kt0,mac=52:54:00:12:34:56 -- \\
+                   'ip addr add 172.30.0.2/24 dev eth0 && ip link set eth0 up && cat /sys/class/net/eth0/address && \\
+                    ping -c 3 -W 5 172.30.0.1 >/dev/null && echo guest-ping-ok; \\
+                    nc -l -p 5000 > /tmp/recv; echo guest-bytes $(wc -c < /tmp/recv); echo guest-md5 $(md5sum < /tmp/recv)' \\
+                   > /tmp/net.out 2>&1; echo kiln-status=$? >> /tmp/net.out) & \\
+                 i=0; until ping -c 1 -W 1 172.30.0.2 >/dev/null 2>&1 || [ $i -gt 400 ]; do sleep 0.3; i=$((i+1)); done; \\
+                 ping -c 1 -W 2 172.30.0.2 >/dev/null && echo host-ping-ok; \\
+                 i=0; until nc 172.30.0.2 5000 < /tmp/blob || [ $i -gt 100 ]; do sleep 0.5; i=$((i+1)); done; \\
+                 wait; cat /tmp/net.out; $IP link del kt0"
             ),
         ),
         (
@@ -274,5 +286,19 @@ fn disk_bandwidth_limit_slows_reads() {
         .find_map(|l| l.trim_end_matches('\r').strip_prefix("elapsed="))
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no elapsed line: {}", out.output));
-    assert!(secs >= 2, "4 MiB at 1 MiB/s took only {secs} s: {}", out.output);
+    assert!(
+        secs >= 2,
+        "4 MiB at 1 MiB/s took only {secs} s: {}",
+        out.output
+    );
+}
+
+#[test]
+fn io_uring_engine_reads_and_writes() {
+    let out = BATCH.get("io_uring");
+    assert_eq!(out.status, 0, "{}", out.output);
+    assert_eq!(guest_lines(out), vec!["uring-data"], "{}", out.output);
+    // The host's copy: the last line of the output.
+    let last = out.output.trim_end().lines().last().unwrap_or("");
+    assert_eq!(last.trim(), "uring-data", "{}", out.output);
 }

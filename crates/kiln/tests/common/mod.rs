@@ -131,7 +131,19 @@ impl Batch {
     pub fn get(&self, name: &str) -> &CommandOutput {
         let all = self
             .cell
-            .get_or_init(|| run_batch(&(self.cases)(), self.timeout))
+            .get_or_init(|| {
+                // KILN_TEST_ONLY=a,b runs only those cases (for development,
+                // together with a cargo test name filter).
+                let only = std::env::var("KILN_TEST_ONLY").ok();
+                let cases: Vec<_> = (self.cases)()
+                    .into_iter()
+                    .filter(|(n, _)| {
+                        only.as_deref()
+                            .is_none_or(|o| o.split(',').any(|x| x == *n))
+                    })
+                    .collect();
+                run_batch(&cases, self.timeout)
+            })
             .as_ref()
             .unwrap_or_else(|e| panic!("{e}"));
         all.get(name)
