@@ -114,6 +114,7 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
         rng: false,
         rng_rate: None,
         balloon: None,
+        api_sock: None,
         nets: vec![],
         vsock: None,
         guest_command: vec![],
