@@ -132,6 +132,11 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
         cmd.push("--balloon".into());
         cmd.push(b.clone());
     }
+    // The socket is created inside the lab, at the same path.
+    if let Some(s) = &args.api_sock {
+        cmd.push("--api-sock".into());
+        cmd.push(s.display().to_string());
+    }
     cmd.extend([
         "--cmdline".into(),
         args.cmdline.clone(),

@@ -1,5 +1,6 @@
 //! `kiln`: run microVMs, build guest images, use the lab, run benchmarks.
 
+mod api_glue;
 mod bench;
 mod cli_lab;
 mod logger;
@@ -46,6 +47,8 @@ enum Command {
     Lab(cli_lab::LabArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Send one request to a running VM's API socket (see `run --api-sock`).
+    Api(api_glue::ApiArgs),
 }
 
 /// Options of `kiln run`.
@@ -89,6 +92,9 @@ pub struct RunArgs {
     /// Attach a virtio-balloon inflated to MIB: MIB[,deflate_on_oom][,stats=SECONDS].
     #[arg(long, value_name = "MIB[,deflate_on_oom][,stats=S]")]
     pub balloon: Option<String>,
+    /// Serve the Firecracker-compatible REST API on this Unix socket.
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
     /// Command for the guest's init (appended to the command line after `--`).
     #[arg(last = true)]
     pub guest_command: Vec<String>,
@@ -131,6 +137,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         }
         Command::Lab(args) => cli_lab::lab(args),
         Command::Bench(args) => bench::bench(args),
+        Command::Api(args) => api_glue::api(args),
     }
 }
 
@@ -298,6 +305,9 @@ pub fn parse_balloon(spec: &str) -> Result<BalloonConfig> {
 }
 
 fn precheck(args: &RunArgs) -> Result<()> {
+    if let Some(p) = &args.api_sock {
+        api_glue::check_sock(p)?;
+    }
     if let Some(v) = &args.vsock {
         parse_vsock(v)?;
     }
@@ -386,6 +396,11 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
             eprintln!("kiln-mem: {addr:#x} {len}");
         }
     }
+    let _api = args
+        .api_sock
+        .as_deref()
+        .map(|p| api_glue::start(p, &vmm))
+        .transpose()?;
     let stdin = term::prepare_stdin();
     let reason = vmm.run(stdin)?;
     term::restore();

@@ -1,0 +1,48 @@
+//! Kiln's Firecracker-compatible REST API: a small HTTP/1.1 server over a
+//! Unix socket (std only), the request router, the JSON models (Firecracker's
+//! field names) and a tiny client.
+//!
+//! The server talks to the VM through [`VmControl`], so this crate does not
+//! depend on KVM or the device models.
+
+pub mod client;
+pub mod http;
+pub mod models;
+pub mod router;
+pub mod server;
+
+pub use models::{Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo};
+pub use server::{ApiServer, ServerError};
+
+/// Largest request body accepted by default (Firecracker's default).
+pub const DEFAULT_MAX_PAYLOAD: usize = 51200;
+
+/// An operation the VM refused; its text becomes the `fault_message`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApiError {
+    /// The VM has no balloon device.
+    #[error("No balloon device configured")]
+    NoBalloon,
+    /// Balloon statistics were not enabled at start.
+    #[error("Balloon statistics are not enabled")]
+    StatsDisabled,
+    /// The request is well-formed but its values are not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What the API server may ask of the running VM. Implemented by the VMM
+/// side (the `kiln` binary); every method is called from the API thread.
+pub trait VmControl: Send + Sync {
+    /// `GET /`.
+    fn instance_info(&self) -> InstanceInfo;
+    /// `GET /balloon`: the balloon's current configuration.
+    fn balloon(&self) -> Result<Balloon, ApiError>;
+    /// `PATCH /balloon`: a new target size.
+    fn update_balloon(&self, update: &BalloonUpdate) -> Result<(), ApiError>;
+    /// `GET /balloon/statistics`.
+    fn balloon_stats(&self) -> Result<BalloonStats, ApiError>;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,123 @@
+//! Connects the API server (`kiln-api`) to the running VM, and `kiln api`,
+//! the command-line client.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Result;
+use clap::Args;
+use kiln_api::{
+    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl,
+};
+use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use kiln_vmm::Vmm;
+
+/// What the API can reach of a running VM.
+struct KilnVm {
+    mem_mib: u64,
+    balloon: Option<(BalloonHandle, BalloonConfig)>,
+}
+
+impl KilnVm {
+    fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
+        self.balloon.as_ref().ok_or(ApiError::NoBalloon)
+    }
+}
+
+impl VmControl for KilnVm {
+    fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: "anonymous-instance".into(),
+            state: "Running".into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            app_name: "kiln".into(),
+        }
+    }
+
+    fn balloon(&self) -> Result<Balloon, ApiError> {
+        let (h, cfg) = self.balloon_parts()?;
+        Ok(Balloon {
+            amount_mib: h.stats().target_mib,
+            deflate_on_oom: cfg.deflate_on_oom,
+            stats_polling_interval_s: cfg.stats_interval_s,
+        })
+    }
+
+    fn update_balloon(&self, u: &BalloonUpdate) -> Result<(), ApiError> {
+        let (h, _) = self.balloon_parts()?;
+        if u.amount_mib >= self.mem_mib {
+            return Err(ApiError::Invalid(format!(
+                "amount_mib {} must be smaller than the guest's memory ({} MiB)",
+                u.amount_mib, self.mem_mib
+            )));
+        }
+        h.set_target_mib(u.amount_mib);
+        Ok(())
+    }
+
+    fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
+        let (h, cfg) = self.balloon_parts()?;
+        if cfg.stats_interval_s == 0 {
+            return Err(ApiError::StatsDisabled);
+        }
+        let s = h.stats();
+        Ok(BalloonStats::from_device(
+            s.target_mib,
+            s.actual_mib,
+            &s.raw,
+        ))
+    }
+}
+
+/// Fails early (one line) if `path` is taken by something other than a socket.
+pub fn check_sock(path: &Path) -> Result<()> {
+    ApiServer::check_path(path)?;
+    Ok(())
+}
+
+/// Removes the API socket when `kiln run` ends.
+pub struct SocketGuard(PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Starts the API server for `vmm` on `path` (before the vCPUs run).
+pub fn start(path: &Path, vmm: &Vmm) -> Result<SocketGuard> {
+    let config = vmm.config();
+    let vm = KilnVm {
+        mem_mib: config.mem_mib,
+        balloon: vmm.balloon().zip(config.balloon.clone()),
+    };
+    let server = ApiServer::bind(path)?;
+    server.spawn(Arc::new(vm))?;
+    log::info!("API listening on {}", path.display());
+    Ok(SocketGuard(path.to_path_buf()))
+}
+
+/// Options of `kiln api`.
+#[derive(Args, Debug)]
+pub struct ApiArgs {
+    /// The API socket of a running `kiln run --api-sock`.
+    #[arg(long)]
+    sock: PathBuf,
+    /// GET, PUT, PATCH, ...
+    method: String,
+    /// E.g. /balloon.
+    uri: String,
+    /// JSON body.
+    json: Option<String>,
+}
+
+/// `kiln api`: prints the status line and body; 0 on 2xx, else 1.
+pub fn api(args: ApiArgs) -> Result<i32> {
+    let r = kiln_api::client::request(&args.sock, &args.method, &args.uri, args.json.as_deref())
+        .map_err(|e| anyhow::anyhow!("{}: {e}", args.sock.display()))?;
+    println!("{}", r.status_line);
+    if !r.body.is_empty() {
+        println!("{}", r.body);
+    }
+    Ok(if (200..300).contains(&r.status) { 0 } else { 1 })
+}
