@@ -20,7 +20,22 @@ const GUEST: &str = "m() { set -- $(grep MemTotal /proc/meminfo); v=$2; }; \
 
 fn cases() -> Vec<(&'static str, String)> {
     let api = "kiln api --sock /tmp/api.sock";
-    vec![(
+    vec![
+        (
+            "balloon_oom",
+            // 300 of 384 MiB in the balloon leaves ~50 MiB free; writing
+            // 150 MiB to tmpfs only succeeds if the guest takes pages back
+            // from the balloon (deflate on OOM). The API shows the balloon
+            // shrank.
+            "rm -f /tmp/oom.log; \
+             (timeout 400 kiln run --mem 384 --balloon 300,deflate_on_oom,stats=1 --api-sock /tmp/oom.sock -- \
+               'head -c 157286400 /dev/zero > /tmp/fill && echo fill-ok; sleep 10; echo done' > /tmp/oom.log 2>&1; \
+               echo kiln-status=$? >> /tmp/oom.log) & \
+             i=0; until grep -q fill-ok /tmp/oom.log || [ $i -gt 600 ]; do sleep 0.5; i=$((i+1)); done; \
+             kiln api --sock /tmp/oom.sock GET /balloon/statistics; echo; wait; cat /tmp/oom.log"
+                .to_string(),
+        ),
+        (
         "api_balloon",
         // kiln runs in the background; the host waits for the guest's first
         // line, inflates by 128 MiB, waits for the device to report it, reads
@@ -40,7 +55,8 @@ fn cases() -> Vec<(&'static str, String)> {
              wait; echo '== guest'; cat /tmp/api.log; \
              test -e /tmp/api.sock && echo socket-left-behind; true"
         ),
-    )]
+        ),
+    ]
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
@@ -113,5 +129,27 @@ fn api_inflates_and_deflates_the_balloon() {
     assert!(
         totals[2] + 8_000 >= totals[0] && totals[2] > totals[1],
         "MemTotal {totals:?}: not back after deflating: {o}"
+    );
+}
+
+#[test]
+fn balloon_deflates_on_guest_oom() {
+    let out = BATCH.get("balloon_oom");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    assert!(
+        o.contains("fill-ok"),
+        "the guest could not use memory held by the balloon: {o}"
+    );
+    assert!(o.contains("kiln-status=0"), "{o}");
+    let actual: u64 = o
+        .split("\"actual_mib\":")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no actual_mib in: {o}"));
+    assert!(
+        actual < 300,
+        "balloon still at {actual} MiB after the guest ran out of memory: {o}"
     );
 }
