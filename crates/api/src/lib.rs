@@ -8,10 +8,12 @@
 pub mod client;
 pub mod http;
 pub mod models;
+pub mod preboot;
 pub mod router;
 pub mod server;
 
 pub use models::{Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo};
+pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
 
 /// Largest request body accepted by default (Firecracker's default).
@@ -42,6 +44,26 @@ pub trait VmControl: Send + Sync {
     fn update_balloon(&self, update: &BalloonUpdate) -> Result<(), ApiError>;
     /// `GET /balloon/statistics`.
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError>;
+    /// `GET /machine-config`. Default: not available.
+    fn machine_config(&self) -> Result<preboot::MachineConfig, ApiError> {
+        Err(ApiError::Invalid(
+            "The machine configuration is not available from this VMM".into(),
+        ))
+    }
+    /// A pre-boot `PUT`/`PATCH`. Default: the VM already runs (`kiln run`).
+    fn configure(&self, _req: PreBootRequest) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(preboot::AFTER_START.into()))
+    }
+    /// `PUT /actions {"action_type":"InstanceStart"}`. Default: already running.
+    fn start_instance(&self) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(preboot::AFTER_START.into()))
+    }
+    /// `GET /vm/config`. Default: not available.
+    fn vm_config(&self) -> Result<VmResources, ApiError> {
+        Err(ApiError::Invalid(
+            "The VM configuration is not available from this VMM".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

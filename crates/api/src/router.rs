@@ -4,6 +4,7 @@ use serde::de::DeserializeOwned;
 
 use crate::http::{Request, Response};
 use crate::models::{BalloonUpdate, FirecrackerVersion};
+use crate::preboot::{Action, ActionType, Drive, NetworkInterface, PreBootRequest};
 use crate::{ApiError, VmControl};
 
 /// Parses a JSON body; the serde error becomes the fault message.
@@ -17,6 +18,25 @@ fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
 
 fn fault(e: ApiError) -> Response {
     Response::bad_request(e.to_string())
+}
+
+fn result(r: Result<(), ApiError>) -> Response {
+    match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => fault(e),
+    }
+}
+
+/// Parses the body as `T` and hands it to [`VmControl::configure`].
+fn configure<T: DeserializeOwned>(
+    req: &Request,
+    vm: &dyn VmControl,
+    wrap: fn(T) -> PreBootRequest,
+) -> Response {
+    match parse_body::<T>(req) {
+        Ok(body) => result(vm.configure(wrap(body))),
+        Err(resp) => resp,
+    }
 }
 
 /// Answers one request.
@@ -44,6 +64,51 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
         ("GET", "/balloon/statistics") => match vm.balloon_stats() {
             Ok(s) => Response::json(&s),
             Err(e) => fault(e),
+        },
+        ("GET", "/machine-config") => match vm.machine_config() {
+            Ok(m) => Response::json(&m),
+            Err(e) => fault(e),
+        },
+        ("GET", "/vm/config") => match vm.vm_config() {
+            Ok(c) => Response::json(&c),
+            Err(e) => fault(e),
+        },
+        ("PUT", "/boot-source") => configure(req, vm, PreBootRequest::BootSource),
+        ("PUT", "/machine-config") => configure(req, vm, PreBootRequest::MachineConfig),
+        ("PATCH", "/machine-config") => configure(req, vm, PreBootRequest::PatchMachineConfig),
+        ("PUT", "/vsock") => configure(req, vm, PreBootRequest::Vsock),
+        ("PUT", "/entropy") => configure(req, vm, PreBootRequest::Entropy),
+        ("PUT", "/balloon") => configure(req, vm, PreBootRequest::Balloon),
+        ("PUT", p) if p.starts_with("/drives/") => {
+            let id = &p["/drives/".len()..];
+            match parse_body::<Drive>(req) {
+                Ok(d) if d.drive_id != id => Response::bad_request(format!(
+                    "The id from the path ({id}) does not match the drive_id from the body ({})",
+                    d.drive_id
+                )),
+                Ok(d) => result(vm.configure(PreBootRequest::Drive(d))),
+                Err(resp) => resp,
+            }
+        }
+        ("PUT", p) if p.starts_with("/network-interfaces/") => {
+            let id = &p["/network-interfaces/".len()..];
+            match parse_body::<NetworkInterface>(req) {
+                Ok(n) if n.iface_id != id => Response::bad_request(format!(
+                    "The id from the path ({id}) does not match the iface_id from the body ({})",
+                    n.iface_id
+                )),
+                Ok(n) => result(vm.configure(PreBootRequest::NetworkInterface(n))),
+                Err(resp) => resp,
+            }
+        }
+        ("PUT", "/actions") => match parse_body::<Action>(req) {
+            Ok(Action {
+                action_type: ActionType::InstanceStart,
+            }) => result(vm.start_instance()),
+            Ok(Action { action_type }) => Response::bad_request(format!(
+                "The action {action_type:?} is not supported by Kiln"
+            )),
+            Err(resp) => resp,
         },
         (m, _) => Response::bad_request(format!(
             "Invalid request method and/or path: {m} {}",

@@ -13,12 +13,21 @@ use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use kiln_vmm::Vmm;
 
 /// What the API can reach of a running VM.
-struct KilnVm {
+pub struct KilnVm {
     mem_mib: u64,
     balloon: Option<(BalloonHandle, BalloonConfig)>,
 }
 
 impl KilnVm {
+    /// The control of `vmm` (built, before or while it runs).
+    pub fn of(vmm: &Vmm) -> Self {
+        let config = vmm.config();
+        Self {
+            mem_mib: config.mem_mib,
+            balloon: vmm.balloon().zip(config.balloon.clone()),
+        }
+    }
+
     fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
         self.balloon.as_ref().ok_or(ApiError::NoBalloon)
     }
@@ -76,7 +85,7 @@ pub fn check_sock(path: &Path) -> Result<()> {
 }
 
 /// Removes the API socket when `kiln run` ends.
-pub struct SocketGuard(PathBuf);
+pub struct SocketGuard(pub PathBuf);
 
 impl Drop for SocketGuard {
     fn drop(&mut self) {
@@ -86,11 +95,7 @@ impl Drop for SocketGuard {
 
 /// Starts the API server for `vmm` on `path` (before the vCPUs run).
 pub fn start(path: &Path, vmm: &Vmm) -> Result<SocketGuard> {
-    let config = vmm.config();
-    let vm = KilnVm {
-        mem_mib: config.mem_mib,
-        balloon: vmm.balloon().zip(config.balloon.clone()),
-    };
+    let vm = KilnVm::of(vmm);
     let server = ApiServer::bind(path)?;
     server.spawn(Arc::new(vm))?;
     log::info!("API listening on {}", path.display());

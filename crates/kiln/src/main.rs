@@ -5,6 +5,7 @@ mod bench;
 mod cli_lab;
 mod logger;
 mod term;
+mod vmm_cmd;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -49,6 +50,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Send one request to a running VM's API socket (see `run --api-sock`).
     Api(api_glue::ApiArgs),
+    /// Firecracker-compatible VMM: configure over the API (--api-sock) or
+    /// from a Firecracker config file (--config-file), then boot.
+    Vmm(vmm_cmd::VmmArgs),
 }
 
 /// Options of `kiln run`.
@@ -138,6 +142,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Lab(args) => cli_lab::lab(args),
         Command::Bench(args) => bench::bench(args),
         Command::Api(args) => api_glue::api(args),
+        Command::Vmm(args) => vmm_cmd::vmm(args, start),
     }
 }
 
@@ -404,7 +409,12 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
     let stdin = term::prepare_stdin();
     let reason = vmm.run(stdin)?;
     term::restore();
-    Ok(match reason {
+    Ok(exit_status(reason))
+}
+
+/// The exit status of `kiln run` and `kiln vmm` when the guest ended.
+pub fn exit_status(reason: ExitReason) -> i32 {
+    match reason {
         ExitReason::Reboot | ExitReason::Poweroff => {
             log::info!("guest ended: {reason:?}");
             0
@@ -417,7 +427,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
             eprintln!("kiln: vCPU error: {e}");
             EXIT_VCPU_ERROR
         }
-    })
+    }
 }
 
 #[cfg(test)]

@@ -342,6 +342,17 @@ impl Vmm {
     /// Runs the guest until it ends. `input`, if given, is read (non-blocking
     /// is not required) and fed to the serial port.
     pub fn run(&mut self, input: Option<RawFd>) -> Result<ExitReason> {
+        self.run_notify(input, || {})
+    }
+
+    /// [`Vmm::run`], calling `on_started` once every vCPU thread has been
+    /// started (before the event loop; not called if starting one failed).
+    /// `kiln vmm` answers the API's `InstanceStart` from there.
+    pub fn run_notify(
+        &mut self,
+        input: Option<RawFd>,
+        on_started: impl FnOnce(),
+    ) -> Result<ExitReason> {
         register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Io {
             what: "vCPU kick signal handler",
             source: std::io::Error::from_raw_os_error(e.errno()),
@@ -363,6 +374,7 @@ impl Vmm {
                 .map_err(io("spawning a vCPU thread"))?;
             threads.push(t);
         }
+        on_started();
 
         let outcome = self.event_loop(input, &reason);
         stop.store(true, Ordering::Release);

@@ -1,0 +1,436 @@
+//! `kiln vmm`: Firecracker's command line and pre-boot flow.
+//!
+//! # Design
+//!
+//! The main thread owns the VM: it builds it ([`Vmm::new`]) and runs its
+//! event loop ([`Vmm::run_notify`]). The API server runs on its own thread
+//! with a [`PreBootVm`] (from `kiln-api`), which collects the pre-boot
+//! configuration. On `InstanceStart`, [`ChannelStarter`] (on the API thread)
+//! turns that configuration into a [`VmConfig`] (checking the files), sends
+//! it to the main thread with a reply channel, and blocks. The main thread
+//! answers:
+//!
+//! - `Err(message)` if the VM could not be built; it then waits for the
+//!   next `InstanceStart` (the API answers 400 and stays "Not started");
+//! - `Ok(control)` once every vCPU thread is running; the API answers 204
+//!   and forwards runtime requests (balloon) to `control`.
+//!
+//! With `--config-file`, the main thread builds the VM itself right away and
+//! marks the API (if any) as running. `kiln vmm` exits like `kiln run`.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use anyhow::Result;
+use clap::Args;
+use kiln_api::preboot::{IoEngine, RateLimiter};
+use kiln_api::{ApiServer, PreBootVm, Starter, VmControl, VmResources};
+use kiln_vmm::kiln_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
+use kiln_vmm::kiln_devices::virtio::block::{BlockConfig, BlockEngine};
+use kiln_vmm::kiln_devices::virtio::net::{parse_mac, NetConfig};
+use kiln_vmm::kiln_devices::virtio::vsock::VsockConfig;
+use kiln_vmm::{VmConfig, Vmm};
+
+use crate::api_glue::{KilnVm, SocketGuard};
+
+/// Options of `kiln vmm` (Firecracker's flags).
+#[derive(Args, Debug)]
+pub struct VmmArgs {
+    /// Serve the Firecracker API on this Unix socket.
+    #[arg(long, value_name = "PATH", required_unless_present = "no_api")]
+    api_sock: Option<PathBuf>,
+    /// The microVM's id (letters, digits and '-', at most 64).
+    #[arg(long, default_value = "anonymous-instance")]
+    id: String,
+    /// Boot from a Firecracker config file (JSON) right away.
+    #[arg(long, value_name = "PATH")]
+    config_file: Option<PathBuf>,
+    /// No API server (requires --config-file).
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    no_api: bool,
+    /// Accepted: Kiln's boot timer device is always present.
+    #[arg(long)]
+    boot_timer: bool,
+    /// Log level: Off, Error, Warning, Info, Debug or Trace.
+    #[arg(long, value_name = "LEVEL")]
+    level: Option<String>,
+    /// Accepted; Kiln logs to stderr.
+    #[arg(long, value_name = "PATH")]
+    log_path: Option<PathBuf>,
+    /// Largest API request body, bytes.
+    #[arg(long, value_name = "BYTES", default_value_t = kiln_api::DEFAULT_MAX_PAYLOAD)]
+    http_api_max_payload_size: usize,
+    // Firecracker flags accepted and ignored (the jailer passes some).
+    #[arg(long, hide = true)]
+    start_time_us: Option<u64>,
+    #[arg(long, hide = true)]
+    start_time_cpu_us: Option<u64>,
+    #[arg(long, hide = true)]
+    parent_cpu_time_us: Option<u64>,
+    #[arg(long, hide = true)]
+    no_seccomp: bool,
+    #[arg(long, hide = true)]
+    show_level: bool,
+    #[arg(long, hide = true)]
+    show_log_origin: bool,
+    // Firecracker flags Kiln does not support: refused with one line.
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    seccomp_filter: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    metrics_path: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    mmds_size_limit: Option<String>,
+    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
+    describe_snapshot: Option<String>,
+    #[arg(long, hide = true)]
+    snapshot_version: bool,
+    #[arg(long, hide = true)]
+    enable_pci: bool,
+}
+
+impl VmmArgs {
+    /// Refuses the Firecracker flags Kiln does not implement.
+    fn check_unsupported(&self) -> Result<()> {
+        let unsupported = [
+            ("--seccomp-filter", self.seccomp_filter.is_some()),
+            ("--metrics-path", self.metrics_path.is_some()),
+            ("--mmds-size-limit", self.mmds_size_limit.is_some()),
+            ("--describe-snapshot", self.describe_snapshot.is_some()),
+            ("--snapshot-version", self.snapshot_version),
+            ("--enable-pci", self.enable_pci),
+        ];
+        if let Some((flag, _)) = unsupported.iter().find(|(_, set)| *set) {
+            anyhow::bail!("vmm: Firecracker's {flag} is not supported by Kiln");
+        }
+        if self.id.is_empty()
+            || self.id.len() > 64
+            || !self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            anyhow::bail!(
+                "vmm: --id {:?}: use 1 to 64 letters, digits or '-'",
+                self.id
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Firecracker's `--level` as a log filter.
+pub fn log_level(level: &str) -> Result<log::LevelFilter> {
+    let l = level.to_ascii_lowercase();
+    let l = if l == "warning" { "warn" } else { l.as_str() };
+    l.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "vmm: --level {level:?}: expected Off, Error, Warning, Info, Debug or Trace"
+        )
+    })
+}
+
+fn limiter(r: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
+    let bucket = |b: &kiln_api::preboot::TokenBucket| TokenBucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time_ms: b.refill_time,
+    };
+    r.as_ref().map(|r| RateLimiterConfig {
+        bandwidth: r.bandwidth.as_ref().map(bucket),
+        ops: r.ops.as_ref().map(bucket),
+    })
+}
+
+/// Builds the VM configuration from Firecracker's resources, checking the
+/// kernel, initrd and disk files. The root drive is attached first
+/// (/dev/vda); `root=/dev/vda` (with `ro`/`rw`) is added to the command line
+/// unless it already has a `root=`.
+pub fn to_vm_config(res: &VmResources) -> Result<VmConfig> {
+    let boot = res
+        .boot_source
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("no boot source (kernel) configured"))?;
+    let kernel = PathBuf::from(&boot.kernel_image_path);
+    kiln_vmm::boot::check_kernel_file(&kernel)?;
+    let initrd = boot.initrd_path.as_ref().map(PathBuf::from);
+    if let Some(i) = &initrd {
+        std::fs::metadata(i).map_err(|source| kiln_vmm::boot::BootError::Initrd {
+            path: i.clone(),
+            source,
+        })?;
+    }
+    let mut cmdline = boot
+        .boot_args
+        .clone()
+        .unwrap_or_else(|| kiln_vmm::DEFAULT_CMDLINE.to_string());
+
+    let mut drives: Vec<_> = res.drives.iter().collect();
+    drives.sort_by_key(|d| !d.is_root_device); // stable: root first
+    if let Some(root) = drives.first().filter(|d| d.is_root_device) {
+        // Only the kernel's part of the command line (before ` -- `) counts.
+        let kernel_part = cmdline.split(" -- ").next().unwrap_or_default();
+        if !kernel_part
+            .split_whitespace()
+            .any(|w| w.starts_with("root="))
+        {
+            let root_arg = format!(
+                "root=/dev/vda {}",
+                if root.is_read_only { "ro" } else { "rw" }
+            );
+            cmdline = match cmdline.split_once(" -- ") {
+                Some((k, init)) => format!("{k} {root_arg} -- {init}"),
+                None => format!("{cmdline} {root_arg}"),
+            };
+        }
+    }
+    let mut disks = Vec::new();
+    for d in drives {
+        std::fs::metadata(&d.path_on_host).map_err(|e| {
+            anyhow::anyhow!("drive {}: cannot open {}: {e}", d.drive_id, d.path_on_host)
+        })?;
+        disks.push(BlockConfig {
+            path: PathBuf::from(&d.path_on_host),
+            read_only: d.is_read_only,
+            id: d.drive_id.clone(),
+            rate_limiter: limiter(&d.rate_limiter),
+            engine: match d.io_engine.unwrap_or_default() {
+                IoEngine::Sync => BlockEngine::Sync,
+                IoEngine::Async => BlockEngine::IoUring,
+            },
+        });
+    }
+    let nets = res
+        .network_interfaces
+        .iter()
+        .map(|n| {
+            Ok(NetConfig {
+                tap: n.host_dev_name.clone(),
+                mac: match &n.guest_mac {
+                    Some(m) => Some(parse_mac(m).ok_or_else(|| {
+                        anyhow::anyhow!("interface {}: bad guest_mac {m:?}", n.iface_id)
+                    })?),
+                    None => None,
+                },
+                id: n.iface_id.clone(),
+                rx_rate_limiter: limiter(&n.rx_rate_limiter),
+                tx_rate_limiter: limiter(&n.tx_rate_limiter),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let mem_mib = res.machine_config.mem_size_mib;
+    let balloon = match &res.balloon {
+        Some(b) if b.amount_mib >= mem_mib => anyhow::bail!(
+            "balloon amount_mib {} must be smaller than the guest's memory ({mem_mib} MiB)",
+            b.amount_mib
+        ),
+        Some(b) => Some(BalloonConfig {
+            target_mib: b.amount_mib,
+            deflate_on_oom: b.deflate_on_oom,
+            stats_interval_s: b.stats_polling_interval_s,
+        }),
+        None => None,
+    };
+    let config = VmConfig {
+        kernel,
+        initrd,
+        cmdline,
+        vcpus: res.machine_config.vcpu_count,
+        mem_mib,
+        disks,
+        rng: res.entropy.is_some(),
+        rng_rate_limiter: res.entropy.as_ref().and_then(|e| limiter(&e.rate_limiter)),
+        nets,
+        vsock: res.vsock.as_ref().map(|v| VsockConfig {
+            guest_cid: u64::from(v.guest_cid),
+            uds_path: PathBuf::from(&v.uds_path),
+        }),
+        balloon,
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+/// What the API thread sends the main thread on `InstanceStart`.
+type StartRequest = (VmConfig, SyncSender<Result<KilnVm, String>>);
+
+/// The API side of `InstanceStart`: see the module documentation.
+struct ChannelStarter(Mutex<Sender<StartRequest>>);
+
+impl Starter for ChannelStarter {
+    fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
+        let config = to_vm_config(res).map_err(|e| e.to_string())?;
+        let (reply, answer) = sync_channel(1);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send((config, reply))
+            .map_err(|_| "the VMM thread has stopped".to_string())?;
+        match answer.recv() {
+            Ok(Ok(vm)) => Ok(Arc::new(vm)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err("the VM failed while starting its vCPUs".into()),
+        }
+    }
+}
+
+/// `kiln vmm`.
+pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
+    args.check_unsupported()?;
+    if let Some(l) = &args.level {
+        log::set_max_level(log_level(l)?);
+    }
+    if let Some(p) = &args.log_path {
+        log::info!("--log-path {}: accepted; Kiln logs to stderr", p.display());
+    }
+    let from_file = args
+        .config_file
+        .as_deref()
+        .map(VmResources::from_file)
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("vmm: {e}"))?;
+    // A config file's VM is checked before the API socket appears.
+    let file_config = match (&from_file, &args.config_file) {
+        (Some(res), Some(path)) => Some(
+            to_vm_config(res)
+                .map_err(|e| anyhow::anyhow!("vmm: --config-file {}: {e}", path.display()))?,
+        ),
+        _ => None,
+    };
+
+    let (tx, rx) = channel::<StartRequest>();
+    let api = Arc::new(PreBootVm::new(
+        args.id.clone(),
+        env!("CARGO_PKG_VERSION"),
+        Box::new(ChannelStarter(Mutex::new(tx))),
+    ));
+    let _socket = match (&args.api_sock, args.no_api) {
+        (Some(path), false) => {
+            let server = ApiServer::bind(path)?.max_payload(args.http_api_max_payload_size);
+            server.spawn(api.clone())?;
+            log::info!("API listening on {}", path.display());
+            Some(SocketGuard(path.clone()))
+        }
+        _ => None,
+    };
+
+    let (mut vmm, reply) = match (file_config, from_file) {
+        (Some(config), Some(res)) => {
+            let vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
+            api.set_running(res, Arc::new(KilnVm::of(&vmm)));
+            (vmm, None)
+        }
+        _ => {
+            let (vmm, reply) = wait_for_start(&rx, start)?;
+            (vmm, Some(reply))
+        }
+    };
+    let stdin = crate::term::prepare_stdin();
+    let control = KilnVm::of(&vmm);
+    let reason = vmm.run_notify(stdin, move || {
+        if let Some(r) = reply {
+            let _ = r.send(Ok(control));
+        }
+    })?;
+    crate::term::restore();
+    Ok(crate::exit_status(reason))
+}
+
+/// Builds VMs as the API asks until one builds; failures go back to the API.
+fn wait_for_start(
+    rx: &Receiver<StartRequest>,
+    start: Instant,
+) -> Result<(Vmm, SyncSender<Result<KilnVm, String>>)> {
+    loop {
+        let (config, reply) = rx
+            .recv()
+            .map_err(|_| anyhow::anyhow!("vmm: the API server stopped"))?;
+        match Vmm::new(config, Box::new(std::io::stdout()), start) {
+            Ok(vmm) => return Ok((vmm, reply)),
+            Err(e) => {
+                log::warn!("InstanceStart failed: {e}");
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(json: &str) -> VmResources {
+        VmResources::from_json(json).unwrap()
+    }
+
+    #[test]
+    fn levels() {
+        assert_eq!(log_level("Warning").unwrap(), log::LevelFilter::Warn);
+        assert_eq!(log_level("Off").unwrap(), log::LevelFilter::Off);
+        assert_eq!(log_level("debug").unwrap(), log::LevelFilter::Debug);
+        assert!(log_level("loud").is_err());
+    }
+
+    #[test]
+    fn resources_to_vm_config() {
+        let e = to_vm_config(&res("{}")).unwrap_err().to_string();
+        assert!(e.contains("no boot source"), "{e}");
+        let e = to_vm_config(&res(
+            r#"{"boot-source":{"kernel_image_path":"/nonexistent/k"}}"#,
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("/nonexistent/k"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("kiln-vmm-cmd-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // check_kernel_file wants a bzImage setup header (or ELF magic).
+        let kernel = dir.join("k");
+        let mut img = vec![0u8; 0x1000];
+        img[0x1fe] = 0x55;
+        img[0x1ff] = 0xaa;
+        img[0x202..0x206].copy_from_slice(b"HdrS");
+        std::fs::write(&kernel, &img).unwrap();
+        let disk = dir.join("d.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let json = format!(
+            r#"{{"boot-source":{{"kernel_image_path":"{k}","boot_args":"console=ttyS0 -- echo hi"}},
+              "drives":[{{"drive_id":"data","path_on_host":"{d}","is_root_device":false}},
+                        {{"drive_id":"rootfs","path_on_host":"{d}","is_root_device":true,"is_read_only":true,
+                          "io_engine":"Async","rate_limiter":{{"bandwidth":{{"size":1000,"one_time_burst":10,"refill_time":100}}}}}}],
+              "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
+              "network-interfaces":[{{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:00:00:00:01"}}],
+              "vsock":{{"guest_cid":3,"uds_path":"/tmp/v.sock"}},
+              "balloon":{{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":1}},
+              "entropy":{{}}}}"#,
+            k = kernel.display(),
+            d = disk.display()
+        );
+        let c = to_vm_config(&res(&json)).unwrap();
+        assert_eq!(c.cmdline, "console=ttyS0 root=/dev/vda ro -- echo hi");
+        assert_eq!((c.vcpus, c.mem_mib), (2, 256));
+        assert_eq!(c.disks[0].id, "rootfs");
+        assert_eq!(c.disks[0].engine, BlockEngine::IoUring);
+        assert!(c.disks[0].read_only);
+        let bw = c.disks[0].rate_limiter.unwrap().bandwidth.unwrap();
+        assert_eq!(
+            (bw.size, bw.one_time_burst, bw.refill_time_ms),
+            (1000, 10, 100)
+        );
+        assert_eq!(c.disks[1].engine, BlockEngine::Sync);
+        assert_eq!(c.nets[0].mac, Some([6, 0, 0, 0, 0, 1]));
+        assert!(c.rng);
+        assert_eq!(c.vsock.unwrap().guest_cid, 3);
+        assert_eq!(c.balloon.unwrap().target_mib, 64);
+        // boot_args with its own root= keeps it.
+        let json2 = json.replace("console=ttyS0 -- echo hi", "root=/dev/vdb");
+        assert_eq!(to_vm_config(&res(&json2)).unwrap().cmdline, "root=/dev/vdb");
+        // A missing disk is named.
+        let json3 = json.replace("d.img", "gone.img");
+        let e = to_vm_config(&res(&json3)).unwrap_err().to_string();
+        assert!(e.contains("gone.img"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
