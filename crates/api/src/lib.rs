@@ -12,7 +12,9 @@ pub mod preboot;
 pub mod router;
 pub mod server;
 
-pub use models::{Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo};
+pub use models::{
+    Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
+};
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
 
@@ -57,6 +59,12 @@ pub trait VmControl: Send + Sync {
     /// `PUT /actions {"action_type":"InstanceStart"}`. Default: already running.
     fn start_instance(&self) -> Result<(), ApiError> {
         Err(ApiError::Invalid(preboot::AFTER_START.into()))
+    }
+    /// `PATCH /vm`: pause or resume. Default: not possible.
+    fn set_vm_state(&self, _state: models::VmState) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "The microVM cannot be paused or resumed in its current state".into(),
+        ))
     }
     /// `GET /vm/config`. Default: not available.
     fn vm_config(&self) -> Result<VmResources, ApiError> {

@@ -36,6 +36,23 @@ pub struct Balloon {
     pub stats_polling_interval_s: u32,
 }
 
+/// `PATCH /vm`: Firecracker's VM state change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// Stop every vCPU.
+    Paused,
+    /// Run again.
+    Resumed,
+}
+
+/// The body of `PATCH /vm`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateUpdate {
+    /// The new state.
+    pub state: VmState,
+}
+
 /// `PATCH /balloon`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

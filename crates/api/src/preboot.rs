@@ -499,14 +499,13 @@ impl PreBootVm {
 
 impl VmControl for PreBootVm {
     fn instance_info(&self) -> InstanceInfo {
-        let state = if self.is_running() {
-            "Running"
-        } else {
-            "Not started"
+        let state = match &self.state().stage {
+            Stage::Running(vm) => vm.instance_info().state,
+            Stage::NotStarted => "Not started".to_string(),
         };
         InstanceInfo {
             id: self.id.clone(),
-            state: state.into(),
+            state,
             vmm_version: self.version.clone(),
             app_name: "kiln".into(),
         }
@@ -532,6 +531,15 @@ impl VmControl for PreBootVm {
             }
             Stage::NotStarted => Err(invalid(BEFORE_START)),
         }
+    }
+
+    fn set_vm_state(&self, state: crate::models::VmState) -> Result<(), ApiError> {
+        // Clone the running control out so a slow pause does not hold the lock.
+        let vm = match &self.state().stage {
+            Stage::Running(vm) => vm.clone(),
+            Stage::NotStarted => return Err(invalid(BEFORE_START)),
+        };
+        vm.set_vm_state(state)
     }
 
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
@@ -590,7 +598,13 @@ mod tests {
 
     impl VmControl for Running {
         fn instance_info(&self) -> InstanceInfo {
-            unreachable!("PreBootVm answers GET / itself")
+            // PreBootVm takes only the state from the running VM.
+            InstanceInfo {
+                id: "inner".into(),
+                state: "Running".into(),
+                vmm_version: "0".into(),
+                app_name: "inner".into(),
+            }
         }
         fn balloon(&self) -> Result<Balloon, ApiError> {
             Ok(Balloon {

@@ -61,6 +61,13 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
             },
             Err(resp) => resp,
         },
+        ("PATCH", "/vm") => match parse_body::<crate::models::VmStateUpdate>(req) {
+            Ok(u) => match vm.set_vm_state(u.state) {
+                Ok(()) => Response::no_content(),
+                Err(e) => fault(e),
+            },
+            Err(resp) => resp,
+        },
         ("GET", "/balloon/statistics") => match vm.balloon_stats() {
             Ok(s) => Response::json(&s),
             Err(e) => fault(e),

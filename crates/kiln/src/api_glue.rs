@@ -7,13 +7,14 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Args;
 use kiln_api::{
-    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl,
+    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl, VmState,
 };
 use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
-use kiln_vmm::Vmm;
+use kiln_vmm::{VmHandle, Vmm};
 
 /// What the API can reach of a running VM.
 pub struct KilnVm {
+    handle: VmHandle,
     mem_mib: u64,
     balloon: Option<(BalloonHandle, BalloonConfig)>,
 }
@@ -23,6 +24,7 @@ impl KilnVm {
     pub fn of(vmm: &Vmm) -> Self {
         let config = vmm.config();
         Self {
+            handle: vmm.handle(),
             mem_mib: config.mem_mib,
             balloon: vmm.balloon().zip(config.balloon.clone()),
         }
@@ -34,10 +36,24 @@ impl KilnVm {
 }
 
 impl VmControl for KilnVm {
+    fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
+        match state {
+            VmState::Paused => self.handle.pause().map_err(ApiError::Invalid),
+            VmState::Resumed => {
+                self.handle.resume();
+                Ok(())
+            }
+        }
+    }
+
     fn instance_info(&self) -> InstanceInfo {
         InstanceInfo {
             id: "anonymous-instance".into(),
-            state: "Running".into(),
+            state: if self.handle.is_paused() {
+                "Paused".into()
+            } else {
+                "Running".into()
+            },
             vmm_version: env!("CARGO_PKG_VERSION").into(),
             app_name: "kiln".into(),
         }

@@ -22,6 +22,25 @@ fn cases() -> Vec<(&'static str, String)> {
     let api = "kiln api --sock /tmp/api.sock";
     vec![
         (
+            "pause_resume",
+            // A guest counting on its console; the host pauses it through
+            // the API, checks the count stands still, resumes, and checks the
+            // count goes on from where it stopped.
+            "rm -f /tmp/p.log; \
+             (timeout 400 kiln run --api-sock /tmp/p.sock -- \
+               'i=0; while [ $i -lt 150 ]; do echo tick-$i; i=$((i+1)); sleep 0.2; done' > /tmp/p.log 2>&1; \
+               echo kiln-status=$? >> /tmp/p.log) & \
+             i=0; until grep -q tick-10 /tmp/p.log || [ $i -gt 600 ]; do sleep 0.5; i=$((i+1)); done; \
+             kiln api --sock /tmp/p.sock PATCH /vm '{\"state\":\"Paused\"}'; echo pause-status=$?; \
+             kiln api --sock /tmp/p.sock GET /; echo; \
+             sleep 1; n1=$(grep -c tick- /tmp/p.log); sleep 4; n2=$(grep -c tick- /tmp/p.log); \
+             kiln api --sock /tmp/p.sock PATCH /vm '{\"state\":\"Resumed\"}'; echo resume-status=$?; \
+             sleep 4; n3=$(grep -c tick- /tmp/p.log); echo counts $n1 $n2 $n3; \
+             kiln api --sock /tmp/p.sock PATCH /vm '{\"state\":\"Frozen\"}'; echo bad-state-status=$?; \
+             wait; cat /tmp/p.log"
+                .to_string(),
+        ),
+        (
             "balloon_oom",
             // 300 of 384 MiB in the balloon leaves ~50 MiB free; writing
             // 150 MiB to tmpfs only succeeds if the guest takes pages back
@@ -152,4 +171,48 @@ fn balloon_deflates_on_guest_oom() {
         actual < 300,
         "balloon still at {actual} MiB after the guest ran out of memory: {o}"
     );
+}
+
+#[test]
+fn pause_stops_the_guest_and_resume_continues_it() {
+    let out = BATCH.get("pause_resume");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    assert!(o.contains("pause-status=0"), "{o}");
+    assert!(o.contains("resume-status=0"), "{o}");
+    assert!(
+        o.contains("\"state\":\"Paused\""),
+        "GET / while paused: {o}"
+    );
+    assert!(
+        o.contains("bad-state-status=1") && o.contains("fault_message"),
+        "{o}"
+    );
+    let counts: Vec<u64> = o
+        .lines()
+        .find_map(|l| l.strip_prefix("counts "))
+        .unwrap_or_else(|| panic!("no counts: {o}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let (n1, n2, n3) = (counts[0], counts[1], counts[2]);
+    assert!(
+        n2 <= n1 + 1,
+        "the guest kept counting while paused ({n1} -> {n2}): {o}"
+    );
+    assert!(
+        n3 >= n2 + 5,
+        "the guest did not continue after resume ({n2} -> {n3}): {o}"
+    );
+    // The count continues without a gap or a restart.
+    let ticks: Vec<u64> = o
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick-"))
+        .map(|v| v.trim().parse().unwrap())
+        .collect();
+    assert!(
+        ticks.windows(2).all(|w| w[1] == w[0] + 1),
+        "count broke: {ticks:?}"
+    );
+    assert!(o.contains("kiln-status=0"), "{o}");
 }

@@ -17,7 +17,7 @@ mod vm;
 
 pub use kiln_devices;
 pub use vcpu::VcpuStop;
-pub use vm::{ExitReason, Vmm};
+pub use vm::{ExitReason, VmHandle, Vmm};
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! vCPU threads: each owns its KVM vCPU and dispatches I/O exits to the buses.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kiln_devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -20,6 +21,75 @@ pub enum VcpuStop {
     Error(String),
 }
 
+/// Pause control shared by the VMM and its vCPU threads: a paused vCPU parks
+/// at the top of its run loop (an instruction boundary: KVM_RUN returned).
+#[derive(Default)]
+pub struct PauseState {
+    inner: Mutex<PauseInner>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct PauseInner {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseState {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PauseInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Asks vCPUs to park (they still need a kick to leave KVM_RUN).
+    pub fn request_pause(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn resume(&self) {
+        self.lock().paused = false;
+        self.cv.notify_all();
+    }
+
+    /// Whether a pause is requested.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Waits up to `timeout` for `n` vCPUs to be parked.
+    pub fn wait_parked(&self, n: usize, timeout: Duration) -> bool {
+        let g = self.lock();
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |i| i.parked < n)
+            .unwrap_or_else(|e| e.into_inner());
+        g.parked >= n
+    }
+
+    /// Parks the calling vCPU while a pause is requested.
+    fn park(&self, index: u8, vcpu: &VcpuFd, stop: &AtomicBool) {
+        let mut g = self.lock();
+        if !g.paused {
+            return;
+        }
+        // Tell the guest's kvmclock it was stopped by the host, so its
+        // watchdogs do not report the pause as a soft lockup.
+        if let Err(e) = vcpu.kvmclock_ctrl() {
+            log::debug!("vcpu{index}: KVM_KVMCLOCK_CTRL: {e}");
+        }
+        g.parked += 1;
+        self.cv.notify_all();
+        while g.paused && !stop.load(Ordering::Acquire) {
+            g = self
+                .cv
+                .wait_timeout(g, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        g.parked -= 1;
+    }
+}
+
 /// What a vCPU thread shares with the VMM.
 pub struct VcpuContext {
     /// Port I/O bus.
@@ -32,6 +102,8 @@ pub struct VcpuContext {
     pub exit_evt: EventFd,
     /// The first stop reason reported by any vCPU.
     pub reason: Arc<Mutex<Option<VcpuStop>>>,
+    /// Pause requests.
+    pub pause: Arc<PauseState>,
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -41,6 +113,10 @@ const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
 /// Runs `vcpu` until the guest stops it or the VMM sets `stop`.
 pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
     let stop = loop {
+        if ctx.stop.load(Ordering::Acquire) {
+            return;
+        }
+        ctx.pause.park(index, &vcpu, &ctx.stop);
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }

@@ -32,7 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::layout::*;
-use crate::vcpu::{run_vcpu, VcpuContext, VcpuStop};
+use crate::vcpu::{run_vcpu, PauseState, VcpuContext, VcpuStop};
 use crate::{acpi, boot, cpuid, mptable, regs, VmConfig, VmmError};
 
 type Result<T> = std::result::Result<T, VmmError>;
@@ -58,6 +58,55 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
+/// A handle for pausing and resuming a VM from another thread (the API).
+#[derive(Clone)]
+pub struct VmHandle {
+    pause: Arc<PauseState>,
+    threads: Arc<Mutex<Vec<libc::pthread_t>>>,
+    vcpus: usize,
+}
+
+impl VmHandle {
+    /// Stops every vCPU at an instruction boundary; returns once all are
+    /// parked (or an error after 2 s).
+    pub fn pause(&self) -> std::result::Result<(), String> {
+        self.pause.request_pause();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            for t in self
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+            {
+                // SAFETY: `t` is the pthread of a vCPU thread of this process;
+                // the signal's handler only interrupts KVM_RUN. The ids are
+                // removed before the threads are joined.
+                unsafe { libc::pthread_kill(*t, SIGRTMIN()) };
+            }
+            if self
+                .pause
+                .wait_parked(self.vcpus, Duration::from_millis(10))
+            {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err("the vCPUs did not stop within 2 s".into());
+            }
+        }
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// Whether the VM is paused (or being paused).
+    pub fn is_paused(&self) -> bool {
+        self.pause.is_paused()
+    }
+}
+
 /// A built VM, ready to run.
 pub struct Vmm {
     config: VmConfig,
@@ -76,6 +125,7 @@ pub struct Vmm {
     panicked: Arc<AtomicBool>,
     boot_timer: Arc<Mutex<BootTimer>>,
     balloon: Option<BalloonHandle>,
+    handle: VmHandle,
 }
 
 impl Vmm {
@@ -294,6 +344,7 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
+        let vcpu_count = vcpus.len();
         Ok(Self {
             config,
             vcpus,
@@ -310,6 +361,11 @@ impl Vmm {
             panicked,
             boot_timer,
             balloon,
+            handle: VmHandle {
+                pause: Arc::new(PauseState::default()),
+                threads: Arc::new(Mutex::new(Vec::new())),
+                vcpus: vcpu_count,
+            },
         })
     }
 
@@ -327,6 +383,11 @@ impl Vmm {
                 Some((host as u64, r.len()))
             })
             .collect()
+    }
+
+    /// Pause and resume, from any thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
     }
 
     /// The balloon, when the VM has one.
@@ -367,17 +428,30 @@ impl Vmm {
                 stop: stop.clone(),
                 exit_evt: self.exit_evt.try_clone().map_err(io("vCPU exit eventfd"))?,
                 reason: reason.clone(),
+                pause: self.handle.pause.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("kiln_vcpu{index}"))
                 .spawn(move || run_vcpu(index as u8, vcpu, ctx))
                 .map_err(io("spawning a vCPU thread"))?;
+            self.handle
+                .threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
             threads.push(t);
         }
         on_started();
 
         let outcome = self.event_loop(input, &reason);
         stop.store(true, Ordering::Release);
+        // No more pause kicks at threads that are about to be joined.
+        self.handle
+            .threads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.handle.pause.resume();
         stop_threads(threads);
         outcome
     }
