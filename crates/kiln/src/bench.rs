@@ -93,6 +93,41 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
     }
 }
 
+/// Kills a child process that outlives its time limit.
+pub struct Watchdog {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    /// Starts watching `pid`: SIGKILL after `limit` unless finished first.
+    pub fn start(pid: u32, limit: Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::spawn(move || {
+            let deadline = Instant::now() + limit;
+            while Instant::now() < deadline {
+                if flag.load(Ordering::Acquire) {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            // SAFETY: kill(2) on our child's pid; at worst it already exited.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            true
+        });
+        Self { done, thread }
+    }
+
+    /// Stops watching (call after the child was reaped); returns whether
+    /// the child was killed for running too long.
+    pub fn finish(self) -> bool {
+        self.done.store(true, std::sync::atomic::Ordering::Release);
+        self.thread.join().unwrap_or(false)
+    }
+}
+
 /// Longest a single benchmark boot may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -199,22 +234,7 @@ fn one_boot(
         .context("spawning kiln run")?;
     let pid = child.id();
     // A boot that hangs is killed, and reported with its console.
-    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + BOOT_TIMEOUT;
-            while Instant::now() < deadline {
-                if done.load(std::sync::atomic::Ordering::Acquire) {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            // SAFETY: kill(2) on the child's pid; at worst it already exited.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            true
-        })
-    };
+    let watchdog = Watchdog::start(pid, BOOT_TIMEOUT);
     let mut console = String::new();
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -253,8 +273,7 @@ fn one_boot(
         }
     }
     let status = child.wait()?;
-    done.store(true, std::sync::atomic::Ordering::Release);
-    let timed_out = watchdog.join().unwrap_or(false);
+    let timed_out = watchdog.finish();
     let (ranges, errtext) = err_thread.join().expect("stderr reader");
     if timed_out {
         bail!(

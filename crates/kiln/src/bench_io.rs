@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_lab::scripts::GUEST_EXIT_PREFIX;
@@ -205,22 +205,7 @@ fn run_guest(exe: &Path, mem: u64, devices: &[String], guest: &str) -> Result<Gu
         .spawn()
         .context("spawning kiln run")?;
     let pid = child.id();
-    let done = Arc::new(AtomicBool::new(false));
-    let watchdog = {
-        let done = done.clone();
-        std::thread::spawn(move || {
-            let deadline = Instant::now() + GUEST_TIMEOUT;
-            while Instant::now() < deadline {
-                if done.load(Ordering::Acquire) {
-                    return false;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            // SAFETY: kill(2) on our child's pid; at worst it already exited.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            true
-        })
-    };
+    let watchdog = super::Watchdog::start(pid, GUEST_TIMEOUT);
     let mut stderr = child.stderr.take().expect("piped");
     let err_thread = std::thread::spawn(move || {
         let mut s = String::new();
@@ -244,8 +229,7 @@ fn run_guest(exe: &Path, mem: u64, devices: &[String], guest: &str) -> Result<Gu
         }
     }
     let status = child.wait()?;
-    done.store(true, Ordering::Release);
-    let timed_out = watchdog.join().unwrap_or(false);
+    let timed_out = watchdog.finish();
     let errtext = err_thread.join().unwrap_or_default();
     let tail = || {
         let n = run.lines.len().saturating_sub(15);

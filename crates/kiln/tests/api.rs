@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Batch;
+use common::{section, Batch};
 
 /// The guest prints MemTotal (kB), waits until it has dropped by 128 MiB,
 /// prints it, waits until it is back, prints it (each wait gives up after
@@ -79,15 +79,6 @@ fn cases() -> Vec<(&'static str, String)> {
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
-
-/// The text of the section after `== name` in the output.
-fn section<'a>(out: &'a str, name: &str) -> &'a str {
-    let start = out
-        .find(&format!("== {name}\n"))
-        .unwrap_or_else(|| panic!("no section {name}: {out}"));
-    let rest = &out[start + name.len() + 4..];
-    &rest[..rest.find("\n== ").unwrap_or(rest.len())]
-}
 
 #[test]
 fn api_inflates_and_deflates_the_balloon() {

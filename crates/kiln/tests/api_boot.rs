@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Batch;
+use common::{section, Batch};
 
 fn cases() -> Vec<(&'static str, String)> {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
@@ -45,15 +45,6 @@ fn cases() -> Vec<(&'static str, String)> {
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
-
-/// The text of the section after `== name` in the output.
-fn section<'a>(out: &'a str, name: &str) -> &'a str {
-    let start = out
-        .find(&format!("== {name}\n"))
-        .unwrap_or_else(|| panic!("no section {name}: {out}"));
-    let rest = &out[start + name.len() + 4..];
-    &rest[..rest.find("\n== ").unwrap_or(rest.len())]
-}
 
 #[test]
 fn api_configures_and_starts_the_vm() {

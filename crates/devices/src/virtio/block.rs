@@ -24,7 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{Next, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
@@ -457,7 +457,7 @@ impl VirtioDevice for Block {
                     }
                 }
                 if drain_queue_limited(&mut backend, &mut queue, &mem, limiter.as_mut()) {
-                    signal(&interrupt);
+                    interrupt.signal_used();
                 }
                 Next::Continue
             }),
@@ -480,7 +480,7 @@ impl VirtioDevice for Block {
                     let mut used = engine.process_completions(&mut backend, &mut queue);
                     used |= engine.drain_queue(&mut backend, &mut queue, limiter.as_mut());
                     if used {
-                        signal(&interrupt);
+                        interrupt.signal_used();
                     }
                     Next::Continue
                 })
@@ -508,10 +508,6 @@ impl VirtioDevice for Block {
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_LIMITER: u64 = 1;
 const TOKEN_COMPLETION: u64 = 2;
-
-fn signal(interrupt: &Interrupt) {
-    interrupt.signal_used();
-}
 
 // ---- Public constructor for the fuzz harness (crate::fuzz_harness) ----
 
@@ -1186,7 +1182,7 @@ mod tests {
             dev.activate(ActivateContext {
                 mem: bq.mem.clone(),
                 queues: vec![(bq.queue(), kick.try_clone().unwrap())],
-                interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+                interrupt: Arc::new(crate::virtio::Interrupt::new(irq.try_clone().unwrap())),
             })
             .unwrap();
             for i in 0..BLOCKS / 2 {

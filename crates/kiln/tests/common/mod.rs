@@ -198,3 +198,12 @@ pub fn temp_file(name: &str, contents: &[u8]) -> PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// The text of the section after a `== name` line in a command's output.
+pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
+    let start = out
+        .find(&format!("== {name}\n"))
+        .unwrap_or_else(|| panic!("no section {name}: {out}"));
+    let rest = &out[start + name.len() + 4..];
+    &rest[..rest.find("\n== ").unwrap_or(rest.len())]
+}
