@@ -143,6 +143,88 @@ impl RateLimiterConfig {
     }
 }
 
+/// How a run-time update changes one bucket (Firecracker's semantics for
+/// `PATCH` bodies: an absent bucket is kept, a bucket with `size` 0 or
+/// `refill_time` 0 is removed, any other replaces it, full).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BucketUpdate {
+    /// Keep the bucket as it is (tokens included).
+    #[default]
+    Keep,
+    /// Remove the bucket: that kind is no longer limited.
+    Disable,
+    /// Replace the bucket by a new, full one.
+    Set(TokenBucketConfig),
+}
+
+impl BucketUpdate {
+    /// The update a `PATCH` body's bucket means: `None` keeps it.
+    pub fn from_patch(bucket: Option<TokenBucketConfig>) -> Self {
+        match bucket {
+            None => Self::Keep,
+            Some(b) if !b.is_limited() => Self::Disable,
+            Some(b) => Self::Set(b),
+        }
+    }
+
+    fn apply(self, slot: &mut Option<TokenBucketConfig>) {
+        match self {
+            Self::Keep => {}
+            Self::Disable => *slot = None,
+            Self::Set(b) => *slot = Some(b),
+        }
+    }
+}
+
+/// A run-time change of a rate limiter: one [`BucketUpdate`] per bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateLimiterUpdate {
+    /// The bandwidth (bytes) bucket.
+    pub bandwidth: BucketUpdate,
+    /// The ops bucket.
+    pub ops: BucketUpdate,
+}
+
+impl RateLimiterUpdate {
+    /// The update a `PATCH` body's rate limiter means.
+    pub fn from_patch(cfg: &RateLimiterConfig) -> Self {
+        Self {
+            bandwidth: BucketUpdate::from_patch(cfg.bandwidth),
+            ops: BucketUpdate::from_patch(cfg.ops),
+        }
+    }
+
+    /// The update that turns a limiter configured as `old` into one
+    /// configured as `new`: changed buckets are replaced (or removed),
+    /// unchanged ones keep their tokens.
+    pub fn between(old: &RateLimiterConfig, new: &RateLimiterConfig) -> Self {
+        let diff = |o: Option<TokenBucketConfig>, n: Option<TokenBucketConfig>| match n
+            .filter(TokenBucketConfig::is_limited)
+        {
+            _ if o == n => BucketUpdate::Keep,
+            Some(b) => BucketUpdate::Set(b),
+            None => BucketUpdate::Disable,
+        };
+        Self {
+            bandwidth: diff(old.bandwidth, new.bandwidth),
+            ops: diff(old.ops, new.ops),
+        }
+    }
+
+    /// Whether the update changes nothing.
+    pub fn is_noop(&self) -> bool {
+        self.bandwidth == BucketUpdate::Keep && self.ops == BucketUpdate::Keep
+    }
+}
+
+impl RateLimiterConfig {
+    /// Applies `update` to this configuration.
+    pub fn apply_update(&mut self, update: &RateLimiterUpdate) {
+        update.bandwidth.apply(&mut self.bandwidth);
+        update.ops.apply(&mut self.ops);
+    }
+}
+
 fn parse_bucket(key: &str, value: &str) -> Result<TokenBucketConfig, RateLimiterParseError> {
     let err = |reason: &str| RateLimiterParseError::Value {
         key: key.to_string(),
@@ -417,6 +499,34 @@ impl RateLimiter {
         false
     }
 
+    /// Applies a run-time `update`: replaced buckets start full, kept ones
+    /// keep their tokens. A blocked limiter is unblocked (its timer
+    /// disarmed) so the device re-checks its queue under the new limits.
+    pub fn update(&mut self, update: &RateLimiterUpdate) {
+        let now = Instant::now();
+        for (slot, u) in [
+            (&mut self.bandwidth, update.bandwidth),
+            (&mut self.ops, update.ops),
+        ] {
+            match u {
+                BucketUpdate::Keep => {}
+                BucketUpdate::Disable => *slot = None,
+                BucketUpdate::Set(cfg) => *slot = TokenBucket::new(&cfg, now),
+            }
+        }
+        if self.blocked && !update.is_noop() {
+            // A zero expiry disarms the timer; a failure only means an
+            // extra (harmless) wake-up later.
+            let _ = self.timer.reset(Duration::ZERO, None);
+            self.blocked = false;
+        }
+    }
+
+    /// Whether neither bucket limits anything.
+    pub fn is_unlimited(&self) -> bool {
+        self.bandwidth.is_none() && self.ops.is_none()
+    }
+
     /// Call when the timer fd is readable: unblocks the limiter.
     pub fn event_handler(&mut self) {
         // Non-blocking: EAGAIN (already read) is harmless.
@@ -442,7 +552,7 @@ pub fn admit(
     bytes: u64,
     throttled: &AtomicU64,
 ) -> bool {
-    let Some(rl) = limiter else {
+    let Some(rl) = limiter.filter(|l| !l.is_unlimited()) else {
         return true;
     };
     if rl.is_blocked() {
@@ -700,5 +810,79 @@ pub(crate) mod tests {
             assert!(msg.contains(needle), "{bad}: {msg}");
             assert!(msg.contains("N[:BURST]/MS"), "{bad}: {msg}");
         }
+    }
+
+    #[test]
+    fn runtime_updates_replace_keep_or_remove_buckets() {
+        let bw = |size, ms| TokenBucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time_ms: ms,
+        };
+        // The PATCH meaning of each bucket.
+        assert_eq!(BucketUpdate::from_patch(None), BucketUpdate::Keep);
+        assert_eq!(
+            BucketUpdate::from_patch(Some(bw(0, 100))),
+            BucketUpdate::Disable
+        );
+        assert_eq!(
+            BucketUpdate::from_patch(Some(bw(10, 0))),
+            BucketUpdate::Disable
+        );
+        assert_eq!(
+            BucketUpdate::from_patch(Some(bw(10, 100))),
+            BucketUpdate::Set(bw(10, 100))
+        );
+        let mut cfg = RateLimiterConfig {
+            bandwidth: Some(bw(100, 1000)),
+            ops: Some(bw(5, 1000)),
+        };
+        let upd = RateLimiterUpdate::from_patch(&RateLimiterConfig {
+            bandwidth: Some(bw(50, 10)),
+            ops: None,
+        });
+        cfg.apply_update(&upd);
+        assert_eq!(cfg.bandwidth, Some(bw(50, 10)));
+        assert_eq!(cfg.ops, Some(bw(5, 1000)), "an absent bucket is kept");
+
+        // An unlimited limiter admits everything, and an update limits it.
+        let mut rl = RateLimiter::new(&RateLimiterConfig::default()).unwrap();
+        let n = AtomicU64::new(0);
+        assert!(rl.is_unlimited());
+        assert!(admit(Some(&mut rl), 1, u64::MAX / 2, &n));
+        rl.update(&RateLimiterUpdate {
+            bandwidth: BucketUpdate::Set(bw(1000, 60_000)),
+            ops: BucketUpdate::Keep,
+        });
+        assert!(!rl.is_unlimited());
+        assert!(admit(Some(&mut rl), 1, 1000, &n));
+        assert!(!admit(Some(&mut rl), 1, 1, &n), "the new bucket is spent");
+        assert!(rl.is_blocked());
+        assert_eq!(n.load(Ordering::Relaxed), 1);
+        // A kept bucket stays spent (still blocked after a no-op update).
+        rl.update(&RateLimiterUpdate::default());
+        assert!(rl.is_blocked());
+        // Removing the bucket unblocks at once.
+        rl.update(&RateLimiterUpdate {
+            bandwidth: BucketUpdate::Disable,
+            ops: BucketUpdate::Keep,
+        });
+        assert!(!rl.is_blocked());
+        assert!(rl.is_unlimited());
+        assert!(admit(Some(&mut rl), 1, 1 << 40, &n));
+        // Replacing a spent bucket gives a full one.
+        rl.update(&RateLimiterUpdate {
+            bandwidth: BucketUpdate::Keep,
+            ops: BucketUpdate::Set(bw(2, 60_000)),
+        });
+        assert!(admit(Some(&mut rl), 1, 0, &n));
+        assert!(admit(Some(&mut rl), 1, 0, &n));
+        assert!(!admit(Some(&mut rl), 1, 0, &n));
+        rl.update(&RateLimiterUpdate {
+            bandwidth: BucketUpdate::Keep,
+            ops: BucketUpdate::Set(bw(2, 60_000)),
+        });
+        assert!(!rl.is_blocked());
+        assert!(admit(Some(&mut rl), 1, 0, &n));
     }
 }

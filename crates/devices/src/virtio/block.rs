@@ -22,12 +22,13 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::live::Live;
 use super::worker::{Next, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig, RateLimiterUpdate};
 
 #[path = "block_io_uring.rs"]
 pub mod uring;
@@ -129,42 +130,54 @@ pub enum BlockError {
     },
 }
 
+/// What can change while the disk runs ([`BlockHandle::update`]): the
+/// backing file (and so the capacity) and the rate limiter.
+#[derive(Clone)]
+struct BlockLive {
+    file: Arc<File>,
+    path: PathBuf,
+    /// In sectors.
+    capacity: u64,
+    /// Bumped whenever the file is replaced (even by the same path).
+    file_generation: u64,
+    limiter: RateLimiterConfig,
+}
+
 /// The virtio-blk device.
 pub struct Block {
     config: BlockConfig,
-    file: Arc<File>,
-    capacity: u64,
+    live: Arc<Live<BlockLive>>,
     acked: u64,
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
 }
 
+/// Opens a backing file (for writing too unless `read_only`) and checks its
+/// size; returns it and its capacity in sectors.
+fn open_disk(path: &Path, read_only: bool) -> Result<(File, u64), BlockError> {
+    let err = |source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(err)?;
+    let size = file.metadata().map_err(err)?.len();
+    if size == 0 || size % SECTOR_SIZE != 0 {
+        return Err(BlockError::Size {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok((file, size / SECTOR_SIZE))
+}
+
 impl Block {
     /// Opens the backing file.
     pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
-        let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(!config.read_only)
-                .open(p)
-        };
-        let file = open(&config.path).map_err(|source| BlockError::Open {
-            path: config.path.clone(),
-            source,
-        })?;
-        let size = file
-            .metadata()
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?
-            .len();
-        if size == 0 || size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: config.path.clone(),
-                size,
-            });
-        }
+        let (file, capacity) = open_disk(&config.path, config.read_only)?;
         if config.engine == BlockEngine::IoUring {
             // No silent fallback: the user asked for io_uring.
             uring::probe().map_err(|source| BlockError::IoUringUnavailable {
@@ -172,10 +185,20 @@ impl Block {
                 source,
             })?;
         }
+        let live = Live::new(BlockLive {
+            file: Arc::new(file),
+            path: config.path.clone(),
+            capacity,
+            file_generation: 0,
+            limiter: config.rate_limiter.unwrap_or_default(),
+        })
+        .map_err(|source| BlockError::Open {
+            path: config.path.clone(),
+            source,
+        })?;
         Ok(Self {
             config,
-            file: Arc::new(file),
-            capacity: size / SECTOR_SIZE,
+            live: Arc::new(live),
             acked: 0,
             worker: None,
             metrics: Arc::default(),
@@ -184,7 +207,75 @@ impl Block {
 
     /// Capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.capacity
+        self.live.with(|l| l.capacity)
+    }
+
+    /// A handle for changing the disk while the VM runs.
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle {
+            live: self.live.clone(),
+            id: self.config.id.clone(),
+            read_only: self.config.read_only,
+        }
+    }
+}
+
+/// Changes a disk while the VM runs (`PATCH /drives/{id}`); cheap to clone.
+#[derive(Clone)]
+pub struct BlockHandle {
+    live: Arc<Live<BlockLive>>,
+    id: String,
+    read_only: bool,
+}
+
+impl BlockHandle {
+    /// The drive's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The backing file in use.
+    pub fn path(&self) -> PathBuf {
+        self.live.with(|l| l.path.clone())
+    }
+
+    /// Capacity in sectors.
+    pub fn capacity(&self) -> u64 {
+        self.live.with(|l| l.capacity)
+    }
+
+    /// The rate limiter in effect (no buckets: unlimited).
+    pub fn rate_limiter(&self) -> RateLimiterConfig {
+        self.live.with(|l| l.limiter)
+    }
+
+    /// Replaces the backing file by `path` (opened read-only if the drive
+    /// is) and/or changes the rate limiter. The new file is opened and
+    /// checked first: on error nothing changes. Requests the worker already
+    /// took finish on the old file; the guest is told of the new capacity
+    /// with a configuration-change interrupt. Returns once the device's
+    /// worker uses the new settings (or at once if the driver has not
+    /// activated the device yet: it starts with them).
+    pub fn update(
+        &self,
+        path: Option<&Path>,
+        limiter: Option<&RateLimiterUpdate>,
+    ) -> Result<(), BlockError> {
+        let opened = path
+            .map(|p| open_disk(p, self.read_only).map(|(f, c)| (p.to_path_buf(), f, c)))
+            .transpose()?;
+        self.live.update(|l| {
+            if let Some((path, file, capacity)) = opened {
+                l.file = Arc::new(file);
+                l.path = path;
+                l.capacity = capacity;
+                l.file_generation += 1;
+            }
+            if let Some(u) = limiter {
+                l.limiter.apply_update(u);
+            }
+            Ok(())
+        })
     }
 }
 
@@ -408,7 +499,7 @@ impl VirtioDevice for Block {
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // capacity (u64), size_max (u32), seg_max (u32).
         let mut cfg = Vec::with_capacity(16);
-        cfg.extend_from_slice(&self.capacity.to_le_bytes());
+        cfg.extend_from_slice(&self.capacity().to_le_bytes());
         cfg.extend_from_slice(&0u32.to_le_bytes());
         cfg.extend_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         read_config_bytes(&cfg, offset, data);
@@ -427,36 +518,53 @@ impl VirtioDevice for Block {
                 want: 1,
             });
         };
-        let mut id = self.config.id.as_bytes().to_vec();
-        id.truncate(VIRTIO_BLK_ID_BYTES as usize);
-        let mut backend = BlockBackend {
-            file: self.file.clone(),
-            capacity: self.capacity,
-            read_only: self.config.read_only,
-            id,
-            metrics: self.metrics.clone(),
-        };
+        let (current, mut seen) = self.live.snapshot();
+        let mut backend = self.backend_with(&current);
         let io_err = |source| ActivateError::Io {
             device: self.name(),
             source,
         };
-        let mut limiter = rate_limiter::build(self.config.rate_limiter.as_ref()).map_err(io_err)?;
-        let mut fds = vec![(evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN)];
-        fds.extend(
-            limiter
-                .as_ref()
-                .map(|l| (l.as_raw_fd(), TOKEN_LIMITER, EventSet::IN)),
-        );
+        // Always a limiter (possibly without buckets, then it admits
+        // everything at no cost), so a later update has a timer to use.
+        let mut limiter = RateLimiter::new(&current.limiter).map_err(io_err)?;
+        let mut live_state = current;
+        let live = self.live.clone();
+        let mut fds = vec![
+            (evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN),
+            (limiter.as_raw_fd(), TOKEN_LIMITER, EventSet::IN),
+            (live.as_raw_fd(), TOKEN_UPDATE, EventSet::IN),
+        ];
+        // Takes a pending update; a new file is announced to the guest (a
+        // configuration change: the capacity) before the update counts as
+        // applied.
+        let config_irq = interrupt.clone();
+        let mut take_update = move |backend: &mut BlockBackend, limiter: &mut RateLimiter| {
+            let Some(new) = live.fetch(&mut seen) else {
+                return;
+            };
+            if new.file_generation != live_state.file_generation {
+                backend.file = new.file.clone();
+                backend.capacity = new.capacity;
+                config_irq.signal_config();
+            }
+            limiter.update(&RateLimiterUpdate::between(
+                &live_state.limiter,
+                &new.limiter,
+            ));
+            live_state = new;
+            live.applied(seen);
+        };
         let name = format!("kiln_blk_{}", self.config.id);
         let worker = match self.config.engine {
             BlockEngine::Sync => Worker::spawn(name, fds, move |token, _| {
-                match (token, limiter.as_mut()) {
-                    (TOKEN_LIMITER, Some(l)) => l.event_handler(),
+                match token {
+                    TOKEN_LIMITER => limiter.event_handler(),
+                    TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
                     _ => {
                         let _ = evt.read();
                     }
                 }
-                if drain_queue_limited(&mut backend, &mut queue, &mem, limiter.as_mut()) {
+                if drain_queue_limited(&mut backend, &mut queue, &mem, Some(&mut limiter)) {
                     interrupt.signal_used();
                 }
                 Next::Continue
@@ -470,15 +578,18 @@ impl VirtioDevice for Block {
                 // (reset, drop) the handler is dropped on the worker thread,
                 // and the engine's Drop waits for the requests in flight.
                 Worker::spawn(name, fds, move |token, _| {
-                    match (token, limiter.as_mut()) {
-                        (TOKEN_LIMITER, Some(l)) => l.event_handler(),
-                        (TOKEN_COMPLETION, _) => engine.clear_notification(),
+                    match token {
+                        TOKEN_LIMITER => limiter.event_handler(),
+                        TOKEN_COMPLETION => engine.clear_notification(),
+                        // Requests in flight keep their own handle on the
+                        // old file and complete on it.
+                        TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
                         _ => {
                             let _ = evt.read();
                         }
                     }
                     let mut used = engine.process_completions(&mut backend, &mut queue);
-                    used |= engine.drain_queue(&mut backend, &mut queue, limiter.as_mut());
+                    used |= engine.drain_queue(&mut backend, &mut queue, Some(&mut limiter));
                     if used {
                         interrupt.signal_used();
                     }
@@ -496,10 +607,18 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.live.worker_stopped();
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
+    }
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        self.worker = None;
+        self.live.worker_stopped();
     }
 }
 
@@ -508,6 +627,8 @@ impl VirtioDevice for Block {
 const TOKEN_QUEUE: u64 = 0;
 const TOKEN_LIMITER: u64 = 1;
 const TOKEN_COMPLETION: u64 = 2;
+/// [`BlockHandle::update`] changed the file or the limiter.
+const TOKEN_UPDATE: u64 = 3;
 
 // ---- Public constructor for the fuzz harness (crate::fuzz_harness) ----
 
@@ -516,11 +637,15 @@ impl Block {
     /// driving [`drain_queue`] without a worker thread (fuzzing).
     #[doc(hidden)]
     pub fn backend(&self) -> BlockBackend {
+        self.live.with(|l| self.backend_with(l))
+    }
+
+    fn backend_with(&self, live: &BlockLive) -> BlockBackend {
         let mut id = self.config.id.as_bytes().to_vec();
         id.truncate(VIRTIO_BLK_ID_BYTES as usize);
         BlockBackend {
-            file: self.file.clone(),
-            capacity: self.capacity,
+            file: live.file.clone(),
+            capacity: live.capacity,
             read_only: self.config.read_only,
             id,
             metrics: self.metrics.clone(),
@@ -1232,4 +1357,7 @@ mod tests {
             std::fs::remove_file(path).unwrap();
         }
     }
+
+    /// In block/tests/update.rs.
+    mod update;
 }

@@ -19,6 +19,7 @@
 //! request to complete and discards the completions, so nothing touches
 //! guest memory (buffers, status bytes, used ring) after the worker is gone.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
@@ -87,6 +88,10 @@ enum Op {
 /// One submitted request.
 struct InFlight {
     head: u16,
+    /// The backing file the request was admitted on: a resubmitted
+    /// remainder goes to the same file even if the disk's file was replaced
+    /// meanwhile, and the descriptor stays open until the request completes.
+    file: Arc<File>,
     op: Op,
     /// The status byte (last byte of the device-writable buffers).
     status: GuestAddress,
@@ -205,7 +210,7 @@ impl IoUringEngine {
             let slot = self.free.pop().expect("a free slot");
             self.slots[slot] = Some(req);
             self.peak = self.peak.max(self.slots.len() - self.free.len());
-            if self.push(backend, slot) {
+            if self.push(slot) {
                 pushed = true;
             } else {
                 used |= self.finish(backend, queue, slot, VIRTIO_BLK_S_IOERR as u8);
@@ -240,7 +245,7 @@ impl IoUringEngine {
                 match outcome(req, res) {
                     Outcome::Done(status) => used |= self.finish(backend, queue, slot, status),
                     Outcome::Again => {
-                        if self.push(backend, slot) {
+                        if self.push(slot) {
                             pushed = true;
                         } else {
                             used |= self.finish(backend, queue, slot, VIRTIO_BLK_S_IOERR as u8);
@@ -269,9 +274,9 @@ impl IoUringEngine {
 
     /// Queues the SQE for `slot`'s request (or its remainder). False if the
     /// submission queue has no room even after submitting what it holds.
-    fn push(&mut self, backend: &BlockBackend, slot: usize) -> bool {
+    fn push(&mut self, slot: usize) -> bool {
         let req = self.slots[slot].as_ref().expect("slot in use");
-        let fd = types::Fd(backend.file.as_raw_fd());
+        let fd = types::Fd(req.file.as_raw_fd());
         let entry = match req.op {
             Op::Read => opcode::Readv::new(fd, req.iovecs.as_ptr(), req.iovecs.len() as u32)
                 .offset(req.offset)
@@ -299,8 +304,8 @@ impl IoUringEngine {
             //   leaks the handle if it cannot wait);
             // - a slot's `InFlight` is neither modified nor dropped until its
             //   completion arrives (`process_completions`, `Drop`);
-            // - the file descriptor is kept open by `backend.file` (an `Arc`
-            //   the worker holds as long as the engine).
+            // - the file descriptor is kept open by `req.file` (an `Arc` the
+            //   slot holds until the request's completion is reaped).
             let pushed = unsafe { self.ring.submission().push(&entry) };
             if pushed.is_ok() {
                 return true;
@@ -532,6 +537,7 @@ fn prepare(
     }
     Some(InFlight {
         head: chain.head_index(),
+        file: backend.file.clone(),
         op,
         status: status?,
         iovecs,

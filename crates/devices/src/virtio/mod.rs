@@ -8,6 +8,7 @@
 
 pub mod balloon;
 pub mod block;
+pub mod live;
 pub mod mmio;
 pub mod net;
 pub mod rng;

@@ -23,12 +23,13 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
+use super::live::Live;
 use super::worker::{Next, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig};
+use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig, RateLimiterUpdate};
 
 /// Size of the virtio net header (`virtio_net_hdr_v1`, with `num_buffers`).
 pub const VNET_HDR_LEN: usize = std::mem::size_of::<virtio_net_hdr_v1>();
@@ -41,6 +42,8 @@ const TX_QUEUE: u64 = 1;
 const TAP: u64 = 2;
 const RX_LIMITER: u64 = 3;
 const TX_LIMITER: u64 = 4;
+/// [`NetHandle::update`] changed a limiter.
+const UPDATE: u64 = 5;
 const IFNAMSIZ: usize = 16;
 
 const _: () = assert!(VNET_HDR_LEN == 12);
@@ -199,9 +202,53 @@ pub fn generated_mac(tap: &str, id: &str) -> [u8; 6] {
     [(b[0] & 0xfc) | 0x02, b[1], b[2], b[3], b[4], b[5]]
 }
 
+/// The rate limiters in effect (no buckets: unlimited), which
+/// [`NetHandle::update`] changes while the VM runs.
+#[derive(Clone, Copy, Default)]
+struct NetLive {
+    rx: RateLimiterConfig,
+    tx: RateLimiterConfig,
+}
+
+/// Changes an interface's rate limiters while the VM runs
+/// (`PATCH /network-interfaces/{id}`); cheap to clone.
+#[derive(Clone)]
+pub struct NetHandle {
+    live: Arc<Live<NetLive>>,
+    id: String,
+}
+
+impl NetHandle {
+    /// The interface's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The RX and TX limiters in effect.
+    pub fn rate_limiters(&self) -> (RateLimiterConfig, RateLimiterConfig) {
+        self.live.with(|l| (l.rx, l.tx))
+    }
+
+    /// Changes the RX and/or TX limiter; returns once the device's worker
+    /// uses them (or at once if the device is not active yet).
+    pub fn update(&self, rx: Option<&RateLimiterUpdate>, tx: Option<&RateLimiterUpdate>) {
+        let r: Result<(), std::convert::Infallible> = self.live.update(|l| {
+            if let Some(u) = rx {
+                l.rx.apply_update(u);
+            }
+            if let Some(u) = tx {
+                l.tx.apply_update(u);
+            }
+            Ok(())
+        });
+        let Ok(()) = r;
+    }
+}
+
 /// The virtio-net device.
 pub struct Net {
     config: NetConfig,
+    live: Arc<Live<NetLive>>,
     tap_name: String,
     tap: File,
     mac: [u8; 6],
@@ -222,7 +269,17 @@ impl Net {
             });
         }
         let (tap, tap_name) = open_tap(&config.tap)?;
+        let live = Live::new(NetLive {
+            rx: config.rx_rate_limiter.unwrap_or_default(),
+            tx: config.tx_rate_limiter.unwrap_or_default(),
+        })
+        .map_err(|source| NetError::Tap {
+            tap: config.tap.clone(),
+            op: "eventfd",
+            source,
+        })?;
         Ok(Self {
+            live: Arc::new(live),
             config,
             tap_name,
             tap,
@@ -230,6 +287,14 @@ impl Net {
             worker: None,
             metrics: Arc::default(),
         })
+    }
+
+    /// A handle for changing the rate limiters while the VM runs.
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            live: self.live.clone(),
+            id: self.config.id.clone(),
+        }
     }
 
     /// The guest's MAC address.
@@ -300,6 +365,16 @@ impl<T: Read + Write> NetBackend<T> {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
         self
+    }
+
+    /// Applies run-time limiter updates (to the limiters it has).
+    pub fn update_rate_limiters(&mut self, rx: &RateLimiterUpdate, tx: &RateLimiterUpdate) {
+        if let Some(l) = self.rx_limiter.as_mut() {
+            l.update(rx);
+        }
+        if let Some(l) = self.tx_limiter.as_mut() {
+            l.update(tx);
+        }
     }
 
     /// Call when the RX (`rx`) or TX limiter's timerfd is readable; then
@@ -526,21 +601,18 @@ impl VirtioDevice for Net {
             (tx_evt.as_raw_fd(), TX_QUEUE, EventSet::IN),
             (tap.as_raw_fd(), TAP, tap_events),
         ];
-        let rx_limiter =
-            rate_limiter::build(self.config.rx_rate_limiter.as_ref()).map_err(io_err)?;
-        let tx_limiter =
-            rate_limiter::build(self.config.tx_rate_limiter.as_ref()).map_err(io_err)?;
+        // Always limiters (without buckets they admit everything), so a
+        // later update has timers to use.
+        let (current, mut seen) = self.live.snapshot();
+        let rx_limiter = RateLimiter::new(&current.rx).map_err(io_err)?;
+        let tx_limiter = RateLimiter::new(&current.tx).map_err(io_err)?;
         let mut fds = fds;
-        fds.extend(
-            rx_limiter
-                .as_ref()
-                .map(|l| (l.as_raw_fd(), RX_LIMITER, EventSet::IN)),
-        );
-        fds.extend(
-            tx_limiter
-                .as_ref()
-                .map(|l| (l.as_raw_fd(), TX_LIMITER, EventSet::IN)),
-        );
+        fds.push((rx_limiter.as_raw_fd(), RX_LIMITER, EventSet::IN));
+        fds.push((tx_limiter.as_raw_fd(), TX_LIMITER, EventSet::IN));
+        let live = self.live.clone();
+        fds.push((live.as_raw_fd(), UPDATE, EventSet::IN));
+        let mut applied = current;
+        let (rx_limiter, tx_limiter) = (Some(rx_limiter), Some(tx_limiter));
         let mut backend =
             NetBackend::new(tap, self.metrics.clone()).with_rate_limiters(rx_limiter, tx_limiter);
         let worker = Worker::spawn(
@@ -564,6 +636,19 @@ impl VirtioDevice for Net {
                         backend.limiter_event(false);
                         backend.process_tx(&mut txq, &mem)
                     }
+                    UPDATE => {
+                        if let Some(new) = live.fetch(&mut seen) {
+                            backend.update_rate_limiters(
+                                &RateLimiterUpdate::between(&applied.rx, &new.rx),
+                                &RateLimiterUpdate::between(&applied.tx, &new.tx),
+                            );
+                            applied = new;
+                            live.applied(seen);
+                        }
+                        // An unblocked limiter may let queued work through.
+                        let tx = backend.process_tx(&mut txq, &mem);
+                        backend.process_rx(&mut rxq, &mem) | tx
+                    }
                     _ => backend.process_rx(&mut rxq, &mem),
                 };
                 if used {
@@ -579,6 +664,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.worker = None;
+        self.live.worker_stopped();
     }
 
     fn metrics(&self) -> Arc<DeviceMetrics> {
@@ -805,6 +891,36 @@ mod tests {
         let waited = start.elapsed();
         assert!(waited >= std::time::Duration::from_millis(75), "{waited:?}");
         assert_eq!(counts(&be.metrics), [3, 0, 0]);
+    }
+
+    #[test]
+    fn runtime_limiter_updates_throttle_and_release_tx() {
+        use crate::rate_limiter::{BucketUpdate, RateLimiterUpdate};
+        let (be, mut peer) = backend();
+        let unlimited = RateLimiter::new(&RateLimiterConfig::default()).unwrap();
+        let mut be = be.with_rate_limiters(None, Some(unlimited));
+        let p: Vec<_> = (0..4).map(|i| packet(0, 46, i as u8)).collect();
+        let mut q = ChainBuilder::new();
+        p.iter().for_each(|x| q.push(&[Desc::r(x)]));
+        let mut st = None;
+        // One frame a minute from now on: the first goes, the rest wait.
+        let cfg = RateLimiterConfig::parse_opts("ops=1/60000").unwrap();
+        let limit = RateLimiterUpdate::between(&RateLimiterConfig::default(), &cfg);
+        be.update_rate_limiters(&RateLimiterUpdate::default(), &limit);
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_tx(qu, mem));
+        assert_eq!(used.len(), 1);
+        assert_eq!(recv_all(&mut peer), vec![p[0].clone()]);
+        assert!(be.tx_limiter.as_ref().unwrap().is_blocked());
+        // Removing the limit releases the rest at once (no timer wait).
+        let unlimit = RateLimiterUpdate {
+            bandwidth: BucketUpdate::Keep,
+            ops: BucketUpdate::Disable,
+        };
+        be.update_rate_limiters(&RateLimiterUpdate::default(), &unlimit);
+        let used = run_again(&mut q, &mut st, |qu, mem| be.process_tx(qu, mem));
+        assert_eq!(used.len(), 4);
+        assert_eq!(recv_all(&mut peer), p[1..]);
+        assert_eq!(be.metrics.throttled.load(Relaxed), 1);
     }
 
     #[test]
