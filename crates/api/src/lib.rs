@@ -13,7 +13,8 @@ pub mod router;
 pub mod server;
 
 pub use models::{
-    Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
+    Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, PartialDrive,
+    PartialNetworkInterface, VmState, VmStateUpdate,
 };
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
@@ -64,6 +65,19 @@ pub trait VmControl: Send + Sync {
     fn set_vm_state(&self, _state: models::VmState) -> Result<(), ApiError> {
         Err(ApiError::Invalid(
             "The microVM cannot be paused or resumed in its current state".into(),
+        ))
+    }
+    /// `PATCH /drives/{id}` on the running VM. Default: not possible.
+    fn update_drive(&self, _update: &PartialDrive) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "Drives cannot be updated by this VMM".into(),
+        ))
+    }
+    /// `PATCH /network-interfaces/{id}` on the running VM. Default: not
+    /// possible.
+    fn update_network_interface(&self, _update: &PartialNetworkInterface) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "Network interfaces cannot be updated by this VMM".into(),
         ))
     }
     /// `GET /vm/config`. Default: not available.

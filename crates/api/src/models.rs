@@ -166,3 +166,34 @@ pub struct Fault {
     /// What went wrong.
     pub fault_message: String,
 }
+
+/// `PATCH /drives/{drive_id}` after boot (Firecracker's `PartialDrive`): a
+/// new backing file and/or new rate limits for a running drive.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive to change.
+    pub drive_id: String,
+    /// A new backing file (the drive keeps its read-only mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// New limits: a bucket given replaces the old one (removes it when its
+    /// size or refill_time is 0); a bucket left out is kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<crate::preboot::RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}` after boot (Firecracker's
+/// `PartialNetworkInterface`): new rate limits for a running interface.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface to change.
+    pub iface_id: String,
+    /// New limits on frames to the guest (same rules as a drive's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<crate::preboot::RateLimiter>,
+    /// New limits on frames from the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<crate::preboot::RateLimiter>,
+}

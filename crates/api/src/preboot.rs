@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::models::{Balloon, BalloonStats, BalloonUpdate, InstanceInfo};
+use crate::models::{
+    Balloon, BalloonStats, BalloonUpdate, InstanceInfo, PartialDrive, PartialNetworkInterface,
+};
 use crate::{ApiError, VmControl};
 
 /// Most vCPUs a microVM may have.
@@ -103,6 +105,33 @@ pub struct RateLimiter {
     /// Bucket counting operations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ops: Option<TokenBucket>,
+}
+
+impl TokenBucket {
+    /// Whether it limits anything (Firecracker: size 0 or refill_time 0
+    /// means no limit).
+    pub fn is_limited(&self) -> bool {
+        self.size > 0 && self.refill_time > 0
+    }
+}
+
+impl RateLimiter {
+    /// `old` after a `PATCH` with `patch`: a bucket given replaces the old
+    /// one, or removes it when it limits nothing; a bucket left out is
+    /// kept. `None` when no bucket is left.
+    pub fn patched(old: Option<RateLimiter>, patch: &RateLimiter) -> Option<RateLimiter> {
+        let merge = |o: Option<TokenBucket>, p: Option<TokenBucket>| match p {
+            None => o,
+            Some(b) if b.is_limited() => Some(b),
+            Some(_) => None,
+        };
+        let old = old.unwrap_or_default();
+        let new = RateLimiter {
+            bandwidth: merge(old.bandwidth, patch.bandwidth),
+            ops: merge(old.ops, patch.ops),
+        };
+        (new != RateLimiter::default()).then_some(new)
+    }
 }
 
 /// A drive's I/O engine. `Async` is Kiln's io_uring engine.
@@ -491,6 +520,14 @@ impl PreBootVm {
         s.stage = Stage::Running(running);
     }
 
+    /// The running VM's control, or the "before start" fault.
+    fn running(&self) -> Result<Arc<dyn VmControl>, ApiError> {
+        match &self.state().stage {
+            Stage::Running(vm) => Ok(vm.clone()),
+            Stage::NotStarted => Err(invalid(BEFORE_START)),
+        }
+    }
+
     /// Whether the VM has started.
     pub fn is_running(&self) -> bool {
         matches!(self.state().stage, Stage::Running(_))
@@ -540,6 +577,48 @@ impl VmControl for PreBootVm {
             Stage::NotStarted => return Err(invalid(BEFORE_START)),
         };
         vm.set_vm_state(state)
+    }
+
+    fn update_drive(&self, update: &PartialDrive) -> Result<(), ApiError> {
+        // The running control is cloned out: the update may wait for the
+        // device's worker, and the lock must not be held meanwhile.
+        let vm = self.running()?;
+        vm.update_drive(update)?;
+        let mut s = self.state();
+        if let Some(d) = s
+            .res
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == update.drive_id)
+        {
+            if let Some(p) = &update.path_on_host {
+                d.path_on_host = p.clone();
+            }
+            if let Some(r) = &update.rate_limiter {
+                d.rate_limiter = RateLimiter::patched(d.rate_limiter, r);
+            }
+        }
+        Ok(())
+    }
+
+    fn update_network_interface(&self, update: &PartialNetworkInterface) -> Result<(), ApiError> {
+        let vm = self.running()?;
+        vm.update_network_interface(update)?;
+        let mut s = self.state();
+        if let Some(n) = s
+            .res
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == update.iface_id)
+        {
+            if let Some(r) = &update.rx_rate_limiter {
+                n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, r);
+            }
+            if let Some(r) = &update.tx_rate_limiter {
+                n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, r);
+            }
+        }
+        Ok(())
     }
 
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {

@@ -3,7 +3,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::http::{Request, Response};
-use crate::models::{BalloonUpdate, FirecrackerVersion};
+use crate::models::{BalloonUpdate, FirecrackerVersion, PartialDrive, PartialNetworkInterface};
 use crate::preboot::{Action, ActionType, Drive, NetworkInterface, PreBootRequest};
 use crate::{ApiError, VmControl};
 
@@ -105,6 +105,33 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
                     n.iface_id
                 )),
                 Ok(n) => result(vm.configure(PreBootRequest::NetworkInterface(n))),
+                Err(resp) => resp,
+            }
+        }
+        ("PATCH", p) if p.starts_with("/drives/") => {
+            let id = &p["/drives/".len()..];
+            match parse_body::<PartialDrive>(req) {
+                Ok(d) if d.drive_id != id => Response::bad_request(format!(
+                    "The id from the path ({id}) does not match the drive_id from the body ({})",
+                    d.drive_id
+                )),
+                Ok(d) if d.path_on_host.is_none() && d.rate_limiter.is_none() => {
+                    Response::bad_request(
+                        "Please specify at least one property to patch: path_on_host, rate_limiter.",
+                    )
+                }
+                Ok(d) => result(vm.update_drive(&d)),
+                Err(resp) => resp,
+            }
+        }
+        ("PATCH", p) if p.starts_with("/network-interfaces/") => {
+            let id = &p["/network-interfaces/".len()..];
+            match parse_body::<PartialNetworkInterface>(req) {
+                Ok(n) if n.iface_id != id => Response::bad_request(format!(
+                    "The id from the path ({id}) does not match the iface_id from the body ({})",
+                    n.iface_id
+                )),
+                Ok(n) => result(vm.update_network_interface(&n)),
                 Err(resp) => resp,
             }
         }

@@ -7,9 +7,13 @@ use std::sync::Arc;
 use anyhow::Result;
 use clap::Args;
 use kiln_api::{
-    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl, VmState,
+    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, PartialDrive,
+    PartialNetworkInterface, VmControl, VmState,
 };
+use kiln_vmm::kiln_devices::rate_limiter::RateLimiterUpdate;
 use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
+use kiln_vmm::kiln_devices::virtio::block::BlockHandle;
+use kiln_vmm::kiln_devices::virtio::net::NetHandle;
 use kiln_vmm::{VmHandle, Vmm};
 
 /// What the API can reach of a running VM.
@@ -17,6 +21,8 @@ pub struct KilnVm {
     handle: VmHandle,
     mem_mib: u64,
     balloon: Option<(BalloonHandle, BalloonConfig)>,
+    drives: Vec<BlockHandle>,
+    nets: Vec<NetHandle>,
 }
 
 impl KilnVm {
@@ -27,6 +33,8 @@ impl KilnVm {
             handle: vmm.handle(),
             mem_mib: config.mem_mib,
             balloon: vmm.balloon().zip(config.balloon.clone()),
+            drives: vmm.drives(),
+            nets: vmm.nets(),
         }
     }
 
@@ -35,7 +43,47 @@ impl KilnVm {
     }
 }
 
+/// A `PATCH` body's rate limiter as an update of a device's limiter.
+fn limiter_update(r: &Option<kiln_api::preboot::RateLimiter>) -> Option<RateLimiterUpdate> {
+    crate::vmm_cmd::limiter(r).map(|c| RateLimiterUpdate::from_patch(&c))
+}
+
 impl VmControl for KilnVm {
+    fn update_drive(&self, u: &PartialDrive) -> Result<(), ApiError> {
+        let drive = self
+            .drives
+            .iter()
+            .find(|d| d.id() == u.drive_id)
+            .ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "drive update (patch): no drive with id {:?}",
+                    u.drive_id
+                ))
+            })?;
+        let path = u.path_on_host.as_deref().map(Path::new);
+        drive
+            .update(path, limiter_update(&u.rate_limiter).as_ref())
+            .map_err(|e| ApiError::Invalid(format!("drive update (patch): {e}")))
+    }
+
+    fn update_network_interface(&self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
+        let net = self
+            .nets
+            .iter()
+            .find(|n| n.id() == u.iface_id)
+            .ok_or_else(|| {
+                ApiError::Invalid(format!(
+                    "network interface update (patch): no interface with id {:?}",
+                    u.iface_id
+                ))
+            })?;
+        net.update(
+            limiter_update(&u.rx_rate_limiter).as_ref(),
+            limiter_update(&u.tx_rate_limiter).as_ref(),
+        );
+        Ok(())
+    }
+
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
         match state {
             VmState::Paused => self.handle.pause().map_err(ApiError::Invalid),

@@ -132,7 +132,8 @@ pub fn log_level(level: &str) -> Result<log::LevelFilter> {
     })
 }
 
-fn limiter(r: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
+/// Firecracker's rate limiter as the devices' configuration.
+pub(crate) fn limiter(r: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
     let bucket = |b: &kiln_api::preboot::TokenBucket| TokenBucketConfig {
         size: b.size,
         one_time_burst: b.one_time_burst,

@@ -15,9 +15,9 @@ use kiln_devices::power::SleepControl;
 use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
 use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
 use kiln_devices::virtio::balloon::{Balloon, BalloonHandle};
-use kiln_devices::virtio::block::Block;
+use kiln_devices::virtio::block::{Block, BlockHandle};
 use kiln_devices::virtio::mmio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
-use kiln_devices::virtio::net::Net;
+use kiln_devices::virtio::net::{Net, NetHandle};
 use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::VirtioDevice;
@@ -125,6 +125,8 @@ pub struct Vmm {
     panicked: Arc<AtomicBool>,
     boot_timer: Arc<Mutex<BootTimer>>,
     balloon: Option<BalloonHandle>,
+    drives: Vec<BlockHandle>,
+    nets: Vec<NetHandle>,
     handle: VmHandle,
 }
 
@@ -248,12 +250,15 @@ impl Vmm {
 
         // Virtio devices: opened now so bad paths fail before the guest runs.
         let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+        let (mut drives, mut nets) = (Vec::new(), Vec::new());
         for d in &config.disks {
             let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+            drives.push(b.handle());
             virtio.push(Box::new(b));
         }
         for n in &config.nets {
             let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+            nets.push(d.handle());
             virtio.push(Box::new(d));
         }
         if let Some(v) = &config.vsock {
@@ -361,6 +366,8 @@ impl Vmm {
             panicked,
             boot_timer,
             balloon,
+            drives,
+            nets,
             handle: VmHandle {
                 pause: Arc::new(PauseState::default()),
                 threads: Arc::new(Mutex::new(Vec::new())),
@@ -393,6 +400,16 @@ impl Vmm {
     /// The balloon, when the VM has one.
     pub fn balloon(&self) -> Option<BalloonHandle> {
         self.balloon.clone()
+    }
+
+    /// The disks, for run-time updates (`PATCH /drives/{id}`).
+    pub fn drives(&self) -> Vec<BlockHandle> {
+        self.drives.clone()
+    }
+
+    /// The network interfaces, for run-time limiter updates.
+    pub fn nets(&self) -> Vec<NetHandle> {
+        self.nets.clone()
     }
 
     /// The boot time the guest reported through the boot timer, if it did.
