@@ -144,9 +144,35 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
             )),
             Err(resp) => resp,
         },
-        (m, _) => Response::bad_request(format!(
-            "Invalid request method and/or path: {m} {}",
-            req.path
-        )),
+        (m, p) => match unsupported(m, p) {
+            Some(what) => Response::bad_request(format!("{what} is not supported by Kiln")),
+            None => Response::bad_request(format!(
+                "Invalid request method and/or path: {m} {}",
+                req.path
+            )),
+        },
     }
+}
+
+/// Firecracker endpoints (of its API specification) that Kiln does not
+/// implement: a clear "not supported" instead of "invalid path".
+fn unsupported(method: &str, path: &str) -> Option<String> {
+    if (method, path) == ("PATCH", "/balloon/statistics") {
+        return Some("Changing the balloon statistics interval".into());
+    }
+    const PREFIXES: [(&str, &str); 9] = [
+        ("/balloon/hinting/", "Free page hinting"),
+        ("/cpu-config", "CPU configuration"),
+        ("/hotplug/memory", "Memory hotplug"),
+        ("/logger", "The logger configuration"),
+        ("/metrics", "The metrics configuration"),
+        ("/mmds", "MMDS"),
+        ("/pmem/", "virtio-pmem"),
+        ("/serial", "The serial configuration"),
+        ("/snapshot/", "Snapshotting"),
+    ];
+    PREFIXES
+        .iter()
+        .find(|(p, _)| path.starts_with(p))
+        .map(|(_, what)| format!("{what} ({method} {path})"))
 }
