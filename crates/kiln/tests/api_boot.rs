@@ -8,9 +8,33 @@ use std::time::Duration;
 
 use common::{section, Batch};
 
+/// The guest of `device_updates` (no quotes of either kind: it goes, as one
+/// double-quoted init argument, into a JSON string inside a single-quoted
+/// shell word; unquoted, its words would exceed the kernel's 32 init
+/// arguments). It prints its drive's
+/// size and first bytes, waits for the size to change, prints them again
+/// (read with O_DIRECT, past the page cache), then receives two TCP
+/// transfers.
+const UPDATE_GUEST: &str = "s=$(cat /sys/block/vda/size); echo size-before=$s; \
+    dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 13; echo; \
+    i=0; while [ $i -lt 600 ] && [ $(cat /sys/block/vda/size) = $s ]; do sleep 0.2; i=$((i+1)); done; \
+    echo size-after=$(cat /sys/block/vda/size); \
+    dd if=/dev/vda bs=512 count=1 iflag=direct 2>/dev/null | head -c 13; echo; \
+    ip addr add 172.31.0.2/24 dev eth0; ip link set eth0 up; echo net-ready; \
+    nc -l -p 5001 > /dev/null; echo got-1; nc -l -p 5002 > /dev/null; echo got-2";
+
+fn update_config() -> String {
+    format!(
+        r#"{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{} -- \"{UPDATE_GUEST}\""}},"drives":[{{"drive_id":"data","path_on_host":"/tmp/old.img","is_root_device":false,"is_read_only":true}}],"machine-config":{{"vcpu_count":1,"mem_size_mib":256}},"network-interfaces":[{{"iface_id":"eth0","host_dev_name":"kt1","guest_mac":"06:00:AC:10:00:02"}}]}}"#,
+        kiln_vmm::DEFAULT_CMDLINE
+    )
+}
+
 fn cases() -> Vec<(&'static str, String)> {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
     let api = "kiln api --sock /tmp/fc.sock";
+    let du = "kiln api --sock /tmp/du.sock";
+    let config = update_config();
     vec![
         (
             "api_boot",
@@ -39,6 +63,39 @@ fn cases() -> Vec<(&'static str, String)> {
                 "printf '%s' \"{{\\\"boot-source\\\":{{\\\"kernel_image_path\\\":\\\"$KILN_KERNEL\\\",\\\"initrd_path\\\":\\\"$KILN_INITRD\\\",\\\"boot_args\\\":\\\"{cmdline} -- echo booted-from-file\\\"}},\\\"machine-config\\\":{{\\\"vcpu_count\\\":1,\\\"mem_size_mib\\\":256}}}}\" > /tmp/fc.json; \
                  cat /tmp/fc.json; echo; \
                  timeout 400 kiln vmm --no-api --config-file /tmp/fc.json --boot-timer; echo kiln-status=$?"
+            ),
+        ),
+        (
+            "device_updates",
+            // A running VM (config file + API socket) with a read-only 1 MiB
+            // drive and a TAP. The host swaps the drive for a 3 MiB file
+            // with other content, which the guest sees (new size after the
+            // config-change interrupt, new data); then it times 1 MiB sent
+            // to the guest over TCP before and after limiting the
+            // interface's RX to 64 KiB/s.
+            format!(
+                "IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; cd /tmp; rm -f du.sock du.log; \
+                 dd if=/dev/zero of=old.img bs=1M count=1 2>/dev/null; printf kiln-old-disk | dd of=old.img conv=notrunc 2>/dev/null; \
+                 dd if=/dev/zero of=new.img bs=1M count=3 2>/dev/null; printf kiln-new-disk | dd of=new.img conv=notrunc 2>/dev/null; \
+                 head -c 1048576 /dev/urandom > blob1m; \
+                 $IP tuntap add dev kt1 mode tap && $IP addr add 172.31.0.1/24 dev kt1 && $IP link set kt1 up; \
+                 printf '%s' '{config}' | sed -e \"s|@K@|$KILN_KERNEL|\" -e \"s|@I@|$KILN_INITRD|\" > du.json; \
+                 (timeout 240 kiln vmm --api-sock /tmp/du.sock --config-file /tmp/du.json > du.log 2>&1; echo kiln-status=$? >> du.log) & \
+                 i=0; until grep -q ^size-before= du.log || [ $i -gt 240 ]; do sleep 0.5; i=$((i+1)); done; \
+                 echo '== patch-missing'; {du} PATCH /drives/data '{{\"drive_id\":\"data\",\"path_on_host\":\"/tmp/none.img\"}}'; \
+                 echo '== patch-unknown'; {du} PATCH /drives/nope '{{\"drive_id\":\"nope\",\"path_on_host\":\"/tmp/new.img\"}}'; \
+                 echo '== patch-drive'; {du} PATCH /drives/data '{{\"drive_id\":\"data\",\"path_on_host\":\"/tmp/new.img\"}}'; \
+                 i=0; until grep -q ^net-ready du.log || [ $i -gt 240 ]; do sleep 0.5; i=$((i+1)); done; \
+                 t0=$(cut -d' ' -f1 /proc/uptime); \
+                 i=0; until timeout 60 nc 172.31.0.2 5001 < blob1m || [ $i -gt 50 ]; do sleep 0.2; i=$((i+1)); done; \
+                 t1=$(cut -d' ' -f1 /proc/uptime); \
+                 echo '== patch-net'; {du} PATCH /network-interfaces/eth0 '{{\"iface_id\":\"eth0\",\"rx_rate_limiter\":{{\"bandwidth\":{{\"size\":65536,\"refill_time\":1000}}}}}}'; \
+                 t2=$(cut -d' ' -f1 /proc/uptime); \
+                 i=0; until timeout 90 nc 172.31.0.2 5002 < blob1m || [ $i -gt 50 ]; do sleep 0.2; i=$((i+1)); done; \
+                 t3=$(cut -d' ' -f1 /proc/uptime); \
+                 echo '== times'; echo unlimited $t0 $t1 limited $t2 $t3; \
+                 echo '== vm-config'; {du} GET /vm/config; echo; \
+                 wait; echo '== log'; cat du.log; $IP link del kt1; true"
             ),
         ),
     ]
@@ -129,4 +186,60 @@ fn bad_flags_and_files_fail_with_one_line() {
         assert!(err.starts_with(&expect), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
     }
+}
+
+#[test]
+fn running_drive_and_interface_are_updated_over_the_api() {
+    let out = BATCH.get("device_updates");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    let missing = section(&o, "patch-missing");
+    assert!(missing.starts_with("HTTP/1.1 400 "), "{o}");
+    assert!(missing.contains("No such file or directory"), "{missing}");
+    let unknown = section(&o, "patch-unknown");
+    assert!(unknown.starts_with("HTTP/1.1 400 "), "{o}");
+    assert!(unknown.contains("no drive with id"), "{unknown}");
+    assert!(
+        section(&o, "patch-drive").starts_with("HTTP/1.1 204 "),
+        "{o}"
+    );
+    assert!(section(&o, "patch-net").starts_with("HTTP/1.1 204 "), "{o}");
+    let log = section(&o, "log");
+    let lines: Vec<&str> = log.lines().map(str::trim).collect();
+    // 1 MiB, then 3 MiB, in sectors; the old file's data, then the new's
+    // (so the failed patch kept the old file).
+    let at = |l: &str| {
+        lines
+            .iter()
+            .position(|x| *x == l)
+            .unwrap_or_else(|| panic!("no line {l:?}: {o}"))
+    };
+    assert!(at("size-before=2048") < at("kiln-old-disk"), "{o}");
+    assert!(at("kiln-old-disk") < at("size-after=6144"), "{o}");
+    assert!(at("size-after=6144") < at("kiln-new-disk"), "{o}");
+    assert!(at("got-1") < at("got-2"), "{o}");
+    assert!(log.contains("kiln-status="), "{o}");
+
+    // The same 1 MiB to the guest, before and after a 64 KiB/s RX limit.
+    let times: Vec<f64> = section(&o, "times")
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(times.len(), 4, "{o}");
+    let (free, limited) = (times[1] - times[0], times[3] - times[2]);
+    // The bucket starts full (64 KiB): at least 15 s for the rest.
+    assert!(limited >= 12.0, "limited transfer took {limited:.2} s: {o}");
+    assert!(
+        limited > 2.0 * free,
+        "unlimited {free:.2} s vs limited {limited:.2} s: {o}"
+    );
+    let config = section(&o, "vm-config");
+    assert!(
+        config.contains(r#""path_on_host":"/tmp/new.img""#),
+        "{config}"
+    );
+    assert!(
+        config.contains(r#""rx_rate_limiter":{"bandwidth":{"size":65536,"one_time_burst":0,"refill_time":1000}}"#),
+        "{config}"
+    );
 }
