@@ -8,6 +8,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod kvm_state;
 pub mod layout;
 pub mod mptable;
 pub mod probe;
