@@ -10,6 +10,7 @@ pub mod boot;
 pub mod cpuid;
 pub mod kvm_state;
 pub mod layout;
+pub mod memory_file;
 pub mod mptable;
 pub mod probe;
 pub mod regs;
