@@ -16,6 +16,7 @@
 //! with a clear error before anything is built from it. The guest memory is
 //! not in this file: it lives in a separate memory file (see [`state`]).
 
+pub mod migration;
 pub mod state;
 
 use std::io::Write;
