@@ -136,6 +136,26 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
     Ok(out)
 }
 
+/// Encodes a part of a state (e.g. one device's) without a header; the
+/// state file's checksum covers it.
+pub fn to_bytes<T: Serialize>(v: &T) -> Result<Vec<u8>, SnapshotError> {
+    bincode::serde::encode_to_vec(v, bincode_config())
+        .map_err(|e| SnapshotError::Encode(e.to_string()))
+}
+
+/// Decodes what [`to_bytes`] encoded; every byte must be used.
+pub fn from_bytes<T: DeserializeOwned>(b: &[u8]) -> Result<T, SnapshotError> {
+    let (v, used) = bincode::serde::decode_from_slice(b, bincode_config())
+        .map_err(|e| SnapshotError::Decode(e.to_string()))?;
+    if used != b.len() {
+        return Err(SnapshotError::Decode(format!(
+            "{} trailing bytes",
+            b.len() - used
+        )));
+    }
+    Ok(v)
+}
+
 fn u32_at(b: &[u8], at: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[at..at + 4]);

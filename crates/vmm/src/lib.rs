@@ -14,10 +14,12 @@ pub mod memory_file;
 pub mod mptable;
 pub mod probe;
 pub mod regs;
+mod snapshot;
 mod vcpu;
 mod vm;
 
 pub use kiln_devices;
+pub use snapshot::SnapshotStats;
 pub use vcpu::VcpuStop;
 pub use vm::{ExitReason, VmHandle, Vmm};
 
