@@ -103,6 +103,12 @@ impl VmHandle {
         self.pause.resume();
     }
 
+    /// Keeps the vCPUs parked from the moment they start (a VM restored
+    /// without `resume_vm`), until [`VmHandle::resume`].
+    pub fn hold_paused(&self) {
+        self.pause.request_pause();
+    }
+
     /// Whether the VM is paused (or being paused).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
