@@ -264,7 +264,7 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
 /// How the main thread should make the VM.
 enum Make {
     /// Boot it (`InstanceStart`).
-    Boot(VmConfig),
+    Boot(Box<VmConfig>),
     /// Restore it (`PUT /snapshot/load`).
     Restore(Box<crate::snapshot_cmd::Restore>),
 }
@@ -296,7 +296,7 @@ impl ChannelStarter {
 impl Starter for ChannelStarter {
     fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
         let config = to_vm_config(res).map_err(|e| e.to_string())?;
-        self.ask(Make::Boot(config), res.clone())
+        self.ask(Make::Boot(Box::new(config)), res.clone())
     }
 
     fn restore(
