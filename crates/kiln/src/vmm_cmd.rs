@@ -383,7 +383,7 @@ fn wait_for_start(
             .map_err(|_| anyhow::anyhow!("vmm: the API server stopped"))?;
         let made = match make {
             Make::Boot(config) => {
-                Vmm::new(config, Box::new(std::io::stdout()), start).map_err(|e| format!("{e}"))
+                Vmm::new(*config, Box::new(std::io::stdout()), start).map_err(|e| format!("{e}"))
             }
             Make::Restore(r) => crate::snapshot_cmd::restore(*r, start),
         };
