@@ -271,7 +271,10 @@ enum Make {
 
 /// What the API thread sends the main thread: what to make, the
 /// configuration it comes from, and where to answer.
-type StartRequest = (Make, VmResources, SyncSender<Result<KilnVm, String>>);
+type StartRequest = (Make, VmResources, Reply);
+
+/// Where the main thread answers a [`StartRequest`].
+type Reply = SyncSender<Result<KilnVm, String>>;
 
 /// The API side of `InstanceStart` and `PUT /snapshot/load`: see the module
 /// documentation.
@@ -376,7 +379,7 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
 fn wait_for_start(
     rx: &Receiver<StartRequest>,
     start: Instant,
-) -> Result<(Vmm, SyncSender<Result<KilnVm, String>>, VmResources)> {
+) -> Result<(Vmm, Reply, VmResources)> {
     loop {
         let (make, res, reply) = rx
             .recv()
