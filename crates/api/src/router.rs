@@ -135,6 +135,16 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
                 Err(resp) => resp,
             }
         }
+        ("PUT", "/snapshot/create") => {
+            match parse_body::<crate::snapshot::SnapshotCreateParams>(req) {
+                Ok(p) => result(vm.create_snapshot(&p)),
+                Err(resp) => resp,
+            }
+        }
+        ("PUT", "/snapshot/load") => match parse_body::<crate::snapshot::SnapshotLoadParams>(req) {
+            Ok(p) => result(vm.load_snapshot(&p)),
+            Err(resp) => resp,
+        },
         ("PUT", "/actions") => match parse_body::<Action>(req) {
             Ok(Action {
                 action_type: ActionType::InstanceStart,
@@ -160,7 +170,7 @@ fn unsupported(method: &str, path: &str) -> Option<String> {
     if (method, path) == ("PATCH", "/balloon/statistics") {
         return Some("Changing the balloon statistics interval".into());
     }
-    const PREFIXES: [(&str, &str); 9] = [
+    const PREFIXES: [(&str, &str); 8] = [
         ("/balloon/hinting/", "Free page hinting"),
         ("/cpu-config", "CPU configuration"),
         ("/hotplug/memory", "Memory hotplug"),
@@ -169,7 +179,6 @@ fn unsupported(method: &str, path: &str) -> Option<String> {
         ("/mmds", "MMDS"),
         ("/pmem/", "virtio-pmem"),
         ("/serial", "The serial configuration"),
-        ("/snapshot/", "Snapshotting"),
     ];
     PREFIXES
         .iter()

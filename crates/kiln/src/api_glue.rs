@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
+use kiln_api::snapshot::{SnapshotCreateParams, SnapshotType};
 use kiln_api::{
     ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, PartialDrive,
     PartialNetworkInterface, VmControl, VmState,
@@ -23,6 +24,8 @@ pub struct KilnVm {
     balloon: Option<(BalloonHandle, BalloonConfig)>,
     drives: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
+    /// The Firecracker-shaped configuration (JSON), stored in snapshots.
+    config_json: Option<String>,
 }
 
 impl KilnVm {
@@ -35,7 +38,14 @@ impl KilnVm {
             balloon: vmm.balloon().zip(config.balloon.clone()),
             drives: vmm.drives(),
             nets: vmm.nets(),
+            config_json: None,
         }
+    }
+
+    /// Adds the configuration a snapshot stores to rebuild this VM.
+    pub fn with_config(mut self, res: &kiln_api::VmResources) -> Self {
+        self.config_json = serde_json::to_string(res).ok();
+        self
     }
 
     fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
@@ -80,6 +90,36 @@ impl VmControl for KilnVm {
         net.update(
             limiter_update(&u.rx_rate_limiter).as_ref(),
             limiter_update(&u.tx_rate_limiter).as_ref(),
+        );
+        Ok(())
+    }
+
+    fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        if p.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::Invalid(
+                "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
+            ));
+        }
+        let config = self.config_json.as_deref().ok_or_else(|| {
+            ApiError::Invalid(
+                "This microVM cannot be snapshotted: start it with `kiln vmm` (API or --config-file)"
+                    .into(),
+            )
+        })?;
+        let stats = self
+            .handle
+            .snapshot(
+                config,
+                Path::new(&p.snapshot_path),
+                Path::new(&p.mem_file_path),
+            )
+            .map_err(ApiError::Invalid)?;
+        log::info!(
+            "snapshot {} + {}: {} MiB of memory written in {:?}",
+            p.snapshot_path,
+            p.mem_file_path,
+            stats.mem_bytes_written >> 20,
+            stats.elapsed
         );
         Ok(())
     }

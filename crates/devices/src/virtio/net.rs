@@ -667,6 +667,10 @@ impl VirtioDevice for Net {
         self.live.worker_stopped();
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }
