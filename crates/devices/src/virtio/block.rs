@@ -602,6 +602,7 @@ impl VirtioDevice for Block {
             source,
         })?;
         self.worker = Some(worker);
+        self.live.worker_started();
         Ok(())
     }
 

@@ -58,12 +58,16 @@ impl<S: Clone> Live<S> {
     }
 
     /// The current settings and their generation, for a worker about to
-    /// start; marks a worker as running.
+    /// start.
     pub fn snapshot(&self) -> (S, u64) {
-        let mut s = self.lock();
-        s.worker = true;
-        s.applied = s.generation;
+        let s = self.lock();
         (s.value.clone(), s.generation)
+    }
+
+    /// A worker started from a [`Self::snapshot`] runs: updates from now
+    /// on wait for it. (One made in between finds the eventfd set.)
+    pub fn worker_started(&self) {
+        self.lock().worker = true;
     }
 
     /// The worker stopped (device reset): updates no longer wait for it.
@@ -146,6 +150,7 @@ mod tests {
         let (v, mut seen) = live.snapshot();
         assert_eq!((v, seen), (2, 1));
         assert_eq!(live.fetch(&mut seen), None);
+        live.worker_started();
         // A worker thread applies the next update before update() returns.
         let done = Arc::new(Mutex::new(0u32));
         let worker = {

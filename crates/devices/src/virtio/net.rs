@@ -659,6 +659,7 @@ impl VirtioDevice for Net {
         )
         .map_err(io_err)?;
         self.worker = Some(worker);
+        self.live.worker_started();
         Ok(())
     }
 
