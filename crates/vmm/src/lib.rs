@@ -12,6 +12,7 @@ pub mod layout;
 pub mod mptable;
 pub mod probe;
 pub mod regs;
+pub mod stats;
 mod vcpu;
 mod vm;
 
