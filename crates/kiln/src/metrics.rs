@@ -27,6 +27,15 @@ use crate::logger::{self, LOG_FAILS, MISSED_LOG_COUNT};
 /// How often the metrics are written without being asked (Firecracker's).
 pub const FLUSH_INTERVAL: Duration = Duration::from_secs(60);
 
+/// [`FLUSH_INTERVAL`], or `$KILN_METRICS_INTERVAL_MS` (for tests).
+fn flush_interval() -> Duration {
+    std::env::var("KILN_METRICS_INTERVAL_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(FLUSH_INTERVAL, Duration::from_millis)
+}
+
 /// Metrics lines that could not be written because the pipe was full.
 pub static MISSED_METRICS_COUNT: AtomicU64 = AtomicU64::new(0);
 /// Metrics lines that could not be written (any reason).
@@ -317,7 +326,7 @@ pub fn configure(config: &MetricsConfig, instance_id: &str) -> Result<(), String
         let spawned = std::thread::Builder::new()
             .name("kiln_metrics".into())
             .spawn(|| loop {
-                std::thread::sleep(FLUSH_INTERVAL);
+                std::thread::sleep(flush_interval());
                 if let Err(e) = flush() {
                     log::debug!("periodic metrics flush: {e}");
                 }

@@ -106,7 +106,7 @@ fn config_file_boots_without_api() {
 fn bad_flags_and_files_fail_with_one_line() {
     let bad = common::temp_file(
         "bad.json",
-        br#"{"boot-source":{"kernel_image_path":"/k"},"logger":{}}"#,
+        br#"{"boot-source":{"kernel_image_path":"/k"},"logger":{"colour":true}}"#,
     );
     let bad = bad.to_str().unwrap();
     for (args, expect) in [
@@ -116,11 +116,11 @@ fn bad_flags_and_files_fail_with_one_line() {
         ),
         (
             vec!["vmm", "--no-api", "--config-file", bad],
-            format!("kiln: vmm: --config-file {bad}: unknown field `logger`"),
+            format!("kiln: vmm: --config-file {bad}: unknown field `colour`"),
         ),
         (
             vec!["vmm", "--api-sock", "/tmp/x.sock", "--level", "loud"],
-            "kiln: vmm: --level \"loud\"".to_string(),
+            "kiln: vmm: --level: Invalid log level \"loud\"".to_string(),
         ),
     ] {
         let out = common::kiln_here(&args);
