@@ -954,7 +954,10 @@ mod tests {
             if c.metrics_path == "/fail" {
                 return Err("cannot open /fail".into());
             }
-            self.calls.lock().unwrap().push(format!("metrics {}", c.metrics_path));
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("metrics {}", c.metrics_path));
             Ok(())
         }
         fn flush_metrics(&self) -> Result<(), String> {
@@ -985,7 +988,10 @@ mod tests {
         let logger_puts = api_count("put_api_requests", "logger_count");
         let logger_fails = api_count("put_api_requests", "logger_fails");
         for (body, expect) in [
-            (r#"{"level":"Info","colour":true}"#, "unknown field `colour`"),
+            (
+                r#"{"level":"Info","colour":true}"#,
+                "unknown field `colour`",
+            ),
             (r#"{"level":"Loud"}"#, "Invalid log level"),
             (r#"{"show_level":"yes"}"#, "invalid type"),
             (r#"{"log_path":""}"#, "log_path is empty"),
@@ -1036,7 +1042,9 @@ mod tests {
             "{config}"
         );
         assert!(
-            config.contains(r#""metrics":{"metrics_path":"/m.json","emit_id":true,"properties":{"k":"v"}}"#),
+            config.contains(
+                r#""metrics":{"metrics_path":"/m.json","emit_id":true,"properties":{"k":"v"}}"#
+            ),
             "{config}"
         );
         // GET /vm/config is a valid config file, logger and metrics included.
@@ -1086,10 +1094,7 @@ mod tests {
                 r#"{"boot-source":{"kernel_image_path":"/k"},"logger":{"colour":true}}"#,
                 "unknown field `colour`",
             ),
-            (
-                r#"{"logger":{"level":"Loud"}}"#,
-                "Invalid log level",
-            ),
+            (r#"{"logger":{"level":"Loud"}}"#, "Invalid log level"),
             (r#"{"metrics":{}}"#, "missing field `metrics_path`"),
             (
                 r#"{"boot-source":{"kernel_image_path":"/k","extra":1}}"#,

@@ -83,7 +83,8 @@ impl Flusher {
 
     /// Reports a current value.
     pub fn gauge(&mut self, section: &str, field: &str, value: u64) {
-        self.section(section).insert(field.to_string(), value.into());
+        self.section(section)
+            .insert(field.to_string(), value.into());
     }
 
     /// The line built so far (and starts the next one).
@@ -141,7 +142,9 @@ impl Flusher {
         self.gauge("latencies_us", "resume_vm", load(&RESUME_US));
         // Kiln installs no seccomp filter and no fault signal handlers.
         self.gauge("seccomp", "num_faults", 0);
-        for s in ["sigbus", "sigsegv", "sigxfsz", "sigxcpu", "sigpipe", "sighup", "sigill"] {
+        for s in [
+            "sigbus", "sigsegv", "sigxfsz", "sigxcpu", "sigpipe", "sighup", "sigill",
+        ] {
             self.gauge("signals", s, 0);
         }
         self.gauge("vmm", "panic_count", load(&PANIC_COUNT));

@@ -163,18 +163,19 @@ fn telemetry_config(
     file: Option<&VmResources>,
 ) -> Result<(Option<LoggerConfig>, Option<MetricsConfig>)> {
     let level = args.level.as_deref().map(parse_level).transpose()?;
-    let mut logger = (args.log_path.is_some() || args.show_level || args.show_log_origin).then(
-        || LoggerConfig {
-            log_path: args
-                .log_path
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned()),
-            level,
-            show_level: Some(args.show_level),
-            show_log_origin: Some(args.show_log_origin),
-            module: None,
-        },
-    );
+    let mut logger =
+        (args.log_path.is_some() || args.show_level || args.show_log_origin).then(|| {
+            LoggerConfig {
+                log_path: args
+                    .log_path
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                level,
+                show_level: Some(args.show_level),
+                show_log_origin: Some(args.show_log_origin),
+                module: None,
+            }
+        });
     let mut metrics = args.metrics_path.as_ref().map(|p| MetricsConfig {
         metrics_path: p.to_string_lossy().into_owned(),
         emit_id: false,
@@ -425,6 +426,10 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         }
     })?;
     crate::term::restore();
+    // A last line with the final counters (nothing without --metrics-path).
+    if let Err(e) = crate::metrics::flush() {
+        log::warn!("{e}");
+    }
     Ok(crate::exit_status(reason))
 }
 

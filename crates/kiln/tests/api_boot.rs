@@ -34,6 +34,27 @@ fn cases() -> Vec<(&'static str, String)> {
             ),
         ),
         (
+            "metrics_boot",
+            // A guest reads and writes its disk; the host flushes the metrics
+            // (FlushMetrics) and prints every metrics line.
+            format!(
+                "rm -f /tmp/mx.log /tmp/mx.sock /tmp/m.json; head -c 4194304 /dev/zero > /tmp/md.img; \
+                 (timeout 400 kiln vmm --api-sock /tmp/mx.sock --id metrics-lab --metrics-path /tmp/m.json \
+                   > /tmp/mx.log 2>&1; echo kiln-status=$? >> /tmp/mx.log) & \
+                 i=0; until [ -S /tmp/mx.sock ] || [ $i -gt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+                 {mx} PUT /boot-source \
+                   \"{{\\\"kernel_image_path\\\":\\\"$KILN_KERNEL\\\",\\\"initrd_path\\\":\\\"$KILN_INITRD\\\",\\\"boot_args\\\":\\\"{cmdline} -- head -c 65536 /dev/vda | wc -c; dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=fsync 2>/dev/null; echo disk-done; sleep 5\\\"}}\"; \
+                 {mx} PUT /drives/data '{{\"drive_id\":\"data\",\"path_on_host\":\"/tmp/md.img\",\"is_root_device\":false}}'; \
+                 echo '== early-flush'; {mx} PUT /actions '{{\"action_type\":\"FlushMetrics\"}}'; \
+                 {mx} PUT /actions '{{\"action_type\":\"InstanceStart\"}}'; \
+                 i=0; until grep -q disk-done /tmp/mx.log || [ $i -gt 600 ]; do sleep 0.5; i=$((i+1)); done; \
+                 echo '== flush'; {mx} PUT /actions '{{\"action_type\":\"FlushMetrics\"}}'; \
+                 echo '== metrics'; sed 's/^/METRICS /' /tmp/m.json; \
+                 wait; echo '== log'; cat /tmp/mx.log",
+                mx = "kiln api --sock /tmp/mx.sock"
+            ),
+        ),
+        (
             "config_file_boot",
             format!(
                 "printf '%s' \"{{\\\"boot-source\\\":{{\\\"kernel_image_path\\\":\\\"$KILN_KERNEL\\\",\\\"initrd_path\\\":\\\"$KILN_INITRD\\\",\\\"boot_args\\\":\\\"{cmdline} -- echo booted-from-file\\\"}},\\\"machine-config\\\":{{\\\"vcpu_count\\\":1,\\\"mem_size_mib\\\":256}}}}\" > /tmp/fc.json; \
@@ -88,6 +109,55 @@ fn api_configures_and_starts_the_vm() {
     );
     assert!(log.contains("kiln-status=0"), "{o}");
     assert!(!o.contains("socket-left-behind"), "{o}");
+}
+
+#[test]
+fn flush_metrics_reports_guest_activity() {
+    let out = BATCH.get("metrics_boot");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    let early = section(&o, "early-flush");
+    assert!(
+        early.starts_with("HTTP/1.1 400 "),
+        "pre-boot FlushMetrics: {o}"
+    );
+    assert!(
+        section(&o, "flush").starts_with("HTTP/1.1 204 "),
+        "FlushMetrics: {o}"
+    );
+    let lines: Vec<serde_json::Value> = o
+        .lines()
+        .filter_map(|l| l.strip_prefix("METRICS "))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    // The line at configuration, FlushMetrics's (and maybe the timer's).
+    assert!(lines.len() >= 2, "{o}");
+    // Counters are increases: their sum over the lines is the total.
+    let total = |section: &str, field: &str| -> u64 {
+        lines
+            .iter()
+            .map(|l| l[section][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    for (section, field) in [
+        ("block_data", "read_count"),
+        ("block_data", "read_bytes"),
+        ("block_data", "write_count"),
+        ("block", "write_bytes"),
+        ("vcpu", "exit_io_out"),
+        ("vcpu", "exit_mmio_read"),
+        ("uart", "write_count"),
+        ("rtc", "read_count"),
+        ("block_data", "flush_count"),
+    ] {
+        assert!(total(section, field) > 0, "{section}.{field}: {o}");
+    }
+    assert!(total("block_data", "read_bytes") >= 65536, "{o}");
+    assert_eq!(total("vcpu", "failures"), 0, "{o}");
+    // The last FlushMetrics is counted after its own line is written.
+    assert!(total("put_api_requests", "actions_count") >= 2, "{o}");
+    assert_eq!(total("put_api_requests", "actions_fails"), 1, "{o}");
+    assert!(section(&o, "log").contains("kiln-status=0"), "{o}");
 }
 
 #[test]

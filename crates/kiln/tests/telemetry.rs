@@ -74,7 +74,10 @@ fn lines(path: &Path) -> Vec<Value> {
 
 /// The sum of `section.field` over every line (counters are increases).
 fn total(lines: &[Value], section: &str, field: &str) -> u64 {
-    lines.iter().map(|l| l[section][field].as_u64().unwrap_or(0)).sum()
+    lines
+        .iter()
+        .map(|l| l[section][field].as_u64().unwrap_or(0))
+        .sum()
 }
 
 /// Waits until `ok` holds for the metrics lines.
@@ -86,7 +89,11 @@ fn wait_for(path: &Path, what: &str, ok: impl Fn(&[Value]) -> bool) -> Vec<Value
             return l;
         }
         let last = l.last().map(|v| v.to_string()).unwrap_or_default();
-        assert!(Instant::now() < deadline, "{what}: {} lines, last {last}", l.len());
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} lines, last {last}",
+            l.len()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -174,9 +181,15 @@ fn metrics_count_api_requests_and_logs_are_formatted() {
     }
     assert!(all.len() >= 2);
     let last = all.last().unwrap();
-    assert!(last["api_server"]["process_startup_time_us"].as_u64().unwrap() > 0);
     assert!(
-        last["utc_timestamp_ms"].as_u64().unwrap() >= first[0]["utc_timestamp_ms"].as_u64().unwrap()
+        last["api_server"]["process_startup_time_us"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(
+        last["utc_timestamp_ms"].as_u64().unwrap()
+            >= first[0]["utc_timestamp_ms"].as_u64().unwrap()
     );
 
     // GET /vm/config reports both, in Firecracker's shape.
@@ -193,7 +206,11 @@ fn metrics_count_api_requests_and_logs_are_formatted() {
         .find(|l| l.contains("API listening on"))
         .unwrap_or_else(|| panic!("{log}"));
     let (time, rest) = listening.split_once(' ').unwrap();
-    assert_eq!(time.len(), "2026-01-01T00:00:00.000000000".len(), "{listening}");
+    assert_eq!(
+        time.len(),
+        "2026-01-01T00:00:00.000000000".len(),
+        "{listening}"
+    );
     assert_eq!(&time[10..11], "T", "{listening}");
     assert!(rest.starts_with("[tel-1:main:INFO:"), "{listening}");
     assert!(rest.contains("vmm_cmd.rs:"), "{listening}");
@@ -227,7 +244,11 @@ fn a_log_fifo_without_reader_never_blocks_and_drops_are_counted() {
     }
     assert!(t0.elapsed() < Duration::from_secs(60));
     // Metrics configured over the API report the drops.
-    let r = v.req("PUT", "/metrics", Some(r#"{"metrics_path":"m.json","emit_id":true}"#));
+    let r = v.req(
+        "PUT",
+        "/metrics",
+        Some(r#"{"metrics_path":"m.json","emit_id":true}"#),
+    );
     assert_eq!(r.status, 204, "{r:?}");
     let m = v.path("m.json");
     let l = wait_for(&m, "missed log lines", |l| {

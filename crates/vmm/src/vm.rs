@@ -300,7 +300,12 @@ impl Vmm {
             .iter()
             .map(|d| (DeviceKind::Block, d.id.clone()))
             .chain(config.nets.iter().map(|n| (DeviceKind::Net, n.id.clone())))
-            .chain(config.vsock.iter().map(|_| (DeviceKind::Vsock, String::new())))
+            .chain(
+                config
+                    .vsock
+                    .iter()
+                    .map(|_| (DeviceKind::Vsock, String::new())),
+            )
             .chain(config.rng.then(|| (DeviceKind::Rng, String::new())))
             .chain(
                 config
