@@ -141,6 +141,11 @@ impl ApiMetrics {
         }
     }
 
+    /// Counts a response that could not be written back.
+    pub fn response_failed(&self) {
+        self.sync_response_fails.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Every counter as (section, field, cumulative value), in Firecracker's
     /// names: `get_api_requests.instance_info_count`,
     /// `put_api_requests.drive_fails`, ...

@@ -1106,6 +1106,28 @@ mod tests {
         assert_eq!(calls[2..], ["metrics /m.json", "flush"]);
     }
 
+    /// A client that went away: every write fails.
+    struct Gone;
+
+    impl std::io::Write for Gone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unwritable_responses_are_counted() {
+        let (v, _) = vm();
+        let m = &crate::metrics::API_METRICS;
+        let before = m.sync_response_fails.load(Ordering::Relaxed);
+        let input = "GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
+        serve_connection(input.as_bytes(), Gone, &v, DEFAULT_MAX_PAYLOAD);
+        assert!(m.sync_response_fails.load(Ordering::Relaxed) > before);
+    }
+
     #[test]
     fn config_files() {
         let good = r#"{
