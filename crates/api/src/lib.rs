@@ -7,11 +7,13 @@
 
 pub mod client;
 pub mod http;
+pub mod metrics;
 pub mod models;
 pub mod preboot;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod telemetry;
 
 pub use models::{
     Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, PartialDrive,
@@ -19,6 +21,7 @@ pub use models::{
 };
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
+pub use telemetry::{LogLevel, LoggerConfig, MetricsConfig, Telemetry};
 
 /// Largest request body accepted by default (Firecracker's default).
 pub const DEFAULT_MAX_PAYLOAD: usize = 51200;
@@ -79,6 +82,12 @@ pub trait VmControl: Send + Sync {
     fn update_network_interface(&self, _update: &PartialNetworkInterface) -> Result<(), ApiError> {
         Err(ApiError::Invalid(
             "Network interfaces cannot be updated by this VMM".into(),
+        ))
+    }
+    /// `PUT /actions {"action_type":"FlushMetrics"}`. Default: not available.
+    fn flush_metrics(&self) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "FlushMetrics is not supported by this VMM".into(),
         ))
     }
     /// `GET /vm/config`. Default: not available.

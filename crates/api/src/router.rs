@@ -39,8 +39,14 @@ fn configure<T: DeserializeOwned>(
     }
 }
 
-/// Answers one request.
+/// Answers one request and counts it in [`crate::metrics::API_METRICS`].
 pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
+    let resp = dispatch(req, vm);
+    crate::metrics::API_METRICS.record(&req.method, &req.path, resp.status);
+    resp
+}
+
+fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
     let path = match req.path.trim_end_matches('/') {
         "" => "/",
         p => p,
@@ -86,6 +92,8 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
         ("PUT", "/vsock") => configure(req, vm, PreBootRequest::Vsock),
         ("PUT", "/entropy") => configure(req, vm, PreBootRequest::Entropy),
         ("PUT", "/balloon") => configure(req, vm, PreBootRequest::Balloon),
+        ("PUT", "/logger") => configure(req, vm, PreBootRequest::Logger),
+        ("PUT", "/metrics") => configure(req, vm, PreBootRequest::Metrics),
         ("PUT", p) if p.starts_with("/drives/") => {
             let id = &p["/drives/".len()..];
             match parse_body::<Drive>(req) {
@@ -149,6 +157,9 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
             Ok(Action {
                 action_type: ActionType::InstanceStart,
             }) => result(vm.start_instance()),
+            Ok(Action {
+                action_type: ActionType::FlushMetrics,
+            }) => result(vm.flush_metrics()),
             Ok(Action { action_type }) => Response::bad_request(format!(
                 "The action {action_type:?} is not supported by Kiln"
             )),
@@ -170,12 +181,10 @@ fn unsupported(method: &str, path: &str) -> Option<String> {
     if (method, path) == ("PATCH", "/balloon/statistics") {
         return Some("Changing the balloon statistics interval".into());
     }
-    const PREFIXES: [(&str, &str); 8] = [
+    const PREFIXES: [(&str, &str); 6] = [
         ("/balloon/hinting/", "Free page hinting"),
         ("/cpu-config", "CPU configuration"),
         ("/hotplug/memory", "Memory hotplug"),
-        ("/logger", "The logger configuration"),
-        ("/metrics", "The metrics configuration"),
         ("/mmds", "MMDS"),
         ("/pmem/", "virtio-pmem"),
         ("/serial", "The serial configuration"),

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex};
 
 use kiln_api::client::{request, ClientResponse};
 use kiln_api::models::{Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmState};
+use kiln_api::telemetry::{LoggerConfig, MetricsConfig, Telemetry};
 use kiln_api::{
     ApiError, ApiServer, PartialDrive, PartialNetworkInterface, PreBootVm, Starter, VmControl,
     VmResources,
@@ -52,7 +53,7 @@ enum Feature {
 }
 
 /// Features whose routes are merged (see [`Feature`]).
-const LANDED: &[Feature] = &[Feature::Snapshot];
+const LANDED: &[Feature] = &[Feature::Snapshot, Feature::Logger, Feature::Metrics];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Gate {
@@ -322,7 +323,12 @@ fn table() -> Vec<Row> {
         pending(Feature::Snapshot, row(Bare, "PUT", "/snapshot/load", Some("{}"), SpecInvalid, 400, MISSING)),
         // Features being added elsewhere (see `Feature`).
         pending(Feature::Logger, row(Bare, "PUT", "/logger", Some(r#"{"log_path":"{tmp}/log","level":"Info"}"#), Valid, 204, "")),
+        pending(Feature::Logger, row(Post, "PUT", "/logger", Some(r#"{"level":"Debug"}"#), Valid, 400, AFTER)),
+        pending(Feature::Logger, row(Bare, "PUT", "/logger", Some(r#"{"level":5}"#), SpecInvalid, 400, "")),
+        pending(Feature::Logger, row(Bare, "PUT", "/logger", Some(r#"{"level":"Info","colour":true}"#), Valid, 400, UNKNOWN)),
         pending(Feature::Metrics, row(Bare, "PUT", "/metrics", Some(r#"{"metrics_path":"{tmp}/metrics"}"#), Valid, 204, "")),
+        pending(Feature::Metrics, row(Post, "PUT", "/metrics", Some(r#"{"metrics_path":"{tmp}/metrics"}"#), Valid, 400, AFTER)),
+        pending(Feature::Metrics, row(Bare, "PUT", "/metrics", Some("{}"), SpecInvalid, 400, MISSING)),
         pending(Feature::Serial, row(Bare, "PUT", "/serial", Some(r#"{"serial_out_path":"{tmp}/serial"}"#), Valid, 204, "")),
         pending(Feature::CpuConfig, row(Pre, "PUT", "/cpu-config", Some("{}"), Valid, 204, "")),
         pending(Feature::Mmds, row(Pre, "PUT", "/mmds", Some(r#"{"latest":{"meta-data":{"id":"i-1"}}}"#), Valid, 204, "")),
@@ -421,6 +427,22 @@ impl VmControl for FakeVm {
     }
 }
 
+/// Logger and metrics that accept everything (the API layer's rules are
+/// under test, not the files).
+struct FakeTelemetry;
+
+impl Telemetry for FakeTelemetry {
+    fn configure_logger(&self, _: &LoggerConfig) -> Result<(), String> {
+        Ok(())
+    }
+    fn configure_metrics(&self, _: &MetricsConfig) -> Result<(), String> {
+        Ok(())
+    }
+    fn flush_metrics(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
 struct FakeStarter(Arc<Mutex<Vec<String>>>);
 
 impl Starter for FakeStarter {
@@ -472,7 +494,8 @@ impl Fixture {
     fn new(stage: Stage, setup: &[(&str, &str, &str)]) -> Self {
         let dir = Dir::new();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let vm = PreBootVm::new("spec-vm", "1.0.0", Box::new(FakeStarter(log.clone())));
+        let vm = PreBootVm::new("spec-vm", "1.0.0", Box::new(FakeStarter(log.clone())))
+            .with_telemetry(Box::new(FakeTelemetry));
         let sock = dir.0.join("api.sock");
         ApiServer::bind(&sock).unwrap().spawn(Arc::new(vm)).unwrap();
         let f = Self { dir, sock, log };

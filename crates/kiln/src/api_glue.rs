@@ -26,6 +26,9 @@ pub struct KilnVm {
     nets: Vec<NetHandle>,
     /// The Firecracker-shaped configuration (JSON), stored in snapshots.
     config_json: Option<String>,
+    /// A disk uses the io_uring engine (its requests complete out of order,
+    /// which snapshots cannot capture yet).
+    uring_disks: bool,
 }
 
 impl KilnVm {
@@ -39,6 +42,10 @@ impl KilnVm {
             drives: vmm.drives(),
             nets: vmm.nets(),
             config_json: None,
+            uring_disks: config
+                .disks
+                .iter()
+                .any(|d| d.engine == kiln_vmm::kiln_devices::virtio::block::BlockEngine::IoUring),
         }
     }
 
@@ -100,6 +107,12 @@ impl VmControl for KilnVm {
                 "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
             ));
         }
+        if self.uring_disks {
+            return Err(ApiError::Invalid(
+                "Snapshots of microVMs with Async (io_uring) drives are not supported by Kiln yet"
+                    .into(),
+            ));
+        }
         let config = self.config_json.as_deref().ok_or_else(|| {
             ApiError::Invalid(
                 "This microVM cannot be snapshotted: start it with `kiln vmm` (API or --config-file)"
@@ -125,13 +138,22 @@ impl VmControl for KilnVm {
     }
 
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
-        match state {
-            VmState::Paused => self.handle.pause().map_err(ApiError::Invalid),
+        let t0 = std::time::Instant::now();
+        let (result, latency) = match state {
+            VmState::Paused => (
+                self.handle.pause().map_err(ApiError::Invalid),
+                &crate::metrics::PAUSE_US,
+            ),
             VmState::Resumed => {
                 self.handle.resume();
-                Ok(())
+                (Ok(()), &crate::metrics::RESUME_US)
             }
+        };
+        if result.is_ok() {
+            let us = t0.elapsed().as_micros() as u64;
+            latency.store(us, std::sync::atomic::Ordering::Relaxed);
         }
+        result
     }
 
     fn instance_info(&self) -> InstanceInfo {

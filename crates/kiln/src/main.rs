@@ -4,6 +4,7 @@ mod api_glue;
 mod bench;
 mod cli_lab;
 mod logger;
+mod metrics;
 mod snapshot_cmd;
 mod term;
 mod vmm_cmd;
@@ -111,6 +112,11 @@ fn main() {
     let start = Instant::now();
     let cli = Cli::parse();
     logger::init(cli.log_level.as_deref());
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        metrics::on_panic();
+        default_hook(info);
+    }));
     let code = match dispatch(cli.command, start) {
         Ok(code) => code,
         Err(e) => {
