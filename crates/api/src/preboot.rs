@@ -429,6 +429,35 @@ impl VmResources {
         Ok(())
     }
 
+    /// Records a `PATCH /drives/{id}` the running VM accepted (a new path
+    /// and/or limits; see [`RateLimiter::patched`]).
+    pub fn patch_drive(&mut self, u: &PartialDrive) {
+        if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
+            if let Some(p) = &u.path_on_host {
+                d.path_on_host = p.clone();
+            }
+            if let Some(r) = &u.rate_limiter {
+                d.rate_limiter = RateLimiter::patched(d.rate_limiter, r);
+            }
+        }
+    }
+
+    /// Records a `PATCH /network-interfaces/{id}` the running VM accepted.
+    pub fn patch_network_interface(&mut self, u: &PartialNetworkInterface) {
+        let found = self
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == u.iface_id);
+        if let Some(n) = found {
+            if let Some(r) = &u.rx_rate_limiter {
+                n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, r);
+            }
+            if let Some(r) = &u.tx_rate_limiter {
+                n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, r);
+            }
+        }
+    }
+
     /// Checks a whole configuration (as from a config file) with the same
     /// rules as the API requests.
     pub fn validated(self) -> Result<Self, ApiError> {
@@ -653,40 +682,14 @@ impl VmControl for PreBootVm {
         // device's worker, and the lock must not be held meanwhile.
         let vm = self.running()?;
         vm.update_drive(update)?;
-        let mut s = self.state();
-        if let Some(d) = s
-            .res
-            .drives
-            .iter_mut()
-            .find(|d| d.drive_id == update.drive_id)
-        {
-            if let Some(p) = &update.path_on_host {
-                d.path_on_host = p.clone();
-            }
-            if let Some(r) = &update.rate_limiter {
-                d.rate_limiter = RateLimiter::patched(d.rate_limiter, r);
-            }
-        }
+        self.state().res.patch_drive(update);
         Ok(())
     }
 
     fn update_network_interface(&self, update: &PartialNetworkInterface) -> Result<(), ApiError> {
         let vm = self.running()?;
         vm.update_network_interface(update)?;
-        let mut s = self.state();
-        if let Some(n) = s
-            .res
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == update.iface_id)
-        {
-            if let Some(r) = &update.rx_rate_limiter {
-                n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, r);
-            }
-            if let Some(r) = &update.tx_rate_limiter {
-                n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, r);
-            }
-        }
+        self.state().res.patch_network_interface(update);
         Ok(())
     }
 

@@ -2,10 +2,11 @@
 //! the command-line client.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
 use clap::Args;
+use kiln_api::preboot::RateLimiter;
 use kiln_api::snapshot::{SnapshotCreateParams, SnapshotType};
 use kiln_api::{
     ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, PartialDrive,
@@ -24,8 +25,9 @@ pub struct KilnVm {
     balloon: Option<(BalloonHandle, BalloonConfig)>,
     drives: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
-    /// The Firecracker-shaped configuration (JSON), stored in snapshots.
-    config_json: Option<String>,
+    /// The Firecracker-shaped configuration (JSON), stored in snapshots;
+    /// kept up to date by the drive and interface updates.
+    config_json: Mutex<Option<String>>,
     /// A disk uses the io_uring engine (its requests complete out of order,
     /// which snapshots cannot capture yet).
     uring_disks: bool,
@@ -41,7 +43,7 @@ impl KilnVm {
             balloon: vmm.balloon().zip(config.balloon.clone()),
             drives: vmm.drives(),
             nets: vmm.nets(),
-            config_json: None,
+            config_json: Mutex::new(None),
             uring_disks: config
                 .disks
                 .iter()
@@ -50,9 +52,26 @@ impl KilnVm {
     }
 
     /// Adds the configuration a snapshot stores to rebuild this VM.
-    pub fn with_config(mut self, res: &kiln_api::VmResources) -> Self {
-        self.config_json = serde_json::to_string(res).ok();
+    pub fn with_config(self, res: &kiln_api::VmResources) -> Self {
+        *self.config() = serde_json::to_string(res).ok();
         self
+    }
+
+    fn config(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.config_json.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies `change` to the stored configuration (if there is one).
+    fn patch_config(&self, change: impl FnOnce(&mut kiln_api::VmResources)) {
+        let mut json = self.config();
+        let Some(mut res) = json
+            .as_deref()
+            .and_then(|j| serde_json::from_str::<kiln_api::VmResources>(j).ok())
+        else {
+            return;
+        };
+        change(&mut res);
+        *json = serde_json::to_string(&res).ok();
     }
 
     fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
@@ -61,7 +80,7 @@ impl KilnVm {
 }
 
 /// A `PATCH` body's rate limiter as an update of a device's limiter.
-fn limiter_update(r: &Option<kiln_api::preboot::RateLimiter>) -> Option<RateLimiterUpdate> {
+fn limiter_update(r: &Option<RateLimiter>) -> Option<RateLimiterUpdate> {
     crate::vmm_cmd::limiter(r).map(|c| RateLimiterUpdate::from_patch(&c))
 }
 
@@ -80,7 +99,10 @@ impl VmControl for KilnVm {
         let path = u.path_on_host.as_deref().map(Path::new);
         drive
             .update(path, limiter_update(&u.rate_limiter).as_ref())
-            .map_err(|e| ApiError::Invalid(format!("drive update (patch): {e}")))
+            .map_err(|e| ApiError::Invalid(format!("drive update (patch): {e}")))?;
+        // A snapshot must restore the drive as it is now.
+        self.patch_config(|res| res.patch_drive(u));
+        Ok(())
     }
 
     fn update_network_interface(&self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
@@ -98,6 +120,7 @@ impl VmControl for KilnVm {
             limiter_update(&u.rx_rate_limiter).as_ref(),
             limiter_update(&u.tx_rate_limiter).as_ref(),
         );
+        self.patch_config(|res| res.patch_network_interface(u));
         Ok(())
     }
 
@@ -113,7 +136,8 @@ impl VmControl for KilnVm {
                     .into(),
             ));
         }
-        let config = self.config_json.as_deref().ok_or_else(|| {
+        let config = self.config().clone();
+        let config = config.as_deref().ok_or_else(|| {
             ApiError::Invalid(
                 "This microVM cannot be snapshotted: start it with `kiln vmm` (API or --config-file)"
                     .into(),
