@@ -178,7 +178,7 @@ impl EventLoop {
     /// One poll(2) and the work it reports.
     fn turn(&mut self, server: &ApiServer, vm: &dyn VmControl) {
         let now = Instant::now();
-        let listen = self.accept_paused_until.map_or(true, |t| now >= t);
+        let listen = !matches!(self.accept_paused_until, Some(t) if now < t);
         if listen {
             self.accept_paused_until = None;
         }
