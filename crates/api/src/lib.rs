@@ -14,7 +14,8 @@ pub mod router;
 pub mod server;
 
 pub use models::{
-    Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
+    Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, FirecrackerVersion, InstanceInfo,
+    VmState, VmStateUpdate,
 };
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
@@ -47,6 +48,11 @@ pub trait VmControl: Send + Sync {
     fn update_balloon(&self, update: &BalloonUpdate) -> Result<(), ApiError>;
     /// `GET /balloon/statistics`.
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError>;
+    /// `PATCH /balloon/statistics`: a new statistics polling interval.
+    /// Default: no balloon.
+    fn update_balloon_stats(&self, _update: &BalloonStatsUpdate) -> Result<(), ApiError> {
+        Err(ApiError::NoBalloon)
+    }
     /// `GET /machine-config`. Default: not available.
     fn machine_config(&self) -> Result<preboot::MachineConfig, ApiError> {
         Err(ApiError::Invalid(
@@ -77,3 +83,5 @@ pub trait VmControl: Send + Sync {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_endpoints;

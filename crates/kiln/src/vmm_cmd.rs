@@ -18,6 +18,9 @@
 //! With `--config-file`, the main thread builds the VM itself right away and
 //! marks the API (if any) as running. `kiln vmm` exits like `kiln run`.
 
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use kiln_api::preboot::{IoEngine, RateLimiter};
+use kiln_api::preboot::{IoEngine, RateLimiter, Serial};
 use kiln_api::{ApiServer, PreBootVm, Starter, VmControl, VmResources};
 use kiln_vmm::kiln_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
@@ -253,8 +256,40 @@ pub fn to_vm_config(res: &VmResources) -> Result<VmConfig> {
     Ok(config)
 }
 
+/// Where the guest's serial output goes.
+type Console = Box<dyn Write + Send>;
+
 /// What the API thread sends the main thread on `InstanceStart`.
-type StartRequest = (VmConfig, SyncSender<Result<KilnVm, String>>);
+type StartRequest = (VmConfig, Console, SyncSender<Result<KilnVm, String>>);
+
+/// The serial console's output: `PUT /serial`'s `serial_out_path` (a file,
+/// appended to and created if needed, or a named pipe with a reader), else
+/// stdout.
+pub fn open_console(serial: Option<&Serial>) -> Result<Console> {
+    let Some(path) = serial.and_then(|s| s.serial_out_path.as_deref()) else {
+        return Ok(Box::new(std::io::stdout()));
+    };
+    // O_NONBLOCK: opening a named pipe without a reader fails (ENXIO)
+    // rather than blocking the API; the flag is cleared afterwards.
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("serial_out_path {path}: {e}"))?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `f` owns; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        anyhow::bail!(
+            "serial_out_path {path}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Box::new(f))
+}
 
 /// The API side of `InstanceStart`: see the module documentation.
 struct ChannelStarter(Mutex<Sender<StartRequest>>);
@@ -262,11 +297,12 @@ struct ChannelStarter(Mutex<Sender<StartRequest>>);
 impl Starter for ChannelStarter {
     fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
         let config = to_vm_config(res).map_err(|e| e.to_string())?;
+        let console = open_console(res.serial.as_ref()).map_err(|e| e.to_string())?;
         let (reply, answer) = sync_channel(1);
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send((config, reply))
+            .send((config, console, reply))
             .map_err(|_| "the VMM thread has stopped".to_string())?;
         match answer.recv() {
             Ok(Ok(vm)) => Ok(Arc::new(vm)),
@@ -344,10 +380,10 @@ fn wait_for_start(
     start: Instant,
 ) -> Result<(Vmm, SyncSender<Result<KilnVm, String>>)> {
     loop {
-        let (config, reply) = rx
+        let (config, console, reply) = rx
             .recv()
             .map_err(|_| anyhow::anyhow!("vmm: the API server stopped"))?;
-        match Vmm::new(config, Box::new(std::io::stdout()), start) {
+        match Vmm::new(config, console, start) {
             Ok(vmm) => return Ok((vmm, reply)),
             Err(e) => {
                 log::warn!("InstanceStart failed: {e}");
@@ -363,6 +399,46 @@ mod tests {
 
     fn res(json: &str) -> VmResources {
         VmResources::from_json(json).unwrap()
+    }
+
+    #[test]
+    fn serial_console_output() {
+        let dir = std::env::temp_dir().join(format!("kiln-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serial.log");
+        std::fs::write(&path, b"old\n").unwrap();
+        let serial = Serial {
+            serial_out_path: Some(path.display().to_string()),
+            rate_limiter: None,
+        };
+        let mut c = open_console(Some(&serial)).unwrap();
+        c.write_all(b"guest says hi\n").unwrap();
+        c.flush().unwrap();
+        drop(c);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "old\nguest says hi\n"
+        );
+        // A named pipe without a reader is an error, not a hang.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_console(Some(&Serial {
+            serial_out_path: Some(fifo.display().to_string()),
+            rate_limiter: None,
+        }))
+        .err()
+        .expect("no reader");
+        assert!(e.to_string().contains("fifo"), "{e}");
+        let e = open_console(Some(&Serial {
+            serial_out_path: Some("/nonexistent-dir/x".into()),
+            rate_limiter: None,
+        }))
+        .err()
+        .expect("bad path");
+        assert!(e.to_string().contains("/nonexistent-dir/x"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
