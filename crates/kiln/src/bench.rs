@@ -1,4 +1,5 @@
-//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory.
+//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory;
+//! `kiln bench io` (bench_io.rs) and `kiln bench api` (bench_api.rs).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -11,6 +12,8 @@ use kiln_lab::scripts::{shell_quote, GUEST_READY_MARKER};
 
 use crate::cli_lab;
 
+#[path = "bench_api.rs"]
+mod bench_api;
 #[path = "bench_io.rs"]
 mod bench_io;
 
@@ -54,6 +57,15 @@ enum BenchKind {
         #[arg(long, default_value_t = 256)]
         mem: u64,
     },
+    /// `kiln vmm`'s API: exec → socket ready, and call latency (no guest).
+    Api {
+        /// `kiln vmm` spawns to time.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// `PUT /machine-config` calls to time.
+        #[arg(long, default_value_t = 5000)]
+        calls: usize,
+    },
 }
 
 /// Runs a benchmark.
@@ -90,6 +102,9 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             rand_ops,
             mem,
         }),
+        BenchKind::Api { runs, calls } => {
+            bench_api::bench_api(bench_api::ApiOptions { runs, calls })
+        }
     }
 }
 
