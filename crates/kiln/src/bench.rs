@@ -14,6 +14,8 @@ use crate::cli_lab;
 
 #[path = "bench_api.rs"]
 mod bench_api;
+#[path = "bench_flood.rs"]
+mod bench_flood;
 #[path = "bench_io.rs"]
 mod bench_io;
 
@@ -66,6 +68,22 @@ enum BenchKind {
         #[arg(long, default_value_t = 5000)]
         calls: usize,
     },
+    /// Hostile clients against a running API (`--api-sock` of `kiln run` or
+    /// `kiln vmm`): fails if `GET /` slows down or bad requests go unanswered.
+    ApiFlood {
+        /// The API socket.
+        #[arg(long)]
+        sock: PathBuf,
+        /// Hostile connections.
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        /// Seconds to keep them busy.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Slowest acceptable `GET /` probe, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        max_probe_ms: u64,
+    },
 }
 
 /// Runs a benchmark.
@@ -101,6 +119,17 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             size_mib: size.max(1),
             rand_ops,
             mem,
+        }),
+        BenchKind::ApiFlood {
+            sock,
+            conns,
+            secs,
+            max_probe_ms,
+        } => bench_flood::flood(bench_flood::FloodOptions {
+            sock,
+            conns,
+            secs,
+            max_probe: Duration::from_millis(max_probe_ms),
         }),
         BenchKind::Api { runs, calls } => {
             bench_api::bench_api(bench_api::ApiOptions { runs, calls })
