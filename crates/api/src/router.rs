@@ -115,6 +115,16 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
                 Err(resp) => resp,
             }
         }
+        ("PUT", "/snapshot/create") => {
+            match parse_body::<crate::snapshot::SnapshotCreateParams>(req) {
+                Ok(p) => result(vm.create_snapshot(&p)),
+                Err(resp) => resp,
+            }
+        }
+        ("PUT", "/snapshot/load") => match parse_body::<crate::snapshot::SnapshotLoadParams>(req) {
+            Ok(p) => result(vm.load_snapshot(&p)),
+            Err(resp) => resp,
+        },
         ("PUT", "/actions") => match parse_body::<Action>(req) {
             Ok(Action {
                 action_type: ActionType::InstanceStart,
@@ -142,8 +152,6 @@ pub fn not_supported(method: &str, path: &str) -> Option<&'static str> {
         ("PUT", "/cpu-config") => "custom CPU templates (cpu-config) are",
         ("PUT" | "PATCH" | "GET", "/mmds") => "the microVM metadata service (MMDS) is",
         ("PUT", "/mmds/config") => "the microVM metadata service (MMDS) is",
-        ("PUT", "/snapshot/create") => "snapshots are",
-        ("PUT", "/snapshot/load") => "snapshots are",
         ("PUT" | "PATCH" | "GET", "/hotplug/memory") => "memory hot-plugging is",
         ("PATCH", "/balloon/hinting/start" | "/balloon/hinting/stop")
         | ("GET", "/balloon/hinting/status") => "free page hinting is",

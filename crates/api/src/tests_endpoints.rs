@@ -181,8 +181,6 @@ fn every_spec_endpoint_gets_a_clear_answer() {
         ("PATCH", "/mmds", "metadata service"),
         ("GET", "/mmds", "metadata service"),
         ("PUT", "/mmds/config", "metadata service"),
-        ("PUT", "/snapshot/create", "snapshots"),
-        ("PUT", "/snapshot/load", "snapshots"),
         ("PUT", "/hotplug/memory", "memory hot-plugging"),
         ("PATCH", "/hotplug/memory", "memory hot-plugging"),
         ("GET", "/hotplug/memory", "memory hot-plugging"),

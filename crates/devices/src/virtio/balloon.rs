@@ -420,6 +420,10 @@ impl VirtioDevice for Balloon {
         *self.shared.interval_changed.lock().expect("balloon lock") = None;
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }
