@@ -41,7 +41,7 @@ use crate::{VmControl, DEFAULT_MAX_PAYLOAD};
 /// request) before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections open at once, by default.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 /// How long a connection closed after an error keeps discarding input.
 const LINGER: Duration = Duration::from_secs(2);
 /// Bytes read from one connection per readiness event.
