@@ -182,3 +182,48 @@ pub fn flood(opts: FloodOptions) -> Result<i32> {
     println!("api-flood: {}", if ok { "PASS" } else { "FAIL" });
     Ok(if ok { 0 } else { 1 })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kiln_api::{ApiServer, PreBootVm, Starter, VmControl, VmResources};
+
+    use super::*;
+
+    struct NoStart;
+
+    impl Starter for NoStart {
+        fn start(&self, _: &VmResources) -> Result<Arc<dyn VmControl>, String> {
+            Err("no VM in this test".into())
+        }
+    }
+
+    #[test]
+    fn a_flood_against_the_real_server_passes() {
+        let dir = std::env::temp_dir().join(format!("kiln-flood-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let vm = Arc::new(PreBootVm::new("flood", "0", Box::new(NoStart)));
+        ApiServer::bind(&sock).unwrap().spawn(vm).unwrap();
+        let code = flood(FloodOptions {
+            sock: sock.clone(),
+            conns: 60,
+            secs: 1,
+            max_probe: Duration::from_millis(500),
+        })
+        .unwrap();
+        assert_eq!(code, 0);
+        // Against nothing, the flood fails with a clear error.
+        std::fs::remove_file(&sock).unwrap();
+        let e = flood(FloodOptions {
+            sock,
+            conns: 1,
+            secs: 1,
+            max_probe: Duration::from_millis(500),
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("the API does not answer"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
