@@ -46,6 +46,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
 const LINGER: Duration = Duration::from_secs(2);
 /// Bytes read from one connection per readiness event.
 const READ_CHUNK: usize = 16 * 1024;
+/// Requests executed for one connection per turn of the loop, so a client
+/// pipelining thousands of requests takes turns with the others.
+const REQUESTS_PER_TURN: usize = 16;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -189,7 +192,9 @@ impl EventLoop {
             revents: 0,
         });
         let mut next_deadline = self.accept_paused_until;
+        let mut more = false;
         for c in &self.conns {
+            more |= c.more;
             self.pollfds.push(libc::pollfd {
                 fd: c.stream.as_raw_fd(),
                 events: c.interest(),
@@ -199,6 +204,8 @@ impl EventLoop {
             next_deadline = Some(next_deadline.map_or(d, |n| n.min(d)));
         }
         let timeout_ms = match next_deadline {
+            // Buffered requests wait for their turn: do not sleep.
+            _ if more => 0,
             None => -1,
             Some(d) => {
                 let ms = d.saturating_duration_since(now).as_millis();
@@ -228,6 +235,8 @@ impl EventLoop {
             let revents = self.pollfds[i + 1].revents;
             if revents != 0 {
                 c.on_ready(revents, &mut self.scratch, vm, now);
+            } else if c.more {
+                c.pump(vm, now);
             }
             if !c.dead && now >= c.deadline(server.idle_timeout) {
                 log::debug!("api: closing a connection that timed out");
@@ -330,6 +339,8 @@ struct Conn {
     last_progress: Instant,
     /// When the request being received started.
     request_started: Option<Instant>,
+    /// Complete requests may be buffered beyond this turn's budget.
+    more: bool,
 }
 
 impl Conn {
@@ -344,6 +355,7 @@ impl Conn {
             dead: false,
             last_progress: now,
             request_started: None,
+            more: false,
         }
     }
 
@@ -354,7 +366,7 @@ impl Conn {
     fn interest(&self) -> i16 {
         if self.pending_out() {
             libc::POLLOUT
-        } else if self.eof {
+        } else if self.eof || self.more {
             0
         } else {
             libc::POLLIN
@@ -379,7 +391,7 @@ impl Conn {
         }
         if self.pending_out() {
             self.flush(now);
-        } else if !self.eof {
+        } else if !self.eof && !self.more {
             self.read(scratch, now);
         }
         self.pump(vm, now);
@@ -441,6 +453,8 @@ impl Conn {
     /// Executes the requests that are complete, in order, while the
     /// previous responses are written; handles closing.
     fn pump(&mut self, vm: &dyn VmControl, now: Instant) {
+        self.more = false;
+        let mut budget = REQUESTS_PER_TURN;
         while !self.dead && !self.pending_out() {
             match self.phase {
                 Phase::Closing { linger: false } => {
@@ -480,6 +494,7 @@ impl Conn {
             match event {
                 Event::Continue => self.respond(|o| o.extend_from_slice(CONTINUE), now),
                 Event::Request(req) => {
+                    budget -= 1;
                     log::debug!("api: {} {}", req.method, req.path);
                     let resp = route(&req, vm);
                     log_fault(&resp);
@@ -488,6 +503,11 @@ impl Conn {
                     }
                     self.request_started = (!self.parser.is_idle()).then_some(now);
                     self.respond(|o| resp.encode(o, !req.keep_alive), now);
+                    if budget == 0 && self.phase == Phase::Open && !self.parser.is_idle() {
+                        // The rest next turn (reading waits until then).
+                        self.more = true;
+                        return;
+                    }
                 }
                 Event::Error(e) => {
                     let resp = Response::bad_request(e.to_string());
