@@ -179,6 +179,19 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /serial`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    /// Host file (or named pipe) receiving the guest's serial output
+    /// instead of `kiln vmm`'s stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Not supported by Kiln (refused when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +234,8 @@ pub enum PreBootRequest {
     Logger(LoggerConfig),
     /// `PUT /metrics`.
     Metrics(MetricsConfig),
+    /// `PUT /serial`.
+    Serial(Serial),
 }
 
 /// A whole microVM configuration: what the pre-boot requests build, what
@@ -259,6 +274,10 @@ pub struct VmResources {
     /// The metrics (from `PUT /metrics`, the config file or the flags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// The serial console's output (`PUT /serial`; not part of
+    /// Firecracker's config file or `GET /vm/config`).
+    #[serde(skip)]
+    pub serial: Option<Serial>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -395,6 +414,17 @@ impl VmResources {
                     ));
                 }
                 self.metrics = Some(m);
+            }
+            PreBootRequest::Serial(c) => {
+                if c.rate_limiter.is_some() {
+                    return Err(invalid(
+                        "A rate limiter on the serial console is not supported by Kiln; remove rate_limiter.",
+                    ));
+                }
+                if c.serial_out_path.as_deref() == Some("") {
+                    return Err(invalid("serial_out_path is empty"));
+                }
+                self.serial = Some(c);
             }
         }
         Ok(())
@@ -599,6 +629,28 @@ impl VmControl for PreBootVm {
                 Ok(())
             }
             Stage::NotStarted => Err(invalid(BEFORE_START)),
+        }
+    }
+
+    fn update_balloon_stats(
+        &self,
+        update: &crate::models::BalloonStatsUpdate,
+    ) -> Result<(), ApiError> {
+        let mut s = self.state();
+        let interval = update.stats_polling_interval_s;
+        match &s.stage {
+            Stage::Running(vm) => {
+                vm.update_balloon_stats(update)?;
+                if let Some(b) = s.res.balloon.as_mut() {
+                    b.stats_polling_interval_s = interval;
+                }
+                Ok(())
+            }
+            Stage::NotStarted => {
+                let b = s.res.balloon.as_mut().ok_or(ApiError::NoBalloon)?;
+                b.stats_polling_interval_s = interval;
+                Ok(())
+            }
         }
     }
 
