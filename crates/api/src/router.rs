@@ -112,6 +112,9 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
             Ok(Action {
                 action_type: ActionType::InstanceStart,
             }) => result(vm.start_instance()),
+            Ok(Action {
+                action_type: ActionType::SendCtrlAltDel,
+            }) => result(vm.send_ctrl_alt_del()),
             Ok(Action { action_type }) => Response::bad_request(format!(
                 "The action {action_type:?} is not supported by Kiln"
             )),

@@ -28,6 +28,13 @@ use vm_superio::Trigger;
 
 use crate::{BusDevice, EventFdTrigger};
 
+/// First I/O port (data); the command/status port is at +4.
+pub const I8042_PORT: u64 = 0x60;
+/// Ports 0x60..=0x64.
+pub const I8042_PORT_LEN: u64 = 5;
+/// The keyboard's IRQ (GSI).
+pub const I8042_IRQ: u32 = 1;
+
 // Status register bits.
 const STS_OBF: u8 = 1 << 0;
 const STS_SYS: u8 = 1 << 2;

@@ -36,6 +36,10 @@ impl KilnVm {
 }
 
 impl VmControl for KilnVm {
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.handle.send_ctrl_alt_del().map_err(ApiError::Invalid)
+    }
+
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
         match state {
             VmState::Paused => self.handle.pause().map_err(ApiError::Invalid),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use kiln_devices::cmos::Cmos;
-use kiln_devices::i8042::I8042;
+use kiln_devices::i8042::{I8042, I8042_IRQ, I8042_PORT, I8042_PORT_LEN};
 use kiln_devices::power::SleepControl;
 use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
 use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
@@ -64,6 +64,7 @@ pub struct VmHandle {
     pause: Arc<PauseState>,
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     vcpus: usize,
+    keyboard: Arc<Mutex<I8042>>,
 }
 
 impl VmHandle {
@@ -104,6 +105,16 @@ impl VmHandle {
     /// Whether the VM is paused (or being paused).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's i8042 keyboard (Firecracker's
+    /// `SendCtrlAltDel`); a Linux guest reboots, which ends the VM.
+    pub fn send_ctrl_alt_del(&self) -> std::result::Result<(), String> {
+        self.keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()
+            .map_err(|e| format!("Cannot send Ctrl-Alt-Del: {e}"))
     }
 }
 
@@ -222,7 +233,13 @@ impl Vmm {
         )));
         pio.insert(serial.clone(), COM1_PORT, 8).map_err(dev_err)?;
         let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
-        pio.insert(Arc::new(Mutex::new(I8042::new(reset))), 0x60, 5)
+        let kbd_irq = evt("i8042 irq eventfd")?;
+        vm.register_irqfd(&kbd_irq, I8042_IRQ)
+            .map_err(kvm("KVM_IRQFD (i8042)"))?;
+        let keyboard = Arc::new(Mutex::new(
+            I8042::new(reset).with_irq(EventFdTrigger::new(kbd_irq)),
+        ));
+        pio.insert(keyboard.clone(), I8042_PORT, I8042_PORT_LEN)
             .map_err(dev_err)?;
         pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
             .map_err(dev_err)?;
@@ -365,6 +382,7 @@ impl Vmm {
                 pause: Arc::new(PauseState::default()),
                 threads: Arc::new(Mutex::new(Vec::new())),
                 vcpus: vcpu_count,
+                keyboard,
             },
         })
     }
