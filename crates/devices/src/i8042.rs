@@ -95,15 +95,16 @@ struct OutByte {
     timeout: bool,
 }
 
-/// A controller command that takes a data byte (written to port 0x60).
+/// Where the data byte of a controller write command (written to port
+/// 0x60 next) goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum CtlArg {
-    WriteCommandByte,
-    WriteRam,
-    WriteOutputPort,
-    WriteKbdBuffer,
-    WriteAuxBuffer,
-    WriteAux,
+    CommandByte,
+    Ram,
+    OutputPort,
+    KbdBuffer,
+    AuxBuffer,
+    AuxDevice,
 }
 
 /// A keyboard command waiting for its argument byte.
@@ -359,8 +360,8 @@ impl I8042 {
                 let v = if cmd == 0x20 { self.command_byte } else { 0 };
                 self.push_controller(v);
             }
-            0x60 => self.pending = Some(CtlArg::WriteCommandByte),
-            0x61..=0x7f => self.pending = Some(CtlArg::WriteRam),
+            0x60 => self.pending = Some(CtlArg::CommandByte),
+            0x61..=0x7f => self.pending = Some(CtlArg::Ram),
             // Password installed? No.
             0xa4 => self.push_controller(0xf1),
             0xa7 => self.command_byte |= CB_AUX_DIS,
@@ -378,10 +379,10 @@ impl I8042 {
             // Input port: keyboard not inhibited.
             0xc0 => self.push_controller(0x80),
             0xd0 => self.push_controller(self.output_port),
-            0xd1 => self.pending = Some(CtlArg::WriteOutputPort),
-            0xd2 => self.pending = Some(CtlArg::WriteKbdBuffer),
-            0xd3 => self.pending = Some(CtlArg::WriteAuxBuffer),
-            0xd4 => self.pending = Some(CtlArg::WriteAux),
+            0xd1 => self.pending = Some(CtlArg::OutputPort),
+            0xd2 => self.pending = Some(CtlArg::KbdBuffer),
+            0xd3 => self.pending = Some(CtlArg::AuxBuffer),
+            0xd4 => self.pending = Some(CtlArg::AuxDevice),
             // Pulse output lines: bit 0 low pulses the reset line.
             0xf0..=0xff => {
                 if cmd & 1 == 0 {
@@ -395,22 +396,22 @@ impl I8042 {
     fn write_data(&mut self, v: u8) {
         self.cmd_flag = false;
         match self.pending.take() {
-            Some(CtlArg::WriteCommandByte) => {
+            Some(CtlArg::CommandByte) => {
                 self.command_byte = v;
                 // Interrupts just enabled with data waiting.
                 self.interrupt();
             }
-            Some(CtlArg::WriteRam) => {}
-            Some(CtlArg::WriteOutputPort) => {
+            Some(CtlArg::Ram) => {}
+            Some(CtlArg::OutputPort) => {
                 self.output_port = v;
                 if v & 1 == 0 {
                     self.pulse_reset();
                 }
             }
-            Some(CtlArg::WriteKbdBuffer) => self.push(v, false, false),
-            Some(CtlArg::WriteAuxBuffer) => self.push(v, true, false),
+            Some(CtlArg::KbdBuffer) => self.push(v, false, false),
+            Some(CtlArg::AuxBuffer) => self.push(v, true, false),
             // Nothing on the aux port answers.
-            Some(CtlArg::WriteAux) => self.push(0xfe, true, true),
+            Some(CtlArg::AuxDevice) => self.push(0xfe, true, true),
             None => self.keyboard_write(v),
         }
     }
