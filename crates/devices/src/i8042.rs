@@ -588,6 +588,8 @@ mod tests {
         // Linux does this at probe) does not.
         r.cmd(0xd1);
         r.data(0xdf);
+        // Linux's "null command" 0xff pulses no line.
+        r.cmd(0xff);
         assert_eq!(r.resets(), 0);
         r.cmd(0xd0);
         assert_eq!(r.drain(), vec![0xdf]);
