@@ -11,6 +11,7 @@ pub mod models;
 pub mod preboot;
 pub mod router;
 pub mod server;
+pub mod snapshot;
 
 pub use models::{
     Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
@@ -76,6 +77,16 @@ pub trait VmControl: Send + Sync {
         Err(ApiError::Invalid(
             "The VM configuration is not available from this VMM".into(),
         ))
+    }
+    /// `PUT /snapshot/create`. Default: not possible.
+    fn create_snapshot(&self, _p: &snapshot::SnapshotCreateParams) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "This microVM cannot be snapshotted (start it with `kiln vmm`)".into(),
+        ))
+    }
+    /// `PUT /snapshot/load`. Default: not possible.
+    fn load_snapshot(&self, _p: &snapshot::SnapshotLoadParams) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(preboot::AFTER_START.into()))
     }
 }
 

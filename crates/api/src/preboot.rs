@@ -433,6 +433,14 @@ pub trait Starter: Send + Sync {
     /// Builds the VM from `res` and starts its vCPUs; returns the running
     /// VM's control (for the runtime requests), or why it could not start.
     fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String>;
+    /// Restores a VM from a snapshot; returns its control and the
+    /// configuration it was built from. Default: not supported.
+    fn restore(
+        &self,
+        _p: &crate::snapshot::SnapshotLoadParams,
+    ) -> Result<(Arc<dyn VmControl>, VmResources), String> {
+        Err("snapshots are not supported by this VMM".into())
+    }
 }
 
 enum Stage {
@@ -589,6 +597,36 @@ impl VmControl for PreBootVm {
 
     fn vm_config(&self) -> Result<VmResources, ApiError> {
         Ok(self.state().res.clone())
+    }
+
+    fn create_snapshot(&self, p: &crate::snapshot::SnapshotCreateParams) -> Result<(), ApiError> {
+        let vm = match &self.state().stage {
+            Stage::Running(vm) => vm.clone(),
+            Stage::NotStarted => return Err(invalid(BEFORE_START)),
+        };
+        vm.create_snapshot(p)
+    }
+
+    fn load_snapshot(&self, p: &crate::snapshot::SnapshotLoadParams) -> Result<(), ApiError> {
+        let mut s = self.state();
+        if let Stage::Running(_) = s.stage {
+            return Err(invalid(
+                "Loading a microVM snapshot is not allowed after the microVM has started.",
+            ));
+        }
+        if s.res != VmResources::default() {
+            return Err(invalid(
+                "Loading a microVM snapshot is not allowed after configuring boot-specific resources.",
+            ));
+        }
+        p.memory_file().map_err(invalid)?;
+        let (running, res) = self
+            .starter
+            .restore(p)
+            .map_err(|e| invalid(format!("Cannot load the snapshot: {e}")))?;
+        s.res = res;
+        s.stage = Stage::Running(running);
+        Ok(())
     }
 }
 

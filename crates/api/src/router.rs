@@ -108,6 +108,16 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
                 Err(resp) => resp,
             }
         }
+        ("PUT", "/snapshot/create") => {
+            match parse_body::<crate::snapshot::SnapshotCreateParams>(req) {
+                Ok(p) => result(vm.create_snapshot(&p)),
+                Err(resp) => resp,
+            }
+        }
+        ("PUT", "/snapshot/load") => match parse_body::<crate::snapshot::SnapshotLoadParams>(req) {
+            Ok(p) => result(vm.load_snapshot(&p)),
+            Err(resp) => resp,
+        },
         ("PUT", "/actions") => match parse_body::<Action>(req) {
             Ok(Action {
                 action_type: ActionType::InstanceStart,

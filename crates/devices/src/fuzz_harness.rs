@@ -598,6 +598,10 @@ impl VirtioDevice for SyncRng {
     fn reset(&mut self) {
         self.state.lock().unwrap().active = None;
     }
+    fn worker(&self) -> Option<&crate::virtio::worker::Worker> {
+        None
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.inner.metrics()
     }

@@ -90,6 +90,74 @@ impl Serial {
     }
 }
 
+/// The UART's registers and unread input, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    /// DLL, DLM, IER, IIR, LCR, LSR, MCR, MSR, SCR, in that order.
+    pub regs: [u8; 9],
+    /// Input the guest has not read yet.
+    pub input: Vec<u8>,
+}
+
+impl Serial {
+    /// The state to save.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            regs: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            input: s.in_buffer,
+        }
+    }
+
+    /// Loads saved registers, keeping this UART's interrupt and output.
+    pub fn restore_state(&mut self, snap: &SerialSnapshot) -> Result<(), String> {
+        if snap.input.len() > 64 {
+            return Err(format!(
+                "serial: {} bytes of pending input exceed the 64-byte FIFO",
+                snap.input.len()
+            ));
+        }
+        let r = snap.regs;
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: r[0],
+            baud_divisor_high: r[1],
+            interrupt_enable: r[2],
+            interrupt_identification: r[3],
+            line_control: r[4],
+            line_status: r[5],
+            modem_control: r[6],
+            modem_status: r[7],
+            scratch: r[8],
+            in_buffer: snap.input.clone(),
+        };
+        let trigger = self
+            .inner
+            .interrupt_evt()
+            .try_clone()
+            .map_err(|e| format!("serial: {e}"))?;
+        let placeholder = vm_superio::Serial::new(
+            trigger.try_clone().map_err(|e| format!("serial: {e}"))?,
+            ConsoleWriter::new(Box::new(io::sink()), Arc::default()),
+        );
+        let old = std::mem::replace(&mut self.inner, placeholder);
+        let out = old.into_writer();
+        self.inner =
+            vm_superio::Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out)
+                .map_err(|e| format!("serial: {e:?}"))?;
+        Ok(())
+    }
+}
+
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if data.len() == 1 && offset < 8 {
@@ -161,5 +229,42 @@ mod tests {
         assert_eq!(b[0], b'a');
         s.read(0, &mut b);
         assert_eq!(b[0], b'b');
+    }
+
+    #[test]
+    fn state_survives_save_and_restore() {
+        let new = || {
+            Serial::new(
+                EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+                ConsoleWriter::new(Box::new(Sink::default()), Arc::default()),
+            )
+        };
+        let mut a = new();
+        a.write(1, &[0x0f]); // IER
+        a.write(3, &[0x03]); // LCR: 8N1
+        a.write(7, &[0x5a]); // scratch
+        assert_eq!(a.enqueue_input(b"hi"), 2);
+        let snap = a.save_state();
+        assert_eq!(snap.input, b"hi");
+
+        let out = Sink::default();
+        let mut b = Serial::new(
+            EventFdTrigger::new(EventFd::new(libc::EFD_NONBLOCK).unwrap()),
+            ConsoleWriter::new(Box::new(out.clone()), Arc::default()),
+        );
+        b.restore_state(&snap).unwrap();
+        assert_eq!(b.save_state(), snap);
+        let mut byte = [0u8];
+        b.read(7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        b.read(0, &mut byte);
+        assert_eq!(byte[0], b'h', "pending input is still there");
+        // Output still goes to b's own writer.
+        b.write(0, b"!");
+        assert_eq!(*out.0.lock().unwrap(), b"!");
+
+        let mut too_much = snap;
+        too_much.input = vec![0; 65];
+        assert!(b.restore_state(&too_much).unwrap_err().contains("FIFO"));
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use clap::Args;
+use kiln_api::snapshot::{SnapshotCreateParams, SnapshotType};
 use kiln_api::{
     ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl, VmState,
 };
@@ -17,6 +18,8 @@ pub struct KilnVm {
     handle: VmHandle,
     mem_mib: u64,
     balloon: Option<(BalloonHandle, BalloonConfig)>,
+    /// The Firecracker-shaped configuration (JSON), stored in snapshots.
+    config_json: Option<String>,
 }
 
 impl KilnVm {
@@ -27,7 +30,14 @@ impl KilnVm {
             handle: vmm.handle(),
             mem_mib: config.mem_mib,
             balloon: vmm.balloon().zip(config.balloon.clone()),
+            config_json: None,
         }
+    }
+
+    /// Adds the configuration a snapshot stores to rebuild this VM.
+    pub fn with_config(mut self, res: &kiln_api::VmResources) -> Self {
+        self.config_json = serde_json::to_string(res).ok();
+        self
     }
 
     fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
@@ -38,6 +48,36 @@ impl KilnVm {
 impl VmControl for KilnVm {
     fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
         self.handle.send_ctrl_alt_del().map_err(ApiError::Invalid)
+    }
+
+    fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        if p.snapshot_type == SnapshotType::Diff {
+            return Err(ApiError::Invalid(
+                "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
+            ));
+        }
+        let config = self.config_json.as_deref().ok_or_else(|| {
+            ApiError::Invalid(
+                "This microVM cannot be snapshotted: start it with `kiln vmm` (API or --config-file)"
+                    .into(),
+            )
+        })?;
+        let stats = self
+            .handle
+            .snapshot(
+                config,
+                Path::new(&p.snapshot_path),
+                Path::new(&p.mem_file_path),
+            )
+            .map_err(ApiError::Invalid)?;
+        log::info!(
+            "snapshot {} + {}: {} MiB of memory written in {:?}",
+            p.snapshot_path,
+            p.mem_file_path,
+            stats.mem_bytes_written >> 20,
+            stats.elapsed
+        );
+        Ok(())
     }
 
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {

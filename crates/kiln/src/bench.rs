@@ -13,6 +13,8 @@ use crate::cli_lab;
 
 #[path = "bench_io.rs"]
 mod bench_io;
+#[path = "bench_snapshot.rs"]
+mod bench_snapshot;
 
 /// Options of `kiln bench`.
 #[derive(Args, Debug)]
@@ -54,6 +56,16 @@ enum BenchKind {
         #[arg(long, default_value_t = 256)]
         mem: u64,
     },
+    /// Snapshot create time and restore latency (to the VMM restored, to
+    /// the guest's first answer over vsock).
+    Snapshot {
+        /// Number of restores.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+    },
 }
 
 /// Runs a benchmark.
@@ -78,6 +90,20 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
                 return Ok(lab.run_interactive(&cmd)?);
             }
             boot_bench(runs, mem, vcpus, &cmdline)
+        }
+        BenchKind::Snapshot { runs, mem } => {
+            let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab();
+            if !here {
+                eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
+                let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
+                let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
+                let cmd = format!(
+                    "{}kiln bench snapshot --runs {runs} --mem {mem}",
+                    cli_lab::lab_env_prefix()
+                );
+                return Ok(lab.run_interactive(&cmd)?);
+            }
+            bench_snapshot::bench_snapshot(runs, mem)
         }
         BenchKind::Io {
             runs,

@@ -4,6 +4,7 @@ mod api_glue;
 mod bench;
 mod cli_lab;
 mod logger;
+mod snapshot_cmd;
 mod term;
 mod vmm_cmd;
 
@@ -53,6 +54,8 @@ enum Command {
     /// Firecracker-compatible VMM: configure over the API (--api-sock) or
     /// from a Firecracker config file (--config-file), then boot.
     Vmm(vmm_cmd::VmmArgs),
+    /// Restore a snapshot (from PUT /snapshot/create) and run it.
+    Restore(snapshot_cmd::RestoreArgs),
 }
 
 /// Options of `kiln run`.
@@ -182,6 +185,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Bench(args) => bench::bench(args),
         Command::Api(args) => api_glue::api(args),
         Command::Vmm(args) => vmm_cmd::vmm(args, start),
+        Command::Restore(args) => snapshot_cmd::restore_cmd(args, start),
     }
 }
 

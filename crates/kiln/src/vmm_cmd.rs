@@ -149,14 +149,22 @@ fn limiter(r: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
 /// (/dev/vda); `root=/dev/vda` (with `ro`/`rw`) is added to the command line
 /// unless it already has a `root=`.
 pub fn to_vm_config(res: &VmResources) -> Result<VmConfig> {
+    vm_config_of(res, true)
+}
+
+/// [`to_vm_config`]; `check_kernel` false skips the kernel and initrd
+/// checks (a restored VM does not load them).
+pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
     let boot = res
         .boot_source
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("no boot source (kernel) configured"))?;
     let kernel = PathBuf::from(&boot.kernel_image_path);
-    kiln_vmm::boot::check_kernel_file(&kernel)?;
+    if check_kernel {
+        kiln_vmm::boot::check_kernel_file(&kernel)?;
+    }
     let initrd = boot.initrd_path.as_ref().map(PathBuf::from);
-    if let Some(i) = &initrd {
+    if let Some(i) = initrd.as_ref().filter(|_| check_kernel) {
         std::fs::metadata(i).map_err(|source| kiln_vmm::boot::BootError::Initrd {
             path: i.clone(),
             source,
@@ -253,26 +261,55 @@ pub fn to_vm_config(res: &VmResources) -> Result<VmConfig> {
     Ok(config)
 }
 
-/// What the API thread sends the main thread on `InstanceStart`.
-type StartRequest = (VmConfig, SyncSender<Result<KilnVm, String>>);
+/// How the main thread should make the VM.
+enum Make {
+    /// Boot it (`InstanceStart`).
+    Boot(Box<VmConfig>),
+    /// Restore it (`PUT /snapshot/load`).
+    Restore(Box<crate::snapshot_cmd::Restore>),
+}
 
-/// The API side of `InstanceStart`: see the module documentation.
+/// What the API thread sends the main thread: what to make, the
+/// configuration it comes from, and where to answer.
+type StartRequest = (Make, VmResources, Reply);
+
+/// Where the main thread answers a [`StartRequest`].
+type Reply = SyncSender<Result<KilnVm, String>>;
+
+/// The API side of `InstanceStart` and `PUT /snapshot/load`: see the module
+/// documentation.
 struct ChannelStarter(Mutex<Sender<StartRequest>>);
 
-impl Starter for ChannelStarter {
-    fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
-        let config = to_vm_config(res).map_err(|e| e.to_string())?;
+impl ChannelStarter {
+    fn ask(&self, make: Make, res: VmResources) -> Result<Arc<dyn VmControl>, String> {
         let (reply, answer) = sync_channel(1);
         self.0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .send((config, reply))
+            .send((make, res, reply))
             .map_err(|_| "the VMM thread has stopped".to_string())?;
         match answer.recv() {
             Ok(Ok(vm)) => Ok(Arc::new(vm)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("the VM failed while starting its vCPUs".into()),
         }
+    }
+}
+
+impl Starter for ChannelStarter {
+    fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
+        let config = to_vm_config(res).map_err(|e| e.to_string())?;
+        self.ask(Make::Boot(Box::new(config)), res.clone())
+    }
+
+    fn restore(
+        &self,
+        p: &kiln_api::snapshot::SnapshotLoadParams,
+    ) -> Result<(Arc<dyn VmControl>, VmResources), String> {
+        let r = crate::snapshot_cmd::prepare(p).map_err(|e| format!("{e:#}"))?;
+        let res = r.res.clone();
+        let vm = self.ask(Make::Restore(Box::new(r)), res.clone())?;
+        Ok((vm, res))
     }
 }
 
@@ -316,19 +353,19 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         _ => None,
     };
 
-    let (mut vmm, reply) = match (file_config, from_file) {
+    let (mut vmm, reply, res) = match (file_config, from_file) {
         (Some(config), Some(res)) => {
             let vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
-            api.set_running(res, Arc::new(KilnVm::of(&vmm)));
-            (vmm, None)
+            api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
+            (vmm, None, res)
         }
         _ => {
-            let (vmm, reply) = wait_for_start(&rx, start)?;
-            (vmm, Some(reply))
+            let (vmm, reply, res) = wait_for_start(&rx, start)?;
+            (vmm, Some(reply), res)
         }
     };
     let stdin = crate::term::prepare_stdin();
-    let control = KilnVm::of(&vmm);
+    let control = KilnVm::of(&vmm).with_config(&res);
     let reason = vmm.run_notify(stdin, move || {
         if let Some(r) = reply {
             let _ = r.send(Ok(control));
@@ -342,16 +379,22 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
 fn wait_for_start(
     rx: &Receiver<StartRequest>,
     start: Instant,
-) -> Result<(Vmm, SyncSender<Result<KilnVm, String>>)> {
+) -> Result<(Vmm, Reply, VmResources)> {
     loop {
-        let (config, reply) = rx
+        let (make, res, reply) = rx
             .recv()
             .map_err(|_| anyhow::anyhow!("vmm: the API server stopped"))?;
-        match Vmm::new(config, Box::new(std::io::stdout()), start) {
-            Ok(vmm) => return Ok((vmm, reply)),
+        let made = match make {
+            Make::Boot(config) => {
+                Vmm::new(*config, Box::new(std::io::stdout()), start).map_err(|e| format!("{e}"))
+            }
+            Make::Restore(r) => crate::snapshot_cmd::restore(*r, start),
+        };
+        match made {
+            Ok(vmm) => return Ok((vmm, reply, res)),
             Err(e) => {
-                log::warn!("InstanceStart failed: {e}");
-                let _ = reply.send(Err(e.to_string()));
+                log::warn!("starting the microVM failed: {e}");
+                let _ = reply.send(Err(e));
             }
         }
     }

@@ -8,14 +8,18 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod kvm_state;
 pub mod layout;
+pub mod memory_file;
 pub mod mptable;
 pub mod probe;
 pub mod regs;
+mod snapshot;
 mod vcpu;
 mod vm;
 
 pub use kiln_devices;
+pub use snapshot::SnapshotStats;
 pub use vcpu::VcpuStop;
 pub use vm::{ExitReason, VmHandle, Vmm};
 

@@ -29,10 +29,16 @@ pub struct PauseState {
     cv: Condvar,
 }
 
+/// Work for parked vCPU threads (e.g. saving their state): each parked
+/// thread runs it once with its own vCPU.
+pub type ParkedTask = Arc<dyn Fn(u8, &mut VcpuFd) + Send + Sync>;
+
 #[derive(Default)]
 struct PauseInner {
     paused: bool,
     parked: usize,
+    task: Option<(u64, ParkedTask)>,
+    task_gen: u64,
 }
 
 impl PauseState {
@@ -66,8 +72,19 @@ impl PauseState {
         g.parked >= n
     }
 
+    /// Has every parked vCPU run `task` once (the VM must be paused, with
+    /// all `n` vCPUs parked). The task reports its results itself (e.g.
+    /// through a channel); this only hands it out.
+    pub fn run_on_parked(&self, task: ParkedTask) {
+        let mut g = self.lock();
+        g.task_gen += 1;
+        let gen = g.task_gen;
+        g.task = Some((gen, task));
+        self.cv.notify_all();
+    }
+
     /// Parks the calling vCPU while a pause is requested.
-    fn park(&self, index: u8, vcpu: &VcpuFd, stop: &AtomicBool) {
+    fn park(&self, index: u8, vcpu: &mut VcpuFd, stop: &AtomicBool) {
         let mut g = self.lock();
         if !g.paused {
             return;
@@ -79,7 +96,18 @@ impl PauseState {
         }
         g.parked += 1;
         self.cv.notify_all();
+        // Tasks handed out before this thread parked are not for it.
+        let mut seen = g.task_gen;
         while g.paused && !stop.load(Ordering::Acquire) {
+            if let Some((gen, task)) = g.task.clone() {
+                if gen != seen {
+                    seen = gen;
+                    drop(g);
+                    task(index, vcpu);
+                    g = self.lock();
+                    continue;
+                }
+            }
             g = self
                 .cv
                 .wait_timeout(g, Duration::from_millis(50))
@@ -116,7 +144,7 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
-        ctx.pause.park(index, &vcpu, &ctx.stop);
+        ctx.pause.park(index, &mut vcpu, &ctx.stop);
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }

@@ -58,12 +58,14 @@ fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-/// A handle for pausing and resuming a VM from another thread (the API).
+/// A handle for pausing, resuming and snapshotting a VM from another
+/// thread (the API).
 #[derive(Clone)]
 pub struct VmHandle {
-    pause: Arc<PauseState>,
+    pub(crate) pause: Arc<PauseState>,
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
-    vcpus: usize,
+    pub(crate) vcpus: usize,
+    pub(crate) parts: Arc<crate::snapshot::VmParts>,
     keyboard: Arc<Mutex<I8042>>,
 }
 
@@ -102,6 +104,12 @@ impl VmHandle {
         self.pause.resume();
     }
 
+    /// Keeps the vCPUs parked from the moment they start (a VM restored
+    /// without `resume_vm`), until [`VmHandle::resume`].
+    pub fn hold_paused(&self) {
+        self.pause.request_pause();
+    }
+
     /// Whether the VM is paused (or being paused).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
@@ -123,8 +131,8 @@ pub struct Vmm {
     config: VmConfig,
     // The VM and memory must outlive the vCPUs; fields drop in order.
     vcpus: Vec<VcpuFd>,
-    _vm: VmFd,
-    _kvm: Kvm,
+    _vm: Arc<VmFd>,
+    _kvm: Arc<Kvm>,
     _mem: GuestMemoryMmap,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
@@ -154,27 +162,7 @@ impl Vmm {
             })?;
         }
 
-        let kvm_fd = Kvm::new().map_err(VmmError::KvmOpen)?;
-        for (cap, name) in [
-            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
-            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
-            (Cap::Irqfd, "KVM_CAP_IRQFD"),
-            (Cap::Pit2, "KVM_CAP_PIT2"),
-        ] {
-            if !kvm_fd.check_extension(cap) {
-                return Err(VmmError::Config(format!("this host's KVM lacks {name}")));
-            }
-        }
-        let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
-        vm.set_tss_address(KVM_TSS_ADDR as usize)
-            .map_err(kvm("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
-        };
-        vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
-
+        let (kvm_fd, vm) = create_vm()?;
         let mem_bytes = config.mem_mib << 20;
         let mem = GuestMemoryMmap::<()>::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| {
             VmmError::Memory {
@@ -182,24 +170,7 @@ impl Vmm {
                 detail: e.to_string(),
             }
         })?;
-        for (slot, region) in mem.iter().enumerate() {
-            let host = mem
-                .get_host_address(region.start_addr())
-                .map_err(|e| VmmError::Memory {
-                    mib: config.mem_mib,
-                    detail: e.to_string(),
-                })?;
-            let r = kvm_userspace_memory_region {
-                slot: slot as u32,
-                guest_phys_addr: region.start_addr().0,
-                memory_size: region.len(),
-                userspace_addr: host as u64,
-                flags: 0,
-            };
-            // SAFETY: `host` is the start of a live mapping of `region.len()` bytes
-            // owned by `mem`, which the Vmm keeps alive for as long as the VM.
-            unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-        }
+        register_memory(&vm, &mem, config.mem_mib)?;
 
         // Guest image and boot tables.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -213,105 +184,8 @@ impl Vmm {
             Some(p) => Some(boot::load_initrd(&mem, p, &kernel, mem_bytes)?),
             None => None,
         };
-        // Legacy devices.
-        let evt = |what| EventFd::new(libc::EFD_NONBLOCK).map_err(io(what));
-        let reset_evt = evt("reset eventfd")?;
-        let power_evt = evt("poweroff eventfd")?;
-        let panic_evt = evt("panic eventfd")?;
-        let exit_evt = evt("vCPU exit eventfd")?;
-        let panicked = Arc::new(AtomicBool::new(false));
-        let pio = Arc::new(Bus::new());
-        let mmio = Arc::new(Bus::new());
-        let dev_err = |e: kiln_devices::BusError| VmmError::Device(e.to_string());
-
-        let serial_irq = evt("serial irq eventfd")?;
-        vm.register_irqfd(&serial_irq, COM1_IRQ)
-            .map_err(kvm("KVM_IRQFD (serial)"))?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            EventFdTrigger::new(serial_irq),
-            ConsoleWriter::new(console, panicked.clone()),
-        )));
-        pio.insert(serial.clone(), COM1_PORT, 8).map_err(dev_err)?;
-        let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
-        let kbd_irq = evt("i8042 irq eventfd")?;
-        vm.register_irqfd(&kbd_irq, I8042_IRQ)
-            .map_err(kvm("KVM_IRQFD (i8042)"))?;
-        let keyboard = Arc::new(Mutex::new(
-            I8042::new(reset).with_irq(EventFdTrigger::new(kbd_irq)),
-        ));
-        pio.insert(keyboard.clone(), I8042_PORT, I8042_PORT_LEN)
-            .map_err(dev_err)?;
-        pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
-            .map_err(dev_err)?;
-        let sleep = SleepControl::new(
-            acpi::S5_SLEEP_TYPE,
-            power_evt.try_clone().map_err(io("poweroff eventfd"))?,
-        );
-        pio.insert(
-            Arc::new(Mutex::new(sleep)),
-            u64::from(acpi::SLEEP_CONTROL_PORT),
-            1,
-        )
-        .map_err(dev_err)?;
-        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
-        mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)
-            .map_err(dev_err)?;
-        let pvpanic = PvPanic::new(
-            panicked.clone(),
-            panic_evt.try_clone().map_err(io("panic eventfd"))?,
-        );
-        mmio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_ADDR, PVPANIC_LEN)
-            .map_err(dev_err)?;
-
-        // Virtio devices: opened now so bad paths fail before the guest runs.
-        let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-        for d in &config.disks {
-            let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-            virtio.push(Box::new(b));
-        }
-        for n in &config.nets {
-            let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-            virtio.push(Box::new(d));
-        }
-        if let Some(v) = &config.vsock {
-            let d = Vsock::new(v.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-            virtio.push(Box::new(d));
-        }
-        if config.rng {
-            virtio.push(Box::new(Rng::with_rate_limiter(config.rng_rate_limiter)));
-        }
-        let mut balloon = None;
-        if let Some(cfg) = &config.balloon {
-            let b = Balloon::new(cfg.clone());
-            balloon = Some(b.handle());
-            virtio.push(Box::new(b));
-        }
-        let mut mmio_infos = Vec::new();
-        for (i, dev) in virtio.into_iter().enumerate() {
-            let info = acpi::MmioDeviceInfo {
-                addr: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW,
-                len: MMIO_WINDOW,
-                irq: VIRTIO_IRQ_BASE + i as u32,
-            };
-            let irqfd = evt("virtio irq eventfd")?;
-            vm.register_irqfd(&irqfd, info.irq)
-                .map_err(kvm("KVM_IRQFD (virtio)"))?;
-            let mut queue_evts = Vec::new();
-            for q in 0..dev.queue_max_sizes().len() {
-                let e = evt("virtio queue eventfd")?;
-                vm.register_ioevent(
-                    &e,
-                    &IoEventAddress::Mmio(info.addr + QUEUE_NOTIFY),
-                    q as u32,
-                )
-                .map_err(kvm("KVM_IOEVENTFD"))?;
-                queue_evts.push(e);
-            }
-            let transport = MmioTransport::new(dev, mem.clone(), queue_evts, irqfd);
-            mmio.insert(Arc::new(Mutex::new(transport)), info.addr, info.len)
-                .map_err(dev_err)?;
-            mmio_infos.push(info);
-        }
+        let devs = build_devices(&config, &vm, &mem, console, start)?;
+        let mmio_infos = devs.mmio_infos.clone();
 
         // Boot data: command line (with the devices for kernels that read
         // them there), MP table, ACPI tables (with the devices in the DSDT),
@@ -361,30 +235,52 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
+        Ok(Self::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+    }
+
+    /// The Vmm around built parts.
+    pub(crate) fn assemble(
+        config: VmConfig,
+        kvm_fd: Kvm,
+        vm: VmFd,
+        mem: GuestMemoryMmap,
+        devs: Devices,
+        vcpus: Vec<VcpuFd>,
+    ) -> Self {
         let vcpu_count = vcpus.len();
-        Ok(Self {
+        let vm = Arc::new(vm);
+        let kvm_fd = Arc::new(kvm_fd);
+        let parts = Arc::new(crate::snapshot::VmParts {
+            kvm: kvm_fd.clone(),
+            vm: vm.clone(),
+            mem: mem.clone(),
+            serial: devs.serial.clone(),
+            transports: devs.transports.clone(),
+        });
+        Self {
             config,
             vcpus,
             _vm: vm,
             _kvm: kvm_fd,
             _mem: mem,
-            pio,
-            mmio,
-            serial,
-            reset_evt,
-            power_evt,
-            panic_evt,
-            exit_evt,
-            panicked,
-            boot_timer,
-            balloon,
+            pio: devs.pio,
+            mmio: devs.mmio,
+            serial: devs.serial,
+            reset_evt: devs.reset_evt,
+            power_evt: devs.power_evt,
+            panic_evt: devs.panic_evt,
+            exit_evt: devs.exit_evt,
+            panicked: devs.panicked,
+            boot_timer: devs.boot_timer,
+            balloon: devs.balloon,
             handle: VmHandle {
                 pause: Arc::new(PauseState::default()),
                 threads: Arc::new(Mutex::new(Vec::new())),
                 vcpus: vcpu_count,
-                keyboard,
+                parts,
+                keyboard: devs.keyboard,
             },
-        })
+        }
     }
 
     /// The configuration this VM was built from.
@@ -569,6 +465,207 @@ impl Vmm {
             clean
         }
     }
+}
+
+/// Devices of a VM, built from its config, before boot data or restore.
+pub(crate) struct Devices {
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    /// Each virtio transport with its MMIO base.
+    pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+    pub(crate) mmio_infos: Vec<acpi::MmioDeviceInfo>,
+    pub(crate) balloon: Option<BalloonHandle>,
+    pub(crate) boot_timer: Arc<Mutex<BootTimer>>,
+    /// The i8042 (for SendCtrlAltDel).
+    pub(crate) keyboard: Arc<Mutex<I8042>>,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) power_evt: EventFd,
+    pub(crate) panic_evt: EventFd,
+    pub(crate) exit_evt: EventFd,
+    pub(crate) panicked: Arc<AtomicBool>,
+}
+
+/// Opens KVM and creates the VM with its in-kernel irqchip and PIT.
+pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
+    let kvm_fd = Kvm::new().map_err(VmmError::KvmOpen)?;
+    for (cap, name) in [
+        (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+        (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (Cap::Irqfd, "KVM_CAP_IRQFD"),
+        (Cap::Pit2, "KVM_CAP_PIT2"),
+    ] {
+        if !kvm_fd.check_extension(cap) {
+            return Err(VmmError::Config(format!("this host's KVM lacks {name}")));
+        }
+    }
+    let vm = kvm_fd.create_vm().map_err(kvm("KVM_CREATE_VM"))?;
+    vm.set_tss_address(KVM_TSS_ADDR as usize)
+        .map_err(kvm("KVM_SET_TSS_ADDR"))?;
+    vm.create_irq_chip().map_err(kvm("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm("KVM_CREATE_PIT2"))?;
+
+    Ok((kvm_fd, vm))
+}
+
+/// Registers every region of `mem` with KVM.
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mem_mib: u64) -> Result<()> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::Memory {
+                mib: mem_mib,
+                detail: e.to_string(),
+            })?;
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: `host` is the start of a live mapping of `region.len()` bytes
+        // owned by `mem`, which the Vmm keeps alive for as long as the VM.
+        unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+
+    Ok(())
+}
+
+/// Builds the legacy and virtio devices of `config` on `vm`.
+pub(crate) fn build_devices(
+    config: &VmConfig,
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    console: Box<dyn Write + Send>,
+    start: Instant,
+) -> Result<Devices> {
+    // Legacy devices.
+    let evt = |what| EventFd::new(libc::EFD_NONBLOCK).map_err(io(what));
+    let reset_evt = evt("reset eventfd")?;
+    let power_evt = evt("poweroff eventfd")?;
+    let panic_evt = evt("panic eventfd")?;
+    let exit_evt = evt("vCPU exit eventfd")?;
+    let panicked = Arc::new(AtomicBool::new(false));
+    let pio = Arc::new(Bus::new());
+    let mmio = Arc::new(Bus::new());
+    let dev_err = |e: kiln_devices::BusError| VmmError::Device(e.to_string());
+
+    let serial_irq = evt("serial irq eventfd")?;
+    vm.register_irqfd(&serial_irq, COM1_IRQ)
+        .map_err(kvm("KVM_IRQFD (serial)"))?;
+    let serial = Arc::new(Mutex::new(Serial::new(
+        EventFdTrigger::new(serial_irq),
+        ConsoleWriter::new(console, panicked.clone()),
+    )));
+    pio.insert(serial.clone(), COM1_PORT, 8).map_err(dev_err)?;
+    let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
+    let kbd_irq = evt("i8042 irq eventfd")?;
+    vm.register_irqfd(&kbd_irq, I8042_IRQ)
+        .map_err(kvm("KVM_IRQFD (i8042)"))?;
+    let keyboard = Arc::new(Mutex::new(
+        I8042::new(reset).with_irq(EventFdTrigger::new(kbd_irq)),
+    ));
+    pio.insert(keyboard.clone(), I8042_PORT, I8042_PORT_LEN)
+        .map_err(dev_err)?;
+    pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
+        .map_err(dev_err)?;
+    let sleep = SleepControl::new(
+        acpi::S5_SLEEP_TYPE,
+        power_evt.try_clone().map_err(io("poweroff eventfd"))?,
+    );
+    pio.insert(
+        Arc::new(Mutex::new(sleep)),
+        u64::from(acpi::SLEEP_CONTROL_PORT),
+        1,
+    )
+    .map_err(dev_err)?;
+    let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+    mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)
+        .map_err(dev_err)?;
+    let pvpanic = PvPanic::new(
+        panicked.clone(),
+        panic_evt.try_clone().map_err(io("panic eventfd"))?,
+    );
+    mmio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_ADDR, PVPANIC_LEN)
+        .map_err(dev_err)?;
+
+    // Virtio devices: opened now so bad paths fail before the guest runs.
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for d in &config.disks {
+        let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        virtio.push(Box::new(b));
+    }
+    for n in &config.nets {
+        let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        virtio.push(Box::new(d));
+    }
+    if let Some(v) = &config.vsock {
+        let d = Vsock::new(v.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        virtio.push(Box::new(d));
+    }
+    if config.rng {
+        virtio.push(Box::new(Rng::with_rate_limiter(config.rng_rate_limiter)));
+    }
+    let mut balloon = None;
+    if let Some(cfg) = &config.balloon {
+        let b = Balloon::new(cfg.clone());
+        balloon = Some(b.handle());
+        virtio.push(Box::new(b));
+    }
+    let mut mmio_infos = Vec::new();
+    let mut transports = Vec::new();
+    for (i, dev) in virtio.into_iter().enumerate() {
+        let info = acpi::MmioDeviceInfo {
+            addr: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW,
+            len: MMIO_WINDOW,
+            irq: VIRTIO_IRQ_BASE + i as u32,
+        };
+        let irqfd = evt("virtio irq eventfd")?;
+        vm.register_irqfd(&irqfd, info.irq)
+            .map_err(kvm("KVM_IRQFD (virtio)"))?;
+        let mut queue_evts = Vec::new();
+        for q in 0..dev.queue_max_sizes().len() {
+            let e = evt("virtio queue eventfd")?;
+            vm.register_ioevent(
+                &e,
+                &IoEventAddress::Mmio(info.addr + QUEUE_NOTIFY),
+                q as u32,
+            )
+            .map_err(kvm("KVM_IOEVENTFD"))?;
+            queue_evts.push(e);
+        }
+        let transport = Arc::new(Mutex::new(MmioTransport::new(
+            dev,
+            mem.clone(),
+            queue_evts,
+            irqfd,
+        )));
+        mmio.insert(transport.clone(), info.addr, info.len)
+            .map_err(dev_err)?;
+        transports.push((info.addr, transport));
+        mmio_infos.push(info);
+    }
+
+    Ok(Devices {
+        pio,
+        mmio,
+        serial,
+        transports,
+        mmio_infos,
+        balloon,
+        boot_timer,
+        keyboard,
+        reset_evt,
+        power_evt,
+        panic_evt,
+        exit_evt,
+        panicked,
+    })
 }
 
 /// Adds `virtio_mmio.device=` entries before any init arguments (` -- `).

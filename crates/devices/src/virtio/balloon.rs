@@ -352,6 +352,10 @@ impl VirtioDevice for Balloon {
         *self.shared.interrupt.lock().expect("balloon lock") = None;
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }

@@ -498,6 +498,10 @@ impl VirtioDevice for Block {
         self.worker = None;
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }

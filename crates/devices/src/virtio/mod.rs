@@ -156,6 +156,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's counters.
     fn metrics(&self) -> Arc<DeviceMetrics>;
+    /// The worker thread, while the device is active (to pause it for a
+    /// snapshot).
+    fn worker(&self) -> Option<&worker::Worker>;
 }
 
 /// Reads `data.len()` bytes of a config structure `config` at `offset`,

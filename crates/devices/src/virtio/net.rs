@@ -581,6 +581,10 @@ impl VirtioDevice for Net {
         self.worker = None;
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }

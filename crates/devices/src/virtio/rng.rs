@@ -170,6 +170,10 @@ impl VirtioDevice for Rng {
         self.worker = None;
     }
 
+    fn worker(&self) -> Option<&super::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }

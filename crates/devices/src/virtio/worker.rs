@@ -1,17 +1,41 @@
 //! A device worker thread: one epoll over the device's eventfds and backend
-//! fds, plus a kill eventfd to stop it.
+//! fds, plus a control eventfd to pause, resume or stop it.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-const KILL_TOKEN: u64 = u64::MAX;
+const CONTROL_TOKEN: u64 = u64::MAX;
+
+/// What the control eventfd asks of the thread.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Run,
+    /// Asked to pause; the thread answers by setting `Paused`.
+    Pause,
+    Paused,
+    Stop,
+}
+
+struct Control {
+    mode: Mutex<Mode>,
+    cond: Condvar,
+}
+
+impl Control {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Mode> {
+        self.mode.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
 
 /// A running worker; dropping it stops the thread.
 pub struct Worker {
-    kill: EventFd,
+    kick: EventFd,
+    control: Arc<Control>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -35,16 +59,22 @@ impl Worker {
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
     {
-        let kill = EventFd::new(libc::EFD_NONBLOCK)?;
+        let kick = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
-            kill.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, KILL_TOKEN),
+            kick.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, CONTROL_TOKEN),
         )?;
         for (fd, token, events) in fds {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
         }
+        let control = Arc::new(Control {
+            mode: Mutex::new(Mode::Run),
+            cond: Condvar::new(),
+        });
+        let thread_control = control.clone();
+        let thread_kick = kick.try_clone()?;
         let handle = std::thread::Builder::new()
             .name(name.clone())
             .spawn(move || {
@@ -59,8 +89,12 @@ impl Worker {
                         }
                     };
                     for ev in &events[..n] {
-                        if ev.data() == KILL_TOKEN {
-                            return;
+                        if ev.data() == CONTROL_TOKEN {
+                            let _ = thread_kick.read();
+                            if !obey(&thread_control) {
+                                return;
+                            }
+                            continue;
                         }
                         if let Next::Stop = handler(ev.data(), ev.event_set()) {
                             log::error!("{name}: worker stopped");
@@ -70,16 +104,70 @@ impl Worker {
                 }
             })?;
         Ok(Self {
-            kill,
+            kick,
+            control,
             handle: Some(handle),
         })
+    }
+
+    /// Stops the thread between two events and keeps it (and the device
+    /// state it owns) until [`Worker::resume`]. Returns false if the thread
+    /// did not stop within `timeout` or has ended.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        if self.handle.as_ref().is_none_or(|h| h.is_finished()) {
+            return false;
+        }
+        {
+            let mut mode = self.control.lock();
+            if *mode == Mode::Paused {
+                return true;
+            }
+            *mode = Mode::Pause;
+        }
+        let _ = self.kick.write(1);
+        let mode = self.control.lock();
+        let (mode, _) = self
+            .control
+            .cond
+            .wait_timeout_while(mode, timeout, |m| *m == Mode::Pause)
+            .unwrap_or_else(|e| e.into_inner());
+        *mode == Mode::Paused
+    }
+
+    /// Lets a paused thread go on.
+    pub fn resume(&self) {
+        let mut mode = self.control.lock();
+        if matches!(*mode, Mode::Pause | Mode::Paused) {
+            *mode = Mode::Run;
+            self.control.cond.notify_all();
+        }
     }
 
     /// Stops the thread and waits for it.
     pub fn stop(&mut self) {
         if let Some(h) = self.handle.take() {
-            let _ = self.kill.write(1);
+            *self.control.lock() = Mode::Stop;
+            self.control.cond.notify_all();
+            let _ = self.kick.write(1);
             let _ = h.join();
+        }
+    }
+}
+
+/// Acts on the control state on the worker thread; false means exit.
+fn obey(control: &Control) -> bool {
+    let mut mode = control.lock();
+    loop {
+        match *mode {
+            Mode::Run => return true,
+            Mode::Stop => return false,
+            Mode::Pause => {
+                *mode = Mode::Paused;
+                control.cond.notify_all();
+            }
+            Mode::Paused => {
+                mode = control.cond.wait(mode).unwrap_or_else(|e| e.into_inner());
+            }
         }
     }
 }
@@ -87,5 +175,54 @@ impl Worker {
 impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[test]
+    fn pause_holds_events_until_resume_and_stop_works_while_paused() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let seen = Arc::new(AtomicU64::new(0));
+        let (s, e) = (seen.clone(), evt.try_clone().unwrap());
+        let mut w = Worker::spawn(
+            "test_worker".into(),
+            vec![(evt.as_raw_fd(), 1, EventSet::IN)],
+            move |_, _| {
+                s.fetch_add(e.read().unwrap_or(0), Ordering::SeqCst);
+                Next::Continue
+            },
+        )
+        .unwrap();
+        let wait_for = |n| {
+            for _ in 0..200 {
+                if seen.load(Ordering::SeqCst) == n {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            false
+        };
+        evt.write(2).unwrap();
+        assert!(wait_for(2));
+
+        assert!(w.pause(Duration::from_secs(2)));
+        assert!(w.pause(Duration::from_secs(2)), "pausing twice is fine");
+        evt.write(3).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(seen.load(Ordering::SeqCst), 2, "no events while paused");
+
+        w.resume();
+        assert!(wait_for(5), "the held event is handled after resume");
+
+        assert!(w.pause(Duration::from_secs(2)));
+        w.stop(); // must not hang on a paused thread
+        assert!(
+            !w.pause(Duration::from_millis(10)),
+            "a stopped worker cannot pause"
+        );
     }
 }

@@ -234,6 +234,10 @@ impl VirtioDevice for Vsock {
         self.worker = None;
     }
 
+    fn worker(&self) -> Option<&crate::virtio::worker::Worker> {
+        self.worker.as_ref()
+    }
+
     fn metrics(&self) -> Arc<DeviceMetrics> {
         self.metrics.clone()
     }

@@ -1,0 +1,252 @@
+//! `kiln bench snapshot`: snapshot create time, and restore latency (exec
+//! → VMM restored, exec → first answer from the guest over vsock).
+//!
+//! One VM is booted from a Firecracker config with a vsock echo server in
+//! the guest, paused and snapshotted through the API; then the snapshot is
+//! restored `runs` times, each restore answering one vsock round trip.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use kiln_lab::scripts::GUEST_READY_MARKER;
+
+use super::Watchdog;
+
+/// Longest one step (boot, restore) may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(120);
+const VSOCK_PORT: u32 = 5000;
+
+/// Connects through the hybrid vsock socket and echoes one byte; retries
+/// until `deadline` while the socket or the guest is not there yet.
+fn vsock_ping(uds: &Path, deadline: Instant) -> Result<()> {
+    loop {
+        let attempt = (|| -> std::io::Result<bool> {
+            let mut s = UnixStream::connect(uds)?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            s.write_all(format!("CONNECT {VSOCK_PORT}\n").as_bytes())?;
+            let mut line = Vec::new();
+            let mut b = [0u8; 1];
+            while s.read(&mut b)? == 1 && b[0] != b'\n' {
+                line.push(b[0]);
+            }
+            if !line.starts_with(b"OK ") {
+                return Ok(false);
+            }
+            s.write_all(b"k")?;
+            s.read_exact(&mut b)?;
+            Ok(b[0] == b'k')
+        })();
+        if let Ok(true) = attempt {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no vsock answer through {} ({attempt:?})", uds.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
+fn api(sock: &Path, method: &str, uri: &str, body: &str) -> Result<Duration> {
+    let t = Instant::now();
+    let r = kiln_api::client::request(sock, method, uri, Some(body))
+        .with_context(|| format!("{method} {uri}"))?;
+    if !(200..300).contains(&r.status) {
+        bail!("{method} {uri}: {} {}", r.status_line, r.body);
+    }
+    Ok(t.elapsed())
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn stats(label: &str, mut v: Vec<f64>) {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if let (Some(min), Some(max)) = (v.first(), v.last()) {
+        println!(
+            "{label}: min {min:.2}  median {:.2}  max {max:.2}",
+            v[v.len() / 2]
+        );
+    }
+}
+
+/// Runs the benchmark here (the caller has checked KVM runs guests).
+pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    let mut args = crate::RunArgs {
+        kernel: None,
+        initrd: None,
+        cmdline: kiln_vmm::DEFAULT_CMDLINE.into(),
+        vcpus: 1,
+        mem,
+        disks: vec![],
+        rng: false,
+        rng_rate: None,
+        balloon: None,
+        api_sock: None,
+        nets: vec![],
+        vsock: None,
+        guest_command: vec![],
+    };
+    crate::resolve_images(&mut args)?;
+    let dir = std::env::temp_dir().join(format!("kiln-bench-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = run(&exe, &dir, &args, runs.max(1));
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
+    let (kernel, initrd) = (
+        args.kernel.as_ref().expect("resolved"),
+        args.initrd.as_ref().expect("resolved"),
+    );
+    let uds = dir.join("v.sock");
+    let config = serde_json::json!({
+        "boot-source": {
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": format!("{} -- kiln-agent vsock-echo {VSOCK_PORT}", args.cmdline),
+        },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem },
+        "vsock": { "guest_cid": 3, "uds_path": uds },
+    });
+    let cfg = dir.join("vm.json");
+    std::fs::write(&cfg, config.to_string())?;
+    let sock = dir.join("api.sock");
+    println!(
+        "kiln bench snapshot: {} MiB guest, {runs} restores, kernel {}",
+        args.mem,
+        kernel.display()
+    );
+
+    // Boot, wait for init, pause, snapshot.
+    let mut vm = Command::new(exe)
+        .args(["vmm", "--api-sock"])
+        .arg(&sock)
+        .arg("--config-file")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning kiln vmm")?;
+    let watchdog = Watchdog::start(vm.id(), STEP_TIMEOUT);
+    let out = vm.stdout.take().expect("piped");
+    let ready = BufReader::new(out)
+        .lines()
+        .map_while(|l| l.ok())
+        .any(|l| l.trim_end() == GUEST_READY_MARKER);
+    watchdog.finish();
+    if !ready {
+        kill(vm);
+        bail!("the guest never printed {GUEST_READY_MARKER}");
+    }
+    // Let the agent reach accept().
+    std::thread::sleep(Duration::from_millis(500));
+    let pause = api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let state = dir.join("state");
+    let memf = dir.join("mem");
+    let body = serde_json::json!({ "snapshot_path": state, "mem_file_path": memf }).to_string();
+    let create = api(&sock, "PUT", "/snapshot/create", &body);
+    kill(vm);
+    let create = create?;
+    let on_disk = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&memf)?.blocks() * 512
+    };
+    println!(
+        "pause {:.2} ms; snapshot create (full) {:.2} ms; memory file {} MiB, {} MiB on disk",
+        ms(pause),
+        ms(create),
+        args.mem,
+        on_disk >> 20
+    );
+
+    let mut to_restored = Vec::new();
+    let mut to_answer = Vec::new();
+    for i in 0..runs {
+        let clone_uds = dir.join(format!("c{i}.sock"));
+        let t0 = Instant::now();
+        let mut c = Command::new(exe)
+            .args(["--log-level", "info", "restore", "--snapshot"])
+            .arg(&state)
+            .arg("--mem-file")
+            .arg(&memf)
+            .arg("--vsock-override")
+            .arg(&clone_uds)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning kiln restore")?;
+        let ping = vsock_ping(&clone_uds, t0 + STEP_TIMEOUT);
+        let answered = t0.elapsed();
+        let _ = c.kill();
+        let mut err = String::new();
+        if let Some(mut e) = c.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let _ = c.wait();
+        ping.with_context(|| format!("restore {}: {err}", i + 1))?;
+        // "restored in 1.234ms" from the VMM's own log.
+        let restored = err
+            .lines()
+            .find_map(|l| l.split("restored in ").nth(1))
+            .and_then(parse_duration);
+        if let Some(r) = restored {
+            to_restored.push(ms(r));
+        }
+        to_answer.push(ms(answered));
+        println!(
+            "  restore {:>2}: exec→restored {:>8}  exec→first vsock answer {:>8.2} ms",
+            i + 1,
+            restored.map_or("?".into(), |r| format!("{:.2} ms", ms(r))),
+            ms(answered)
+        );
+    }
+    stats("exec→restored (ms)", to_restored);
+    stats("exec→first vsock answer (ms)", to_answer);
+    println!("prefetch (userfaultfd working set): not implemented yet");
+    println!("live migration: not implemented yet");
+    println!("firecracker comparison: no firecracker binary here");
+    Ok(0)
+}
+
+/// Parses Rust's `Debug` form of a `Duration` ("1.5ms", "830µs", "2.1s").
+fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| c.is_alphabetic() || c == 'µ')?);
+    let v: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => v,
+        "ms" => v / 1e3,
+        "µs" | "us" => v / 1e6,
+        "ns" => v / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_from_debug_output() {
+        assert_eq!(parse_duration("1.5ms"), Some(Duration::from_micros(1500)));
+        assert_eq!(parse_duration("830µs"), Some(Duration::from_micros(830)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("soon"), None);
+    }
+}

@@ -1,0 +1,181 @@
+//! Restoring snapshots: `PUT /snapshot/load` (through `kiln vmm`) and the
+//! `kiln restore` command.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kiln_api::snapshot::{NetworkOverride, SnapshotLoadParams, VsockOverride};
+use kiln_api::{ApiServer, PreBootVm, VmResources};
+use kiln_snapshot::state::MicrovmState;
+use kiln_vmm::{VmConfig, Vmm};
+
+use crate::api_glue::{KilnVm, SocketGuard};
+
+/// A snapshot read and checked, ready to be restored on the main thread.
+pub struct Restore {
+    state: MicrovmState,
+    config: VmConfig,
+    /// The configuration (with overrides applied) the VM is rebuilt from.
+    pub res: VmResources,
+    mem: PathBuf,
+    resume: bool,
+}
+
+/// Reads the state file, applies the overrides and checks the devices'
+/// files, so that a bad snapshot fails before anything is built.
+pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
+    let mem = PathBuf::from(p.memory_file().map_err(anyhow::Error::msg)?);
+    if p.track_dirty_pages || p.enable_diff_snapshots {
+        anyhow::bail!("dirty page tracking (diff snapshots) is not supported by Kiln yet");
+    }
+    if p.clock_realtime {
+        anyhow::bail!("clock_realtime is not supported by Kiln yet");
+    }
+    if p.huge_pages.as_deref().is_some_and(|h| h != "None") {
+        anyhow::bail!("huge pages are not supported by Kiln");
+    }
+    let state: MicrovmState = kiln_snapshot::read_file(std::path::Path::new(&p.snapshot_path))?;
+    let mut res = VmResources::from_json(&state.config)
+        .map_err(|e| anyhow::anyhow!("the snapshot's configuration is unusable: {e}"))?;
+    for o in &p.network_overrides {
+        let iface = res
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == o.iface_id)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "network override: the snapshot has no interface {:?}",
+                    o.iface_id
+                )
+            })?;
+        iface.host_dev_name = o.host_dev_name.clone();
+    }
+    if let Some(v) = &p.vsock_override {
+        let vsock = res
+            .vsock
+            .as_mut()
+            .ok_or_else(|| anyhow::anyhow!("vsock override: the snapshot has no vsock device"))?;
+        vsock.uds_path = v.uds_path.clone();
+    }
+    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
+    let want = state.memory.file_len();
+    let have = std::fs::metadata(&mem)
+        .with_context(|| format!("memory file {}", mem.display()))?
+        .len();
+    if have != want {
+        anyhow::bail!(
+            "memory file {} is {have} bytes, the snapshot needs {want}",
+            mem.display()
+        );
+    }
+    Ok(Restore {
+        state,
+        config,
+        res,
+        mem,
+        resume: p.resume_vm,
+    })
+}
+
+/// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
+/// starts, paused unless `resume_vm` was asked.
+pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
+    let vmm = Vmm::restore(
+        r.config,
+        &r.state,
+        &r.mem,
+        Box::new(std::io::stdout()),
+        start,
+    )
+    .map_err(|e| e.to_string())?;
+    if !r.resume {
+        vmm.handle().hold_paused();
+    }
+    Ok(vmm)
+}
+
+/// Options of `kiln restore`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The state file (`snapshot_path` of PUT /snapshot/create).
+    #[arg(long, value_name = "PATH")]
+    snapshot: PathBuf,
+    /// The memory file (`mem_file_path`).
+    #[arg(long, value_name = "PATH")]
+    mem_file: PathBuf,
+    /// Serve the Firecracker API (runtime requests) on this socket.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Stay paused (resume with PATCH /vm).
+    #[arg(long, requires = "api_sock")]
+    paused: bool,
+    /// Use another TAP device for an interface: IFACE_ID=TAP (repeatable).
+    #[arg(long = "net-override", value_name = "IFACE_ID=TAP")]
+    net_overrides: Vec<String>,
+    /// Use another Unix socket path for the vsock device.
+    #[arg(long, value_name = "PATH")]
+    vsock_override: Option<String>,
+}
+
+/// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
+pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
+    let network_overrides = args
+        .net_overrides
+        .iter()
+        .map(|o| {
+            let (iface_id, tap) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
+            Ok(NetworkOverride {
+                iface_id: iface_id.into(),
+                host_dev_name: tap.into(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let params = SnapshotLoadParams {
+        snapshot_path: args.snapshot.display().to_string(),
+        mem_file_path: Some(args.mem_file.display().to_string()),
+        resume_vm: !args.paused,
+        network_overrides,
+        vsock_override: args
+            .vsock_override
+            .map(|uds_path| VsockOverride { uds_path }),
+        ..Default::default()
+    };
+    if let Some(sock) = &args.api_sock {
+        crate::api_glue::check_sock(sock)?;
+    }
+    let r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    let res = r.res.clone();
+    let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
+    let _socket = match &args.api_sock {
+        Some(path) => {
+            let api = PreBootVm::new(
+                "anonymous-instance",
+                env!("CARGO_PKG_VERSION"),
+                Box::new(NoStarter),
+            );
+            api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
+            ApiServer::bind(path)?.spawn(Arc::new(api))?;
+            Some(SocketGuard(path.clone()))
+        }
+        None => None,
+    };
+    log::info!("restored in {:?}", start.elapsed());
+    let stdin = crate::term::prepare_stdin();
+    let reason = vmm.run(stdin)?;
+    crate::term::restore();
+    Ok(crate::exit_status(reason))
+}
+
+/// `kiln restore`'s API never boots anything: the VM runs already.
+struct NoStarter;
+
+impl kiln_api::Starter for NoStarter {
+    fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {
+        Err("the microVM already runs".into())
+    }
+}

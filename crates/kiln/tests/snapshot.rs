@@ -1,0 +1,214 @@
+//! Snapshots: a guest counting on its console, with a virtio-blk disk and a
+//! vsock listener, is paused, snapshotted, killed, and restored in new
+//! processes (`kiln restore`, `PUT /snapshot/load`, ten clones at once).
+//! Runs natively or in the lab (see common/mod.rs); the error paths that
+//! need no guest run here directly.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{section, Batch};
+
+/// The guest: an echo server on vsock port 5000 in the background, a
+/// string written and synced to /dev/vda, then a loop printing a counter
+/// and what the disk holds (page cache dropped, so it is read again).
+fn guest_command() -> &'static str {
+    "kiln-agent vsock-echo 5000 & printf kiln-durable > /dev/vda; sync; i=0; \
+     while true; do i=$((i+1)); echo 3 > /proc/sys/vm/drop_caches; \
+     echo count=$i blk=$(head -c 12 /dev/vda); sleep 0.2; done"
+}
+
+fn cases() -> Vec<(&'static str, String)> {
+    let cmdline = kiln_vmm::DEFAULT_CMDLINE;
+    let guest = guest_command();
+    let api = "kiln api --sock";
+    // Waits until file $1 has $2 lines matching count= (at most ~120 s).
+    let wait_counts = "wait_counts() { n=0; \
+        while [ \"$(grep -c count= \"$1\" 2>/dev/null)\" -lt \"$2\" ] && [ $n -lt 600 ]; do \
+        sleep 0.2; n=$((n+1)); done; }";
+    let counts = "counts() { grep -o 'count=[0-9]*' \"$1\" | sed 's/count=//'; }";
+    vec![(
+        "snapshot",
+        format!(
+            r#"{wait_counts}; {counts}
+D=/tmp/snap; rm -rf $D; mkdir -p $D; cd $D
+dd if=/dev/zero of=disk.img bs=1M count=16 2>/dev/null
+cat > vm.json <<'EOF'
+{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- {guest}"}},
+ "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
+ "drives":[{{"drive_id":"data","path_on_host":"/tmp/snap/disk.img","is_root_device":false,"is_read_only":false}}],
+ "vsock":{{"guest_cid":3,"uds_path":"/tmp/snap/v.sock"}}}}
+EOF
+sed -i "s|@K@|$KILN_KERNEL|; s|@I@|$KILN_INITRD|" vm.json
+kiln vmm --api-sock $D/api.sock --config-file $D/vm.json > run1.log 2>&1 & P1=$!
+wait_counts run1.log 10
+echo '== pause'; {api} $D/api.sock PATCH /vm '{{"state":"Paused"}}'
+echo '== create'; {api} $D/api.sock PUT /snapshot/create '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
+echo '== last'; counts run1.log | tail -1
+sleep 1
+echo '== still'; counts run1.log | tail -1
+echo '== diff'; {api} $D/api.sock PUT /snapshot/create '{{"snapshot_path":"/tmp/snap/s2","mem_file_path":"/tmp/snap/m2","snapshot_type":"Diff"}}'
+echo '== sizes'; wc -c < mem; du -k mem | cut -f1
+kill $P1; wait $P1
+echo '== restore'
+kiln restore --snapshot state --mem-file mem > run2.log 2>&1 & P2=$!
+wait_counts run2.log 3
+echo '== vsock'; $KILN_AGENT uds-send $D/v.sock 5000 1048576
+kill $P2; wait $P2
+echo '== run2'; grep count= run2.log | head -3; grep -i error run2.log | head -3
+echo '== load'
+kiln vmm --api-sock $D/api2.sock > run3.log 2>&1 & P3=$!
+n=0; until [ -S $D/api2.sock ] || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
+{api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_backend":{{"backend_type":"File","backend_path":"/tmp/snap/mem"}},"resume_vm":true}}'
+wait_counts run3.log 3
+echo '== state'; {api} $D/api2.sock GET /
+echo '== again'; {api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
+kill $P3; wait $P3
+echo '== run3'; grep count= run3.log | head -3
+echo '== clones'
+before=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
+PIDS=""
+for i in 0 1 2 3 4 5 6 7 8 9; do
+  kiln restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"
+done
+for i in 0 1 2 3 4 5 6 7 8 9; do wait_counts c$i.log 2; done
+after=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
+running=0; for i in 0 1 2 3 4 5 6 7 8 9; do grep -q count= c$i.log && running=$((running+1)); done
+echo "running=$running"
+echo "grew_kib=$((before-after))"
+for i in 0 1 2 3 4 5 6 7 8 9; do counts c$i.log | head -1; done | sort -u | tr '\n' ' '; echo
+kill $PIDS; wait
+echo '== corrupt'
+cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
+kiln restore --snapshot bad --mem-file mem; echo status=$?
+echo '== short-mem'
+head -c 4096 mem > short; kiln restore --snapshot state --mem-file short; echo status=$?
+echo '== end'
+"#
+        ),
+    )]
+}
+
+static BATCH: Batch = Batch::new(cases, Duration::from_secs(1500));
+
+fn numbers(s: &str) -> Vec<u64> {
+    s.split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect()
+}
+
+/// The first counter value in `lines` of "count=N blk=..." output.
+fn first_count(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.split("count=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in: {text}"))
+}
+
+#[test]
+fn snapshot_restore_continues_the_guest() {
+    let out = BATCH.get("snapshot");
+    let o = out.output.replace('\r', "");
+    assert!(section(&o, "pause").starts_with("HTTP/1.1 204"), "{o}");
+    assert!(section(&o, "create").starts_with("HTTP/1.1 204"), "{o}");
+    let last = numbers(section(&o, "last"));
+    let still = numbers(section(&o, "still"));
+    assert_eq!(last.len(), 1, "{o}");
+    assert_eq!(last, still, "the guest counted while paused: {o}");
+    let last = last[0];
+
+    // Memory file: full size, sparse (zero pages are holes).
+    let sizes = numbers(section(&o, "sizes"));
+    assert_eq!(sizes[0], 256 << 20, "{o}");
+    assert!(sizes[1] < 200 * 1024, "the memory file is not sparse: {o}");
+
+    // Restored by `kiln restore`: the count goes on from where it stopped,
+    // the synced disk data is there, vsock connects to the restored guest.
+    let run2 = section(&o, "run2");
+    assert_eq!(first_count(run2), last + 1, "{o}");
+    assert!(run2.contains("blk=kiln-durable"), "{o}");
+    // "sent N SUM recv N SUM (...)": all bytes echoed back unchanged.
+    let vsock = section(&o, "vsock");
+    let f: Vec<&str> = vsock
+        .lines()
+        .find(|l| l.starts_with("sent "))
+        .unwrap_or_else(|| panic!("no vsock report: {o}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!((f[1], f[4]), ("1048576", "1048576"), "{o}");
+    assert_eq!(f[2], f[5], "{o}");
+
+    // Restored through the API.
+    let run3 = section(&o, "run3");
+    assert_eq!(first_count(run3), last + 1, "{o}");
+    assert!(section(&o, "state").contains(r#""state":"Running""#), "{o}");
+    let again = section(&o, "again");
+    assert!(again.starts_with("HTTP/1.1 400"), "{o}");
+    assert!(again.contains("fault_message"), "{o}");
+}
+
+#[test]
+fn ten_clones_share_the_snapshot_memory() {
+    let out = BATCH.get("snapshot");
+    let o = out.output.replace('\r', "");
+    let clones = section(&o, "clones");
+    assert!(clones.contains("running=10"), "{o}");
+    let grew: i64 = clones
+        .lines()
+        .find_map(|l| l.strip_prefix("grew_kib="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{o}"));
+    // Ten private copies would take 10 x 256 MiB; shared pages far less.
+    assert!(grew < 10 * 256 * 1024 / 4, "10 clones took {grew} KiB: {o}");
+    let last = numbers(section(&o, "last"))[0];
+    let firsts = numbers(clones.lines().last().unwrap_or_default());
+    assert_eq!(
+        firsts,
+        vec![last + 1],
+        "every clone continues the count: {o}"
+    );
+}
+
+#[test]
+fn diff_snapshots_are_refused_clearly() {
+    let out = BATCH.get("snapshot");
+    let o = out.output.replace('\r', "");
+    let diff = section(&o, "diff");
+    assert!(diff.starts_with("HTTP/1.1 400"), "{o}");
+    assert!(diff.contains("Diff snapshots are not supported"), "{o}");
+}
+
+#[test]
+fn bad_snapshot_files_start_nothing() {
+    let out = BATCH.get("snapshot");
+    let o = out.output.replace('\r', "");
+    let corrupt = section(&o, "corrupt");
+    assert!(corrupt.contains("corrupted (checksum mismatch)"), "{o}");
+    assert!(corrupt.contains("status=1"), "{o}");
+    let short = section(&o, "short-mem");
+    assert!(
+        short.contains("is 4096 bytes, the snapshot needs 268435456"),
+        "{o}"
+    );
+    assert!(short.contains("status=1"), "{o}");
+}
+
+#[test]
+fn missing_or_foreign_state_files_fail_with_one_line() {
+    let junk = common::temp_file("junk.state", b"this is not a snapshot at all");
+    let mem = common::temp_file("junk.mem", b"");
+    let junk = junk.to_str().unwrap();
+    let mem = mem.to_str().unwrap();
+    for (state, expect) in [
+        (junk, "not a Kiln snapshot file"),
+        ("/nonexistent/state", "/nonexistent/state"),
+    ] {
+        let out = common::kiln_here(&["restore", "--snapshot", state, "--mem-file", mem]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(expect), "{err}");
+        assert!(err.lines().count() <= 2, "{err}");
+    }
+}

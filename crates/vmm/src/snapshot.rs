@@ -1,0 +1,285 @@
+//! Snapshots of a running VM and VMs restored from them.
+//!
+//! Creating a snapshot needs a paused VM: every vCPU is parked at an
+//! instruction boundary. Each parked vCPU thread saves its own vCPU (after
+//! one immediate-exit KVM_RUN that completes any I/O the VMM answered but
+//! KVM has not yet applied to the registers); the API thread saves the
+//! VM-wide KVM state, pauses every device worker, saves the devices and
+//! writes guest memory. The VM stays paused afterwards, as Firecracker's.
+//!
+//! Restoring builds the same machine from the saved configuration, maps the
+//! memory file privately ([`crate::memory_file::map_private`]), loads the
+//! VM, vCPU and device state, and reactivates the devices the guest had
+//! activated: nothing is booted, no boot data is written.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::mpsc::channel;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_devices::serial::{Serial, SerialSnapshot};
+use kiln_devices::virtio::mmio::{MmioState, MmioTransport};
+use kiln_snapshot::state::{DeviceState, MicrovmState, VcpuState};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::kvm_state;
+use crate::layout::ram_ranges;
+use crate::memory_file;
+use crate::vm::{build_devices, create_vm, register_memory, VmHandle, Vmm};
+use crate::{VmConfig, VmmError};
+
+/// What of a VM a snapshot reads, shared with [`VmHandle`].
+pub(crate) struct VmParts {
+    pub(crate) kvm: Arc<Kvm>,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) serial: Arc<Mutex<Serial>>,
+    pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+}
+
+/// How long device workers and vCPUs get to answer.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+const SERIAL: &str = "serial";
+const VIRTIO_MMIO: &str = "virtio-mmio";
+
+fn encode_part<T: serde::Serialize>(what: &str, v: &T) -> Result<Vec<u8>, String> {
+    kiln_snapshot::to_bytes(v).map_err(|e| format!("{what}: {e}"))
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy)]
+pub struct SnapshotStats {
+    /// Bytes of guest memory written (zero pages are holes).
+    pub mem_bytes_written: u64,
+    /// Time taken.
+    pub elapsed: Duration,
+}
+
+impl VmHandle {
+    /// Writes a full snapshot of the paused VM: its state to `state_path`
+    /// and its memory to `mem_path`. `config` is the configuration to
+    /// rebuild the machine from on restore (stored as is).
+    pub fn snapshot(
+        &self,
+        config: &str,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<SnapshotStats, String> {
+        let t0 = Instant::now();
+        if !self.is_paused() || !self.pause.wait_parked(self.vcpus, STEP_TIMEOUT) {
+            return Err("the microVM must be paused to create a snapshot".into());
+        }
+        let parts = &self.parts;
+        let vcpus = self.save_vcpus()?;
+        let vm = kvm_state::save_vm(&parts.vm).map_err(|e| e.to_string())?;
+
+        // Devices: stop their workers so memory and queues hold still.
+        let mut paused = Vec::new();
+        let result = (|| {
+            let mut devices = Vec::new();
+            let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
+            devices.push(DeviceState {
+                kind: SERIAL.into(),
+                id: String::new(),
+                base: kiln_devices::serial::COM1_PORT,
+                data: encode_part(SERIAL, &serial.save_state())?,
+            });
+            drop(serial);
+            for (base, t) in &parts.transports {
+                let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
+                if !t.pause_device(STEP_TIMEOUT) {
+                    return Err(format!(
+                        "the device at {base:#x} did not stop within {STEP_TIMEOUT:?}"
+                    ));
+                }
+                paused.push(*base);
+                devices.push(DeviceState {
+                    kind: VIRTIO_MMIO.into(),
+                    id: t.device().name(),
+                    base: *base,
+                    data: encode_part(VIRTIO_MMIO, &t.save_state())?,
+                });
+            }
+            let (memory, written) =
+                memory_file::save_full(&parts.mem, mem_path).map_err(|e| e.to_string())?;
+            let state = MicrovmState {
+                config: config.to_string(),
+                memory,
+                vm,
+                vcpus,
+                devices,
+            };
+            kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+            Ok(written)
+        })();
+        for (base, t) in &parts.transports {
+            if paused.contains(base) {
+                if let Ok(t) = t.lock() {
+                    t.resume_device();
+                }
+            }
+        }
+        Ok(SnapshotStats {
+            mem_bytes_written: result?,
+            elapsed: t0.elapsed(),
+        })
+    }
+
+    /// Has each parked vCPU thread save its vCPU.
+    fn save_vcpus(&self) -> Result<Vec<VcpuState>, String> {
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let kvm = self.parts.kvm.clone();
+        self.pause
+            .run_on_parked(Arc::new(move |index, vcpu: &mut VcpuFd| {
+                let r = save_one(&kvm, index, vcpu);
+                if let Ok(tx) = tx.lock() {
+                    let _ = tx.send((index, r));
+                }
+            }));
+        let mut states: Vec<Option<VcpuState>> = vec![None; self.vcpus];
+        for _ in 0..self.vcpus {
+            let (index, r) = rx
+                .recv_timeout(STEP_TIMEOUT)
+                .map_err(|_| "a vCPU did not save its state in time".to_string())?;
+            let slot = states
+                .get_mut(index as usize)
+                .ok_or_else(|| format!("unexpected vCPU index {index}"))?;
+            *slot = Some(r.map_err(|e| format!("vCPU {index}: {e}"))?);
+        }
+        states
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.ok_or_else(|| format!("vCPU {i} saved nothing")))
+            .collect()
+    }
+}
+
+/// Saves one parked vCPU (on its own thread).
+fn save_one(kvm: &Kvm, index: u8, vcpu: &mut VcpuFd) -> Result<VcpuState, String> {
+    // Let KVM finish an instruction whose I/O the VMM already answered, so
+    // the registers include its result; immediate exit runs no guest code.
+    vcpu.set_kvm_immediate_exit(1);
+    let r = match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Err(e) => Err(format!("completing pending I/O: {e}")),
+        Ok(exit) => {
+            log::debug!("vcpu{index}: immediate exit returned {exit:?}");
+            Ok(())
+        }
+    };
+    vcpu.set_kvm_immediate_exit(0);
+    r?;
+    let msrs = kvm_state::saveable_msrs(kvm, vcpu).map_err(|e| e.to_string())?;
+    kvm_state::save_vcpu(vcpu, &msrs).map_err(|e| e.to_string())
+}
+
+impl Vmm {
+    /// Rebuilds a VM from `state` (taken from a VM built from `config`) and
+    /// the memory file `mem_path`. The VM does not run until [`Vmm::run`];
+    /// its vCPUs then continue where the snapshot stopped them.
+    pub fn restore(
+        config: VmConfig,
+        state: &MicrovmState,
+        mem_path: &Path,
+        console: Box<dyn Write + Send>,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        config.validate()?;
+        let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
+        let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)
+            .iter()
+            .map(|(a, l)| (a.0, *l as u64))
+            .collect();
+        let have: Vec<(u64, u64)> = state
+            .memory
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if want != have {
+            return Err(bad(format!(
+                "its memory layout {have:x?} does not match a {} MiB machine",
+                config.mem_mib
+            )));
+        }
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(bad(format!(
+                "it has {} vCPUs, the configuration {}",
+                state.vcpus.len(),
+                config.vcpus
+            )));
+        }
+        let mem = memory_file::map_private(mem_path, &state.memory)
+            .map_err(|e| VmmError::Config(e.to_string()))?;
+        let (kvm_fd, vm) = create_vm()?;
+        register_memory(&vm, &mem, config.mem_mib)?;
+        let devs = build_devices(&config, &vm, &mem, console, start)?;
+
+        kvm_state::restore_vm(&vm, &state.vm).map_err(|e| bad(e.to_string()))?;
+        let mut vcpus = Vec::with_capacity(state.vcpus.len());
+        for (index, st) in state.vcpus.iter().enumerate() {
+            let vcpu = vm
+                .create_vcpu(index as u64)
+                .map_err(|source| VmmError::Kvm {
+                    what: "KVM_CREATE_VCPU",
+                    source,
+                })?;
+            kvm_state::restore_vcpu(&vcpu, st).map_err(|e| bad(format!("vCPU {index}: {e}")))?;
+            vcpus.push(vcpu);
+        }
+        for d in &state.devices {
+            match d.kind.as_str() {
+                SERIAL => {
+                    let s: SerialSnapshot = kiln_snapshot::from_bytes(&d.data)
+                        .map_err(|e| bad(format!("serial: {e}")))?;
+                    devs.serial
+                        .lock()
+                        .map_err(|_| bad("serial lock poisoned".into()))?
+                        .restore_state(&s)
+                        .map_err(bad)?;
+                }
+                VIRTIO_MMIO => {
+                    let st: MmioState = kiln_snapshot::from_bytes(&d.data)
+                        .map_err(|e| bad(format!("{}: {e}", d.id)))?;
+                    let (_, t) = devs
+                        .transports
+                        .iter()
+                        .find(|(base, _)| *base == d.base)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "device {} at {:#x} is not in the configuration",
+                                d.id, d.base
+                            ))
+                        })?;
+                    t.lock()
+                        .map_err(|_| bad("transport lock poisoned".into()))?
+                        .restore_state(&st)
+                        .map_err(bad)?;
+                }
+                other => return Err(bad(format!("unknown device kind {other:?}"))),
+            }
+        }
+        let restored = state
+            .devices
+            .iter()
+            .filter(|d| d.kind == VIRTIO_MMIO)
+            .count();
+        if restored != devs.transports.len() {
+            return Err(bad(format!(
+                "it has {restored} virtio devices, the configuration {}",
+                devs.transports.len()
+            )));
+        }
+        log::info!(
+            "restored {} vCPUs, {} MiB of memory mapped from {}",
+            vcpus.len(),
+            mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
+            mem_path.display()
+        );
+        Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+    }
+}
