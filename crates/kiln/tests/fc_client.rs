@@ -15,6 +15,7 @@ use common::{section, Batch};
 /// What the guest runs: show the kernel's keyboard lines, say it is ready,
 /// then stay up (so only Ctrl-Alt-Del can end it).
 const GUEST_CMD: &str = "dmesg | grep -i -e i8042 -e serio -e input: ; \
+    grep i8042 /proc/interrupts ; \
     [ -e /sys/block/vda ] && echo guest-has-vda ; echo fc-guest-ready ; sleep 600";
 
 /// The kernel command line without Kiln's i8042 options, so Linux probes
@@ -74,12 +75,24 @@ fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Kernel console lines that show the keyboard was found at IRQ 1 and the
-/// guest rebooted on Ctrl-Alt-Del (not because its command ended).
+/// Kernel console lines that show the keyboard was found through ACPI at
+/// GSI 1 (IO-APIC pin 1; Linux numbers the IRQ itself, e.g. 25, as a
+/// hardware-reduced ACPI machine has no legacy IRQ range) and the guest
+/// rebooted on Ctrl-Alt-Del (not because its command ended).
 fn assert_keyboard_and_reboot(console: &str, all: &str) {
     assert!(
-        console.contains("serio: i8042 KBD port at 0x60,0x64 irq 1"),
+        console.contains("[PNP0303:PS2K] at 0x60,0x64 irq"),
+        "ACPI did not declare the keyboard: {all}"
+    );
+    assert!(
+        console.contains("serio: i8042 KBD port at 0x60,0x64 irq"),
         "the guest found no i8042 keyboard: {all}"
+    );
+    assert!(
+        console
+            .lines()
+            .any(|l| l.contains("IO-APIC") && l.contains(" 1-edge") && l.contains("i8042")),
+        "the keyboard interrupt is not IO-APIC pin 1: {all}"
     );
     assert!(
         console.contains("input: AT Translated Set 2 keyboard"),
@@ -159,6 +172,15 @@ fn ctrl_alt_del_after_a_full_keyboard_probe() {
     assert!(tenths < 600, "kiln did not exit after Ctrl-Alt-Del: {o}");
     let log = section(&o, "log");
     assert_keyboard_and_reboot(log, &o);
+    // The full probe (identify, LEDs, rate, enable) ran on interrupts: the
+    // count on the i8042 line of /proc/interrupts.
+    let count: u64 = log
+        .lines()
+        .find(|l| l.contains(" 1-edge") && l.contains("i8042"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(count >= 5, "too few keyboard interrupts ({count}): {o}");
     // No probe errors or timeouts from the keyboard driver.
     for bad in ["Can't read CTR", "No controller found", "timeout", "failed"] {
         assert!(
