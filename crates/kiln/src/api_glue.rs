@@ -20,6 +20,9 @@ pub struct KilnVm {
     balloon: Option<(BalloonHandle, BalloonConfig)>,
     /// The Firecracker-shaped configuration (JSON), stored in snapshots.
     config_json: Option<String>,
+    /// A disk uses the io_uring engine (its requests complete out of order,
+    /// which snapshots cannot capture yet).
+    uring_disks: bool,
 }
 
 impl KilnVm {
@@ -31,6 +34,10 @@ impl KilnVm {
             mem_mib: config.mem_mib,
             balloon: vmm.balloon().zip(config.balloon.clone()),
             config_json: None,
+            uring_disks: config
+                .disks
+                .iter()
+                .any(|d| d.engine == kiln_vmm::kiln_devices::virtio::block::BlockEngine::IoUring),
         }
     }
 
@@ -54,6 +61,12 @@ impl VmControl for KilnVm {
         if p.snapshot_type == SnapshotType::Diff {
             return Err(ApiError::Invalid(
                 "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
+            ));
+        }
+        if self.uring_disks {
+            return Err(ApiError::Invalid(
+                "Snapshots of microVMs with Async (io_uring) drives are not supported by Kiln yet"
+                    .into(),
             ));
         }
         let config = self.config_json.as_deref().ok_or_else(|| {

@@ -70,7 +70,7 @@ echo '== clones'
 before=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
 PIDS=""
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  kiln restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"
+  kiln restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"; echo $! > c$i.pid
 done
 for i in 0 1 2 3 4 5 6 7 8 9; do wait_counts c$i.log 2; done
 after=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
@@ -78,7 +78,10 @@ running=0; for i in 0 1 2 3 4 5 6 7 8 9; do grep -q count= c$i.log && running=$(
 echo "running=$running"
 echo "grew_kib=$((before-after))"
 for i in 0 1 2 3 4 5 6 7 8 9; do counts c$i.log | head -1; done | sort -u | tr '\n' ' '; echo
-kill $PIDS; wait
+for i in 0 1 2 3 4 5 6 7 8 9; do
+  if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q count= c$i.log; then echo "clone $i:"; tail -8 c$i.log; fi
+done
+kill $PIDS 2>/dev/null; wait
 echo '== corrupt'
 cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
 kiln restore --snapshot bad --mem-file mem; echo status=$?
