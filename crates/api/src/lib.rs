@@ -7,17 +7,20 @@
 
 pub mod client;
 pub mod http;
+pub mod metrics;
 pub mod models;
 pub mod preboot;
 pub mod router;
 pub mod server;
 pub mod snapshot;
+pub mod telemetry;
 
 pub use models::{
     Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
 };
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
+pub use telemetry::{LogLevel, LoggerConfig, MetricsConfig, Telemetry};
 
 /// Largest request body accepted by default (Firecracker's default).
 pub const DEFAULT_MAX_PAYLOAD: usize = 51200;
@@ -70,6 +73,12 @@ pub trait VmControl: Send + Sync {
     fn set_vm_state(&self, _state: models::VmState) -> Result<(), ApiError> {
         Err(ApiError::Invalid(
             "The microVM cannot be paused or resumed in its current state".into(),
+        ))
+    }
+    /// `PUT /actions {"action_type":"FlushMetrics"}`. Default: not available.
+    fn flush_metrics(&self) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(
+            "FlushMetrics is not supported by this VMM".into(),
         ))
     }
     /// `GET /vm/config`. Default: not available.

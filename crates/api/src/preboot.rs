@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 
 use crate::models::{Balloon, BalloonStats, BalloonUpdate, InstanceInfo};
+use crate::telemetry::{LoggerConfig, MetricsConfig, Telemetry};
 use crate::{ApiError, VmControl};
 
 /// Most vCPUs a microVM may have.
@@ -193,7 +194,7 @@ pub enum ActionType {
     InstanceStart,
     /// Type Ctrl-Alt-Del on the guest's keyboard (post-boot only).
     SendCtrlAltDel,
-    /// Not supported by Kiln.
+    /// Write one metrics line now (after InstanceStart).
     FlushMetrics,
 }
 
@@ -216,6 +217,10 @@ pub enum PreBootRequest {
     Entropy(Entropy),
     /// `PUT /balloon`.
     Balloon(Balloon),
+    /// `PUT /logger`.
+    Logger(LoggerConfig),
+    /// `PUT /metrics`.
+    Metrics(MetricsConfig),
 }
 
 /// A whole microVM configuration: what the pre-boot requests build, what
@@ -248,6 +253,12 @@ pub struct VmResources {
     /// virtio-rng.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
+    /// The logger (from `PUT /logger`, the config file or the flags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logger: Option<LoggerConfig>,
+    /// The metrics (from `PUT /metrics`, the config file or the flags).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsConfig>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -368,6 +379,23 @@ impl VmResources {
             }
             PreBootRequest::Entropy(e) => self.entropy = Some(e),
             PreBootRequest::Balloon(b) => self.balloon = Some(b),
+            PreBootRequest::Logger(l) => {
+                if l.log_path.as_deref() == Some("") {
+                    return Err(invalid("log_path is empty"));
+                }
+                self.logger = Some(self.logger.clone().unwrap_or_default().merged(&l));
+            }
+            PreBootRequest::Metrics(m) => {
+                if m.metrics_path.is_empty() {
+                    return Err(invalid("metrics_path is empty"));
+                }
+                if self.metrics.is_some() {
+                    return Err(invalid(
+                        "The metrics system is already initialized; it can be configured only once.",
+                    ));
+                }
+                self.metrics = Some(m);
+            }
         }
         Ok(())
     }
@@ -402,6 +430,12 @@ impl VmResources {
         }
         if let Some(b) = self.balloon {
             r.apply(PreBootRequest::Balloon(b))?;
+        }
+        if let Some(l) = self.logger {
+            r.apply(PreBootRequest::Logger(l))?;
+        }
+        if let Some(m) = self.metrics {
+            r.apply(PreBootRequest::Metrics(m))?;
         }
         Ok(r)
     }
@@ -460,6 +494,7 @@ pub struct PreBootVm {
     id: String,
     version: String,
     starter: Box<dyn Starter>,
+    telemetry: Option<Box<dyn Telemetry>>,
     state: Mutex<State>,
 }
 
@@ -481,11 +516,37 @@ impl PreBootVm {
             id: id.into(),
             version: version.into(),
             starter,
+            telemetry: None,
             state: Mutex::new(State {
                 res: VmResources::default(),
                 stage: Stage::NotStarted,
             }),
         }
+    }
+
+    /// Lets `PUT /logger`, `PUT /metrics` and `FlushMetrics` act through
+    /// `telemetry` (without it they are refused).
+    pub fn with_telemetry(mut self, telemetry: Box<dyn Telemetry>) -> Self {
+        self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// Records a logger and metrics configuration the VMM applied itself
+    /// (from its flags), so `GET /vm/config` reports it.
+    pub fn set_telemetry_config(
+        &self,
+        logger: Option<LoggerConfig>,
+        metrics: Option<MetricsConfig>,
+    ) {
+        let mut s = self.state();
+        s.res.logger = logger;
+        s.res.metrics = metrics;
+    }
+
+    fn telemetry(&self) -> Result<&dyn Telemetry, ApiError> {
+        self.telemetry
+            .as_deref()
+            .ok_or_else(|| invalid("Logging and metrics are not available in this VMM"))
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -571,9 +632,26 @@ impl VmControl for PreBootVm {
 
     fn configure(&self, req: PreBootRequest) -> Result<(), ApiError> {
         let mut s = self.state();
-        match s.stage {
-            Stage::Running(_) => Err(invalid(AFTER_START)),
-            Stage::NotStarted => s.res.apply(req),
+        if let Stage::Running(_) = s.stage {
+            return Err(invalid(AFTER_START));
+        }
+        match req {
+            PreBootRequest::Logger(_) | PreBootRequest::Metrics(_) => {
+                // Validate on a copy, then open the files, then commit.
+                let telemetry = self.telemetry()?;
+                let mut next = s.res.clone();
+                let is_logger = matches!(req, PreBootRequest::Logger(_));
+                next.apply(req)?;
+                let done = match (is_logger, &next.logger, &next.metrics) {
+                    (true, Some(l), _) => telemetry.configure_logger(l),
+                    (false, _, Some(m)) => telemetry.configure_metrics(m),
+                    _ => Ok(()),
+                };
+                done.map_err(invalid)?;
+                s.res = next;
+                Ok(())
+            }
+            req => s.res.apply(req),
         }
     }
 
@@ -593,6 +671,13 @@ impl VmControl for PreBootVm {
             .map_err(|e| invalid(format!("Cannot start the microVM: {e}")))?;
         s.stage = Stage::Running(running);
         Ok(())
+    }
+
+    fn flush_metrics(&self) -> Result<(), ApiError> {
+        if let Stage::NotStarted = self.state().stage {
+            return Err(invalid(BEFORE_START));
+        }
+        self.telemetry()?.flush_metrics().map_err(invalid)
     }
 
     fn vm_config(&self) -> Result<VmResources, ApiError> {
@@ -899,6 +984,160 @@ mod tests {
         assert_eq!(back, v.vm_config().unwrap());
     }
 
+    /// Records what it is asked; paths named "/fail" cannot be opened.
+    #[derive(Default)]
+    struct FakeTelemetry {
+        calls: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Telemetry for FakeTelemetry {
+        fn configure_logger(&self, c: &LoggerConfig) -> Result<(), String> {
+            if c.log_path.as_deref() == Some("/fail") {
+                return Err("cannot open /fail".into());
+            }
+            self.calls.lock().unwrap().push(format!("logger {c:?}"));
+            Ok(())
+        }
+        fn configure_metrics(&self, c: &MetricsConfig) -> Result<(), String> {
+            if c.metrics_path == "/fail" {
+                return Err("cannot open /fail".into());
+            }
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("metrics {}", c.metrics_path));
+            Ok(())
+        }
+        fn flush_metrics(&self) -> Result<(), String> {
+            self.calls.lock().unwrap().push("flush".into());
+            Ok(())
+        }
+    }
+
+    fn api_count(section: &str, field: &str) -> u64 {
+        crate::metrics::API_METRICS
+            .snapshot()
+            .into_iter()
+            .find(|(s, f, _)| *s == section && f == field)
+            .unwrap()
+            .2
+    }
+
+    #[test]
+    fn logger_and_metrics() {
+        let (plain, _) = vm();
+        let m = fault(&req(&plain, "PUT", "/logger", Some(r#"{"level":"Info"}"#)));
+        assert!(m.contains("not available"), "{m}");
+
+        let t = FakeTelemetry::default();
+        let calls = t.calls.clone();
+        let (v, _) = vm();
+        let v = v.with_telemetry(Box::new(t));
+        let logger_puts = api_count("put_api_requests", "logger_count");
+        let logger_fails = api_count("put_api_requests", "logger_fails");
+        for (body, expect) in [
+            (
+                r#"{"level":"Info","colour":true}"#,
+                "unknown field `colour`",
+            ),
+            (r#"{"level":"Loud"}"#, "Invalid log level"),
+            (r#"{"show_level":"yes"}"#, "invalid type"),
+            (r#"{"log_path":""}"#, "log_path is empty"),
+            (r#"{"log_path":"/fail"}"#, "cannot open /fail"),
+            ("", "body is empty"),
+        ] {
+            let m = fault(&req(&v, "PUT", "/logger", Some(body)));
+            assert!(m.contains(expect), "{body}: {m}");
+        }
+        assert!(calls.lock().unwrap().is_empty());
+        let l = r#"{"log_path":"/l.log","level":"warn","show_level":true}"#;
+        assert_eq!(req(&v, "PUT", "/logger", Some(l)).status, 204);
+        // A second PUT /logger (pre-boot) updates the given fields only.
+        let l2 = r#"{"level":"Debug","show_log_origin":true}"#;
+        assert_eq!(req(&v, "PUT", "/logger", Some(l2)).status, 204);
+        // Other tests run in parallel: the counters only grow.
+        assert!(api_count("put_api_requests", "logger_count") >= logger_puts + 8);
+        assert!(api_count("put_api_requests", "logger_fails") >= logger_fails + 6);
+        let logger = v.vm_config().unwrap().logger.unwrap();
+        assert_eq!(logger.log_path.as_deref(), Some("/l.log"));
+        assert_eq!(logger.level, Some(crate::LogLevel::Debug));
+        assert_eq!(
+            (logger.show_level, logger.show_log_origin),
+            (Some(true), Some(true))
+        );
+
+        for (body, expect) in [
+            ("{}", "missing field `metrics_path`"),
+            (r#"{"metrics_path":"/m","x":1}"#, "unknown field `x`"),
+            (r#"{"metrics_path":""}"#, "metrics_path is empty"),
+            (r#"{"metrics_path":"/fail"}"#, "cannot open /fail"),
+        ] {
+            let m = fault(&req(&v, "PUT", "/metrics", Some(body)));
+            assert!(m.contains(expect), "{body}: {m}");
+        }
+        assert!(v.vm_config().unwrap().metrics.is_none());
+        let mb = r#"{"metrics_path":"/m.json","emit_id":true,"properties":{"k":"v"}}"#;
+        assert_eq!(req(&v, "PUT", "/metrics", Some(mb)).status, 204);
+        let m = fault(&req(&v, "PUT", "/metrics", Some(mb)));
+        assert!(m.contains("already initialized"), "{m}");
+
+        let flush = r#"{"action_type":"FlushMetrics"}"#;
+        let m = fault(&req(&v, "PUT", "/actions", Some(flush)));
+        assert!(m.contains("before starting"), "{m}");
+        let config = req(&v, "GET", "/vm/config", None).body;
+        assert!(
+            config.contains(r#""logger":{"log_path":"/l.log","level":"Debug","show_level":true,"show_log_origin":true}"#),
+            "{config}"
+        );
+        assert!(
+            config.contains(
+                r#""metrics":{"metrics_path":"/m.json","emit_id":true,"properties":{"k":"v"}}"#
+            ),
+            "{config}"
+        );
+        // GET /vm/config is a valid config file, logger and metrics included.
+        assert_eq!(
+            VmResources::from_json(&config).unwrap(),
+            v.vm_config().unwrap()
+        );
+
+        assert_eq!(req(&v, "PUT", "/boot-source", Some(BOOT)).status, 204);
+        let start = r#"{"action_type":"InstanceStart"}"#;
+        assert_eq!(req(&v, "PUT", "/actions", Some(start)).status, 204);
+        assert_eq!(req(&v, "PUT", "/actions", Some(flush)).status, 204);
+        for (uri, body) in [("/logger", l), ("/metrics", r#"{"metrics_path":"/n"}"#)] {
+            let m = fault(&req(&v, "PUT", uri, Some(body)));
+            assert!(m.contains("not allowed after"), "{uri}: {m}");
+        }
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        assert!(calls[0].contains("Warning") && calls[0].contains("/l.log"));
+        assert!(calls[1].contains("Debug") && calls[1].contains("/l.log"));
+        assert_eq!(calls[2..], ["metrics /m.json", "flush"]);
+    }
+
+    /// A client that went away: every write fails.
+    struct Gone;
+
+    impl std::io::Write for Gone {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::ErrorKind::BrokenPipe.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn unwritable_responses_are_counted() {
+        let (v, _) = vm();
+        let m = &crate::metrics::API_METRICS;
+        let before = m.sync_response_fails.load(Ordering::Relaxed);
+        let input = "GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
+        serve_connection(input.as_bytes(), Gone, &v, DEFAULT_MAX_PAYLOAD);
+        assert!(m.sync_response_fails.load(Ordering::Relaxed) > before);
+    }
+
     #[test]
     fn config_files() {
         let good = r#"{
@@ -922,9 +1161,11 @@ mod tests {
 
         for (text, expect) in [
             (
-                r#"{"boot-source":{"kernel_image_path":"/k"},"logger":{}}"#,
-                "unknown field `logger`",
+                r#"{"boot-source":{"kernel_image_path":"/k"},"logger":{"colour":true}}"#,
+                "unknown field `colour`",
             ),
+            (r#"{"logger":{"level":"Loud"}}"#, "Invalid log level"),
+            (r#"{"metrics":{}}"#, "missing field `metrics_path`"),
             (
                 r#"{"boot-source":{"kernel_image_path":"/k","extra":1}}"#,
                 "unknown field `extra`",

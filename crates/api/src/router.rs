@@ -39,8 +39,14 @@ fn configure<T: DeserializeOwned>(
     }
 }
 
-/// Answers one request.
+/// Answers one request and counts it in [`crate::metrics::API_METRICS`].
 pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
+    let resp = dispatch(req, vm);
+    crate::metrics::API_METRICS.record(&req.method, &req.path, resp.status);
+    resp
+}
+
+fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
     let path = match req.path.trim_end_matches('/') {
         "" => "/",
         p => p,
@@ -86,6 +92,8 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
         ("PUT", "/vsock") => configure(req, vm, PreBootRequest::Vsock),
         ("PUT", "/entropy") => configure(req, vm, PreBootRequest::Entropy),
         ("PUT", "/balloon") => configure(req, vm, PreBootRequest::Balloon),
+        ("PUT", "/logger") => configure(req, vm, PreBootRequest::Logger),
+        ("PUT", "/metrics") => configure(req, vm, PreBootRequest::Metrics),
         ("PUT", p) if p.starts_with("/drives/") => {
             let id = &p["/drives/".len()..];
             match parse_body::<Drive>(req) {
@@ -125,9 +133,9 @@ pub fn route(req: &Request, vm: &dyn VmControl) -> Response {
             Ok(Action {
                 action_type: ActionType::SendCtrlAltDel,
             }) => result(vm.send_ctrl_alt_del()),
-            Ok(Action { action_type }) => Response::bad_request(format!(
-                "The action {action_type:?} is not supported by Kiln"
-            )),
+            Ok(Action {
+                action_type: ActionType::FlushMetrics,
+            }) => result(vm.flush_metrics()),
             Err(resp) => resp,
         },
         (m, _) => Response::bad_request(format!(

@@ -162,6 +162,7 @@ pub fn serve_connection(
             );
         }
         if let Err(e) = resp.write_to(&mut writer, !keep_alive) {
+            crate::metrics::API_METRICS.response_failed();
             log::debug!("api: cannot write the response: {e}");
             return;
         }

@@ -94,13 +94,22 @@ impl VmControl for KilnVm {
     }
 
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
-        match state {
-            VmState::Paused => self.handle.pause().map_err(ApiError::Invalid),
+        let t0 = std::time::Instant::now();
+        let (result, latency) = match state {
+            VmState::Paused => (
+                self.handle.pause().map_err(ApiError::Invalid),
+                &crate::metrics::PAUSE_US,
+            ),
             VmState::Resumed => {
                 self.handle.resume();
-                Ok(())
+                (Ok(()), &crate::metrics::RESUME_US)
             }
+        };
+        if result.is_ok() {
+            let us = t0.elapsed().as_micros() as u64;
+            latency.store(us, std::sync::atomic::Ordering::Relaxed);
         }
+        result
     }
 
     fn instance_info(&self) -> InstanceInfo {

@@ -4,6 +4,7 @@ mod api_glue;
 mod bench;
 mod cli_lab;
 mod logger;
+mod metrics;
 mod snapshot_cmd;
 mod term;
 mod vmm_cmd;
@@ -150,6 +151,11 @@ fn main() {
         logger::init(cli.log_level.as_deref());
         cli.command
     };
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        metrics::on_panic();
+        default_hook(info);
+    }));
     let code = match dispatch(command, start) {
         Ok(code) => code,
         Err(e) => {

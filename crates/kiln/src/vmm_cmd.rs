@@ -26,7 +26,10 @@ use std::time::Instant;
 use anyhow::Result;
 use clap::Args;
 use kiln_api::preboot::{IoEngine, RateLimiter};
-use kiln_api::{ApiServer, PreBootVm, Starter, VmControl, VmResources};
+use kiln_api::{
+    ApiServer, LogLevel, LoggerConfig, MetricsConfig, PreBootVm, Starter, Telemetry, VmControl,
+    VmResources,
+};
 use kiln_vmm::kiln_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
 use kiln_vmm::kiln_devices::virtio::block::{BlockConfig, BlockEngine};
@@ -54,12 +57,21 @@ pub struct VmmArgs {
     /// Accepted: Kiln's boot timer device is always present.
     #[arg(long)]
     boot_timer: bool,
-    /// Log level: Off, Error, Warning, Info, Debug or Trace.
+    /// Log level: Off, Error, Warning, Info, Debug or Trace (any case).
     #[arg(long, value_name = "LEVEL")]
     level: Option<String>,
-    /// Accepted; Kiln logs to stderr.
+    /// Write the log to this file (appended) or named pipe, Firecracker-style.
     #[arg(long, value_name = "PATH")]
     log_path: Option<PathBuf>,
+    /// Write the level in each log line.
+    #[arg(long)]
+    show_level: bool,
+    /// Write the source file and line in each log line.
+    #[arg(long)]
+    show_log_origin: bool,
+    /// Write metrics (JSON lines) to this file or named pipe.
+    #[arg(long, value_name = "PATH")]
+    metrics_path: Option<PathBuf>,
     /// Largest API request body, bytes.
     #[arg(long, value_name = "BYTES", default_value_t = kiln_api::DEFAULT_MAX_PAYLOAD)]
     http_api_max_payload_size: usize,
@@ -72,15 +84,9 @@ pub struct VmmArgs {
     parent_cpu_time_us: Option<u64>,
     #[arg(long, hide = true)]
     no_seccomp: bool,
-    #[arg(long, hide = true)]
-    show_level: bool,
-    #[arg(long, hide = true)]
-    show_log_origin: bool,
     // Firecracker flags Kiln does not support: refused with one line.
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     seccomp_filter: Option<String>,
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
-    metrics_path: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     mmds_size_limit: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
@@ -96,7 +102,6 @@ impl VmmArgs {
     fn check_unsupported(&self) -> Result<()> {
         let unsupported = [
             ("--seccomp-filter", self.seccomp_filter.is_some()),
-            ("--metrics-path", self.metrics_path.is_some()),
             ("--mmds-size-limit", self.mmds_size_limit.is_some()),
             ("--describe-snapshot", self.describe_snapshot.is_some()),
             ("--snapshot-version", self.snapshot_version),
@@ -123,13 +128,77 @@ impl VmmArgs {
 
 /// Firecracker's `--level` as a log filter.
 pub fn log_level(level: &str) -> Result<log::LevelFilter> {
-    let l = level.to_ascii_lowercase();
-    let l = if l == "warning" { "warn" } else { l.as_str() };
-    l.parse().map_err(|_| {
-        anyhow::anyhow!(
-            "vmm: --level {level:?}: expected Off, Error, Warning, Info, Debug or Trace"
-        )
-    })
+    Ok(parse_level(level)?.filter())
+}
+
+fn parse_level(level: &str) -> Result<LogLevel> {
+    level
+        .parse::<LogLevel>()
+        .map_err(|e| anyhow::anyhow!("vmm: --level: {e}"))
+}
+
+/// `PUT /logger`, `PUT /metrics` and `FlushMetrics`, for the API.
+struct KilnTelemetry {
+    id: String,
+}
+
+impl Telemetry for KilnTelemetry {
+    fn configure_logger(&self, config: &LoggerConfig) -> Result<(), String> {
+        crate::logger::configure(config)
+    }
+
+    fn configure_metrics(&self, config: &MetricsConfig) -> Result<(), String> {
+        crate::metrics::configure(config, &self.id)
+    }
+
+    fn flush_metrics(&self) -> Result<(), String> {
+        crate::metrics::flush()
+    }
+}
+
+/// The logger and metrics the flags and the config file ask for. The config
+/// file's logger fields override the flags'; metrics can be set only once.
+fn telemetry_config(
+    args: &VmmArgs,
+    file: Option<&VmResources>,
+) -> Result<(Option<LoggerConfig>, Option<MetricsConfig>)> {
+    let level = args.level.as_deref().map(parse_level).transpose()?;
+    let mut logger =
+        (args.log_path.is_some() || args.show_level || args.show_log_origin).then(|| {
+            LoggerConfig {
+                log_path: args
+                    .log_path
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+                level,
+                show_level: Some(args.show_level),
+                show_log_origin: Some(args.show_log_origin),
+                module: None,
+            }
+        });
+    let mut metrics = args.metrics_path.as_ref().map(|p| MetricsConfig {
+        metrics_path: p.to_string_lossy().into_owned(),
+        emit_id: false,
+        properties: None,
+    });
+    if let Some(res) = file {
+        if let Some(l) = &res.logger {
+            let base = logger.unwrap_or(LoggerConfig {
+                level,
+                ..Default::default()
+            });
+            logger = Some(base.merged(l));
+        }
+        if let Some(m) = &res.metrics {
+            if metrics.is_some() {
+                anyhow::bail!(
+                    "vmm: --metrics-path and the config file's \"metrics\": the metrics can be configured only once"
+                );
+            }
+            metrics = Some(m.clone());
+        }
+    }
+    Ok((logger, metrics))
 }
 
 fn limiter(r: &Option<RateLimiter>) -> Option<RateLimiterConfig> {
@@ -316,12 +385,7 @@ impl Starter for ChannelStarter {
 /// `kiln vmm`.
 pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
     args.check_unsupported()?;
-    if let Some(l) = &args.level {
-        log::set_max_level(log_level(l)?);
-    }
-    if let Some(p) = &args.log_path {
-        log::info!("--log-path {}: accepted; Kiln logs to stderr", p.display());
-    }
+    crate::logger::set_instance_id(&args.id);
     let from_file = args
         .config_file
         .as_deref()
@@ -337,12 +401,28 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         _ => None,
     };
 
+    let (logger, metrics) = telemetry_config(&args, from_file.as_ref())?;
+    match &logger {
+        Some(l) => crate::logger::configure(l).map_err(|e| anyhow::anyhow!("vmm: {e}"))?,
+        None => {
+            if let Some(l) = &args.level {
+                log::set_max_level(log_level(l)?);
+            }
+        }
+    }
+
     let (tx, rx) = channel::<StartRequest>();
-    let api = Arc::new(PreBootVm::new(
-        args.id.clone(),
-        env!("CARGO_PKG_VERSION"),
-        Box::new(ChannelStarter(Mutex::new(tx))),
-    ));
+    let api = Arc::new(
+        PreBootVm::new(
+            args.id.clone(),
+            env!("CARGO_PKG_VERSION"),
+            Box::new(ChannelStarter(Mutex::new(tx))),
+        )
+        .with_telemetry(Box::new(KilnTelemetry {
+            id: args.id.clone(),
+        })),
+    );
+    api.set_telemetry_config(logger.clone(), metrics.clone());
     let _socket = match (&args.api_sock, args.no_api) {
         (Some(path), false) => {
             let server = ApiServer::bind(path)?.max_payload(args.http_api_max_payload_size);
@@ -352,10 +432,20 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         }
         _ => None,
     };
+    crate::metrics::record_startup(
+        start,
+        args.start_time_us,
+        args.start_time_cpu_us,
+        args.parent_cpu_time_us,
+    );
+    if let Some(m) = &metrics {
+        crate::metrics::configure(m, &args.id).map_err(|e| anyhow::anyhow!("vmm: {e}"))?;
+    }
 
     let (mut vmm, reply, res) = match (file_config, from_file) {
-        (Some(config), Some(res)) => {
+        (Some(config), Some(mut res)) => {
             let vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
+            (res.logger, res.metrics) = (logger, metrics);
             api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
             (vmm, None, res)
         }
@@ -364,6 +454,7 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
             (vmm, Some(reply), res)
         }
     };
+    crate::metrics::set_vm(vmm.stats());
     let stdin = crate::term::prepare_stdin();
     let control = KilnVm::of(&vmm).with_config(&res);
     let reason = vmm.run_notify(stdin, move || {
@@ -372,6 +463,10 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         }
     })?;
     crate::term::restore();
+    // A last line with the final counters (nothing without --metrics-path).
+    if let Err(e) = crate::metrics::flush() {
+        log::warn!("{e}");
+    }
     Ok(crate::exit_status(reason))
 }
 

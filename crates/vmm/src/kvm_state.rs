@@ -4,7 +4,7 @@
 //! straight into a state file.
 //!
 //! Restore order matters: CPUID before anything that depends on features,
-//! MSRs and special registers before the LAPIC, pending events last.
+//! the LAPIC before the MSRs (the TSC deadline), pending events last.
 
 use kiln_snapshot::state::{VcpuState, VmState};
 use kvm_bindings::{
@@ -143,6 +143,9 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
     vcpu.set_xcrs(&state.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
     vcpu.set_debug_regs(&state.debugregs)
         .map_err(kvm("KVM_SET_DEBUGREGS"))?;
+    // The LAPIC before the MSRs: KVM ignores a TSC deadline written while
+    // the LAPIC timer is not in TSC-deadline mode.
+    vcpu.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     for chunk in state.msrs.chunks(64) {
         let msrs = Msrs::from_entries(chunk).map_err(|_| StateError {
             op: "KVM_SET_MSRS",
@@ -156,7 +159,6 @@ pub fn restore_vcpu(vcpu: &VcpuFd, state: &VcpuState) -> Result<()> {
             });
         }
     }
-    vcpu.set_lapic(&state.lapic).map_err(kvm("KVM_SET_LAPIC"))?;
     vcpu.set_vcpu_events(&state.events)
         .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
     Ok(())

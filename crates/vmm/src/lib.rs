@@ -15,6 +15,7 @@ pub mod mptable;
 pub mod probe;
 pub mod regs;
 mod snapshot;
+pub mod stats;
 mod vcpu;
 mod vm;
 

@@ -8,6 +8,8 @@ use kiln_devices::Bus;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::stats::{inc, VcpuCounters};
+
 /// Why a vCPU stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuStop {
@@ -84,7 +86,7 @@ impl PauseState {
     }
 
     /// Parks the calling vCPU while a pause is requested.
-    fn park(&self, index: u8, vcpu: &mut VcpuFd, stop: &AtomicBool) {
+    fn park(&self, index: u8, vcpu: &mut VcpuFd, stop: &AtomicBool, stats: &VcpuCounters) {
         let mut g = self.lock();
         if !g.paused {
             return;
@@ -92,6 +94,7 @@ impl PauseState {
         // Tell the guest's kvmclock it was stopped by the host, so its
         // watchdogs do not report the pause as a soft lockup.
         if let Err(e) = vcpu.kvmclock_ctrl() {
+            inc(&stats.kvmclock_ctrl_fails);
             log::debug!("vcpu{index}: KVM_KVMCLOCK_CTRL: {e}");
         }
         g.parked += 1;
@@ -132,6 +135,8 @@ pub struct VcpuContext {
     pub reason: Arc<Mutex<Option<VcpuStop>>>,
     /// Pause requests.
     pub pause: Arc<PauseState>,
+    /// Exit counters (shared by every vCPU).
+    pub stats: Arc<VcpuCounters>,
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -144,27 +149,31 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
-        ctx.pause.park(index, &mut vcpu, &ctx.stop);
+        ctx.pause.park(index, &mut vcpu, &ctx.stop, &ctx.stats);
         if ctx.stop.load(Ordering::Acquire) {
             return;
         }
         match vcpu.run() {
             Ok(exit) => match exit {
                 VcpuExit::IoIn(port, data) => {
+                    inc(&ctx.stats.exit_io_in);
                     if !ctx.pio.read(u64::from(port), data) {
                         data.fill(0xff);
                     }
                 }
                 VcpuExit::IoOut(port, data) => {
+                    inc(&ctx.stats.exit_io_out);
                     ctx.pio.write(u64::from(port), data);
                 }
                 VcpuExit::MmioRead(addr, data) => {
+                    inc(&ctx.stats.exit_mmio_read);
                     if !ctx.mmio.read(addr, data) {
                         log::debug!("vcpu{index}: unhandled MMIO read at {addr:#x}");
                         data.fill(0);
                     }
                 }
                 VcpuExit::MmioWrite(addr, data) => {
+                    inc(&ctx.stats.exit_mmio_write);
                     if !ctx.mmio.write(addr, data) {
                         log::debug!("vcpu{index}: unhandled MMIO write at {addr:#x}");
                     }
@@ -199,6 +208,9 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
         }
     };
     log::debug!("vcpu{index} stopped: {stop:?}");
+    if matches!(stop, VcpuStop::Error(_)) {
+        inc(&ctx.stats.failures);
+    }
     let mut reason = ctx.reason.lock().expect("stop reason lock poisoned");
     if reason.is_none() {
         *reason = Some(stop);

@@ -32,6 +32,7 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::layout::*;
+use crate::stats::{inc, Counted, DeviceKind, DeviceStats, Shared, VmStats};
 use crate::vcpu::{run_vcpu, PauseState, VcpuContext, VcpuStop};
 use crate::{acpi, boot, cpuid, mptable, regs, VmConfig, VmmError};
 
@@ -145,6 +146,7 @@ pub struct Vmm {
     boot_timer: Arc<Mutex<BootTimer>>,
     balloon: Option<BalloonHandle>,
     handle: VmHandle,
+    stats: VmStats,
 }
 
 impl Vmm {
@@ -273,6 +275,7 @@ impl Vmm {
             panicked: devs.panicked,
             boot_timer: devs.boot_timer,
             balloon: devs.balloon,
+            stats: devs.stats,
             handle: VmHandle {
                 pause: Arc::new(PauseState::default()),
                 threads: Arc::new(Mutex::new(Vec::new())),
@@ -281,6 +284,11 @@ impl Vmm {
                 keyboard: devs.keyboard,
             },
         }
+    }
+
+    /// The VM's counters (for the metrics).
+    pub fn stats(&self) -> VmStats {
+        self.stats.clone()
     }
 
     /// The configuration this VM was built from.
@@ -343,6 +351,7 @@ impl Vmm {
                 exit_evt: self.exit_evt.try_clone().map_err(io("vCPU exit eventfd"))?,
                 reason: reason.clone(),
                 pause: self.handle.pause.clone(),
+                stats: self.stats.vcpu.clone(),
             };
             let t = std::thread::Builder::new()
                 .name(format!("kiln_vcpu{index}"))
@@ -416,6 +425,7 @@ impl Vmm {
                 }
             };
             for ev in &events[..n] {
+                inc(&self.stats.device_events);
                 match ev.data() {
                     RESET => return Ok(self.end(ExitReason::Reboot)),
                     POWER => return Ok(self.end(ExitReason::Poweroff)),
@@ -484,6 +494,7 @@ pub(crate) struct Devices {
     pub(crate) panic_evt: EventFd,
     pub(crate) exit_evt: EventFd,
     pub(crate) panicked: Arc<AtomicBool>,
+    pub(crate) stats: VmStats,
 }
 
 /// Opens KVM and creates the VM with its in-kernel irqchip and PIT.
@@ -562,7 +573,16 @@ pub(crate) fn build_devices(
         EventFdTrigger::new(serial_irq),
         ConsoleWriter::new(console, panicked.clone()),
     )));
-    pio.insert(serial.clone(), COM1_PORT, 8).map_err(dev_err)?;
+    let mut stats = VmStats::default();
+    pio.insert(
+        Arc::new(Mutex::new(Counted {
+            dev: Shared(serial.clone()),
+            counters: stats.uart.clone(),
+        })),
+        COM1_PORT,
+        8,
+    )
+    .map_err(dev_err)?;
     let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
     let kbd_irq = evt("i8042 irq eventfd")?;
     vm.register_irqfd(&kbd_irq, I8042_IRQ)
@@ -570,10 +590,24 @@ pub(crate) fn build_devices(
     let keyboard = Arc::new(Mutex::new(
         I8042::new(reset).with_irq(EventFdTrigger::new(kbd_irq)),
     ));
-    pio.insert(keyboard.clone(), I8042_PORT, I8042_PORT_LEN)
-        .map_err(dev_err)?;
-    pio.insert(Arc::new(Mutex::new(Cmos::new())), 0x70, 2)
-        .map_err(dev_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(Counted {
+            dev: Shared(keyboard.clone()),
+            counters: stats.i8042.clone(),
+        })),
+        I8042_PORT,
+        I8042_PORT_LEN,
+    )
+    .map_err(dev_err)?;
+    pio.insert(
+        Arc::new(Mutex::new(Counted {
+            dev: Cmos::new(),
+            counters: stats.rtc.clone(),
+        })),
+        0x70,
+        2,
+    )
+    .map_err(dev_err)?;
     let sleep = SleepControl::new(
         acpi::S5_SLEEP_TYPE,
         power_evt.try_clone().map_err(io("poweroff eventfd"))?,
@@ -619,6 +653,31 @@ pub(crate) fn build_devices(
     }
     let mut mmio_infos = Vec::new();
     let mut transports = Vec::new();
+    let ids = config
+        .disks
+        .iter()
+        .map(|d| (DeviceKind::Block, d.id.clone()))
+        .chain(config.nets.iter().map(|n| (DeviceKind::Net, n.id.clone())))
+        .chain(
+            config
+                .vsock
+                .iter()
+                .map(|_| (DeviceKind::Vsock, String::new())),
+        )
+        .chain(config.rng.then(|| (DeviceKind::Rng, String::new())))
+        .chain(
+            config
+                .balloon
+                .iter()
+                .map(|_| (DeviceKind::Balloon, String::new())),
+        );
+    for ((kind, id), dev) in ids.zip(&virtio) {
+        stats.devices.push(DeviceStats {
+            kind,
+            id,
+            metrics: dev.metrics(),
+        });
+    }
     for (i, dev) in virtio.into_iter().enumerate() {
         let info = acpi::MmioDeviceInfo {
             addr: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW,
@@ -665,6 +724,7 @@ pub(crate) fn build_devices(
         panic_evt,
         exit_evt,
         panicked,
+        stats,
     })
 }
 

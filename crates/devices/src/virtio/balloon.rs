@@ -154,6 +154,14 @@ pub fn drain_page_queue(
                     }
                 }
                 DeviceMetrics::add(&metrics.requests, 1);
+                DeviceMetrics::add(
+                    if release {
+                        &metrics.writes
+                    } else {
+                        &metrics.reads
+                    },
+                    1,
+                );
             }
             Err(_) => DeviceMetrics::add(&metrics.invalid_requests, 1),
         }

@@ -295,6 +295,7 @@ impl BlockBackend {
                     left -= n;
                 }
                 DeviceMetrics::add(&self.metrics.bytes_to_guest, len as u64);
+                DeviceMetrics::add(&self.metrics.reads, 1);
                 Ok(len)
             }
             VIRTIO_BLK_T_OUT => {
@@ -319,6 +320,7 @@ impl BlockBackend {
                     left -= n;
                 }
                 DeviceMetrics::add(&self.metrics.bytes_from_guest, len as u64);
+                DeviceMetrics::add(&self.metrics.writes, 1);
                 Ok(0)
             }
             VIRTIO_BLK_T_FLUSH => {
@@ -328,6 +330,7 @@ impl BlockBackend {
                         return Err(Failure::Status(VIRTIO_BLK_S_IOERR as u8));
                     }
                 }
+                DeviceMetrics::add(&self.metrics.flushes, 1);
                 Ok(0)
             }
             VIRTIO_BLK_T_GET_ID => {

@@ -355,8 +355,15 @@ impl IoUringEngine {
         let len = if self.mem.write_obj(status, req.status).is_ok() {
             DeviceMetrics::add(&m.requests, 1);
             match (req.op, ok) {
-                (Op::Read, true) => DeviceMetrics::add(&m.bytes_to_guest, req.total as u64),
-                (Op::Write, true) => DeviceMetrics::add(&m.bytes_from_guest, req.total as u64),
+                (Op::Read, true) => {
+                    DeviceMetrics::add(&m.bytes_to_guest, req.total as u64);
+                    DeviceMetrics::add(&m.reads, 1);
+                }
+                (Op::Write, true) => {
+                    DeviceMetrics::add(&m.bytes_from_guest, req.total as u64);
+                    DeviceMetrics::add(&m.writes, 1);
+                }
+                (Op::Flush, true) => DeviceMetrics::add(&m.flushes, 1),
                 _ => {}
             }
             written + 1

@@ -125,6 +125,14 @@ pub struct DeviceMetrics {
     pub bytes_to_guest: AtomicU64,
     /// Times a rate limiter stopped a queue (one per throttling episode).
     pub throttled: AtomicU64,
+    /// Completed operations that moved data to the guest: block reads,
+    /// frames delivered to the guest, balloon deflations.
+    pub reads: AtomicU64,
+    /// Completed operations that moved data from the guest: block writes,
+    /// frames the guest sent, balloon inflations.
+    pub writes: AtomicU64,
+    /// Completed block flushes.
+    pub flushes: AtomicU64,
 }
 
 impl DeviceMetrics {

@@ -361,6 +361,7 @@ impl<T: Read + Write> NetBackend<T> {
         match written {
             Ok(w) if w == n => {
                 DeviceMetrics::add(&self.metrics.requests, 1);
+                DeviceMetrics::add(&self.metrics.writes, 1);
                 DeviceMetrics::add(&self.metrics.bytes_from_guest, n as u64);
             }
             // Short write or error (EAGAIN too: like a full NIC ring, the
@@ -464,6 +465,7 @@ impl<T: Read + Write> NetBackend<T> {
             let n = match writer.write_all(&self.rx_buf[..n]) {
                 Ok(()) => {
                     DeviceMetrics::add(&self.metrics.requests, 1);
+                    DeviceMetrics::add(&self.metrics.reads, 1);
                     DeviceMetrics::add(&self.metrics.bytes_to_guest, n as u64);
                     n as u32
                 }

@@ -213,6 +213,7 @@ impl Muxer {
             match parsed {
                 Ok((hdr, len)) => {
                     DeviceMetrics::add(&self.metrics.requests, 1);
+                    DeviceMetrics::add(&self.metrics.writes, 1);
                     self.handle_packet(hdr, &buf[..len]);
                 }
                 Err(why) => {
@@ -465,6 +466,7 @@ impl Muxer {
                         return Some(0);
                     }
                     DeviceMetrics::add(&self.metrics.bytes_to_guest, n as u64);
+                    DeviceMetrics::add(&self.metrics.reads, 1);
                     self.sync(key);
                     return Some(HDR_LEN + n);
                 }
