@@ -306,8 +306,10 @@ fn request_line(line: &[u8]) -> Result<Head, HttpError> {
         return Err(malformed("Invalid HTTP method"));
     }
     let keep_alive = match version {
-        "HTTP/1.1" => true,
-        "HTTP/1.0" => false,
+        // Like Firecracker's API server, HTTP/1.0 connections stay open too
+        // (clients such as firecracker-rs-sdk send every request as HTTP/1.0
+        // on one connection); `Connection: close` still closes.
+        "HTTP/1.1" | "HTTP/1.0" => true,
         _ => return Err(malformed(format!("Unsupported HTTP version: {version}"))),
     };
     let path = target.split('?').next().unwrap_or_default();

@@ -71,6 +71,11 @@ pub trait VmControl: Send + Sync {
     fn start_instance(&self) -> Result<(), ApiError> {
         Err(ApiError::Invalid(preboot::AFTER_START.into()))
     }
+    /// `PUT /actions {"action_type":"SendCtrlAltDel"}`: type Ctrl-Alt-Del on
+    /// the guest's keyboard. Default: not before the VM runs.
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(preboot::BEFORE_START.into()))
+    }
     /// `PATCH /vm`: pause or resume. Default: not possible.
     fn set_vm_state(&self, _state: models::VmState) -> Result<(), ApiError> {
         Err(ApiError::Invalid(

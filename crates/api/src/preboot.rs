@@ -205,7 +205,7 @@ pub struct Action {
 pub enum ActionType {
     /// Build and boot the configured microVM.
     InstanceStart,
-    /// Not supported by Kiln.
+    /// Type Ctrl-Alt-Del on the guest's keyboard (post-boot only).
     SendCtrlAltDel,
     /// Write one metrics line now (after InstanceStart).
     FlushMetrics,
@@ -663,6 +663,14 @@ impl VmControl for PreBootVm {
         vm.set_vm_state(state)
     }
 
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        let vm = match &self.state().stage {
+            Stage::Running(vm) => vm.clone(),
+            Stage::NotStarted => return Err(invalid(BEFORE_START)),
+        };
+        vm.send_ctrl_alt_del()
+    }
+
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
         match &self.state().stage {
             Stage::Running(vm) => vm.balloon_stats(),
@@ -793,6 +801,9 @@ mod tests {
         }
         fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
             Err(ApiError::StatsDisabled)
+        }
+        fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+            Ok(())
         }
     }
 
@@ -958,13 +969,9 @@ mod tests {
             fault(&req(&v, "PATCH", "/balloon", Some(r#"{"amount_mib":1}"#)))
                 .contains("before starting")
         );
-        let m = fault(&req(
-            &v,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type":"SendCtrlAltDel"}"#),
-        ));
-        assert!(m.contains("not supported"), "{m}");
+        let cad = r#"{"action_type":"SendCtrlAltDel"}"#;
+        let m = fault(&req(&v, "PUT", "/actions", Some(cad)));
+        assert_eq!(m, BEFORE_START);
         assert!(fault(&req(
             &v,
             "PUT",
@@ -1016,6 +1023,9 @@ mod tests {
             req(&v, "PATCH", "/balloon", Some(r#"{"amount_mib":3}"#)).status,
             204
         );
+        // Post-boot, SendCtrlAltDel reaches the running VM.
+        let r = req(&v, "PUT", "/actions", Some(cad));
+        assert_eq!((r.status, r.body.as_str()), (204, ""));
         let c = req(&v, "GET", "/vm/config", None);
         assert_eq!(
             c.body,

@@ -138,11 +138,11 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
                 action_type: ActionType::InstanceStart,
             }) => result(vm.start_instance()),
             Ok(Action {
+                action_type: ActionType::SendCtrlAltDel,
+            }) => result(vm.send_ctrl_alt_del()),
+            Ok(Action {
                 action_type: ActionType::FlushMetrics,
             }) => result(vm.flush_metrics()),
-            Ok(Action { action_type }) => Response::bad_request(format!(
-                "The action {action_type:?} is not supported by Kiln"
-            )),
             Err(resp) => resp,
         },
         (m, p) => match not_supported(m, p) {

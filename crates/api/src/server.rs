@@ -37,8 +37,11 @@ use crate::http::{Event, RequestParser, Response, CONTINUE};
 use crate::router::route;
 use crate::{VmControl, DEFAULT_MAX_PAYLOAD};
 
-/// How long a connection may make no progress (or take to send one
-/// request) before it is closed.
+/// How long a connection may take to send one request, or to take its
+/// response, before it is closed. A connection idle between requests has no
+/// time limit (like Firecracker's, whose clients keep one connection for a
+/// VM's life); when the connection cap is reached, the longest-idle such
+/// connection makes room for a new one.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most connections open at once, by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
@@ -200,8 +203,9 @@ impl EventLoop {
                 events: c.interest(),
                 revents: 0,
             });
-            let d = c.deadline(server.idle_timeout);
-            next_deadline = Some(next_deadline.map_or(d, |n| n.min(d)));
+            if let Some(d) = c.deadline(server.idle_timeout) {
+                next_deadline = Some(next_deadline.map_or(d, |n| n.min(d)));
+            }
         }
         let timeout_ms = match next_deadline {
             // Buffered requests wait for their turn: do not sleep.
@@ -238,7 +242,7 @@ impl EventLoop {
             } else if c.more {
                 c.pump(vm, now);
             }
-            if !c.dead && now >= c.deadline(server.idle_timeout) {
+            if !c.dead && c.deadline(server.idle_timeout).is_some_and(|d| now >= d) {
                 log::debug!("api: closing a connection that timed out");
                 c.dead = true;
             }
@@ -259,8 +263,24 @@ impl EventLoop {
                         continue;
                     }
                     if self.conns.len() >= server.max_connections {
-                        refuse(&stream, server.max_connections);
-                        continue;
+                        // Make room by closing the longest-idle connection.
+                        let oldest = self
+                            .conns
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, c)| c.is_idle())
+                            .min_by_key(|(_, c)| c.last_progress)
+                            .map(|(i, _)| i);
+                        match oldest {
+                            Some(i) => {
+                                log::debug!("api: connection cap reached: closing an idle one");
+                                self.conns.swap_remove(i);
+                            }
+                            None => {
+                                refuse(&stream, server.max_connections);
+                                continue;
+                            }
+                        }
                     }
                     self.conns.push(Conn::new(stream, server.max_payload, now));
                 }
@@ -374,14 +394,20 @@ impl Conn {
     }
 
     /// When the connection is closed if nothing happens.
-    fn deadline(&self, idle: Duration) -> Instant {
+    fn deadline(&self, idle: Duration) -> Option<Instant> {
         match self.phase {
-            Phase::Lingering { until } => until,
+            Phase::Lingering { until } => Some(until),
+            _ if self.is_idle() => None,
             _ => {
                 let d = self.last_progress + idle;
-                self.request_started.map_or(d, |s| d.min(s + idle))
+                Some(self.request_started.map_or(d, |s| d.min(s + idle)))
             }
         }
+    }
+
+    /// Between requests: nothing half-received, nothing left to send.
+    fn is_idle(&self) -> bool {
+        self.request_started.is_none() && !self.pending_out() && !self.more
     }
 
     fn on_ready(&mut self, revents: i16, scratch: &mut [u8], vm: &dyn VmControl, now: Instant) {

@@ -54,6 +54,10 @@ impl KilnVm {
 }
 
 impl VmControl for KilnVm {
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.handle.send_ctrl_alt_del().map_err(ApiError::Invalid)
+    }
+
     fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
         if p.snapshot_type == SnapshotType::Diff {
             return Err(ApiError::Invalid(
