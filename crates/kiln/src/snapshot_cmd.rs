@@ -92,7 +92,7 @@ pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
     )
     .map_err(|e| e.to_string())?;
     if !r.resume {
-        vmm.handle().hold_paused();
+        vmm.handle().hold_paused()?;
     }
     Ok(vmm)
 }

@@ -92,23 +92,31 @@ impl VmHandle {
                 .pause
                 .wait_parked(self.vcpus, Duration::from_millis(10))
             {
-                return Ok(());
+                break;
             }
             if Instant::now() >= deadline {
                 return Err("the vCPUs did not stop within 2 s".into());
             }
         }
+        // Then the devices: nothing touches guest memory while paused.
+        if let Err(e) = self.parts.pause_devices() {
+            self.resume();
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the devices and the vCPUs run again.
     pub fn resume(&self) {
+        self.parts.resume_devices();
         self.pause.resume();
     }
 
-    /// Keeps the vCPUs parked from the moment they start (a VM restored
-    /// without `resume_vm`), until [`VmHandle::resume`].
-    pub fn hold_paused(&self) {
+    /// Keeps the vCPUs parked from the moment they start, and the devices
+    /// paused (a VM restored without `resume_vm`), until [`VmHandle::resume`].
+    pub fn hold_paused(&self) -> std::result::Result<(), String> {
         self.pause.request_pause();
+        self.parts.pause_devices()
     }
 
     /// Whether the VM is paused (or being paused).
