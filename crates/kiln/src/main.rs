@@ -57,6 +57,12 @@ enum Command {
     Vmm(vmm_cmd::VmmArgs),
     /// Restore a snapshot (from PUT /snapshot/create) and run it.
     Restore(snapshot_cmd::RestoreArgs),
+    /// Pause a running VM (PATCH /vm over its API socket).
+    Pause(snapshot_cmd::SockArgs),
+    /// Resume a paused VM.
+    Resume(snapshot_cmd::SockArgs),
+    /// Pause a running VM and write a full snapshot of it.
+    Snapshot(snapshot_cmd::SnapshotArgs),
 }
 
 /// Options of `kiln run`.
@@ -192,6 +198,9 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Api(args) => api_glue::api(args),
         Command::Vmm(args) => vmm_cmd::vmm(args, start),
         Command::Restore(args) => snapshot_cmd::restore_cmd(args, start),
+        Command::Pause(args) => snapshot_cmd::set_state(args, true),
+        Command::Resume(args) => snapshot_cmd::set_state(args, false),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args),
     }
 }
 
