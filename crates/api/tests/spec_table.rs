@@ -27,7 +27,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kiln_api::client::{request, ClientResponse};
-use kiln_api::models::{Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmState};
+use kiln_api::models::{
+    Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, InstanceInfo, VmState,
+};
 use kiln_api::telemetry::{LoggerConfig, MetricsConfig, Telemetry};
 use kiln_api::{
     ApiError, ApiServer, PartialDrive, PartialNetworkInterface, PreBootVm, Starter, VmControl,
@@ -53,7 +55,14 @@ enum Feature {
 }
 
 /// Features whose routes are merged (see [`Feature`]).
-const LANDED: &[Feature] = &[Feature::Snapshot, Feature::Logger, Feature::Metrics];
+const LANDED: &[Feature] = &[
+    Feature::Snapshot,
+    Feature::Logger,
+    Feature::Metrics,
+    Feature::Serial,
+    Feature::BalloonStatsUpdate,
+    Feature::CtrlAltDel,
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Gate {
@@ -189,6 +198,7 @@ fn table() -> Vec<Row> {
         row(Pre, "PUT", "/actions", Some(r#"{"action_type":"#), Malformed, 400, "Invalid request body"),
         row(Pre, "PUT", "/actions", None, NoBody, 400, "empty"),
         pending(Feature::CtrlAltDel, row(Post, "PUT", "/actions", Some(r#"{"action_type":"SendCtrlAltDel"}"#), Valid, 204, "")),
+        pending(Feature::CtrlAltDel, row(Pre, "PUT", "/actions", Some(r#"{"action_type":"SendCtrlAltDel"}"#), Valid, 400, BEFORE)),
         pending(Feature::Metrics, with_setup(
             &[("PUT", "/metrics", r#"{"metrics_path":"{tmp}/metrics"}"#)],
             row(Post, "PUT", "/actions", Some(r#"{"action_type":"FlushMetrics"}"#), Valid, 204, ""),
@@ -299,6 +309,8 @@ fn table() -> Vec<Row> {
         row(Post, "GET", "/balloon/statistics", None, NoBody, 200, ""),
         row(Pre, "GET", "/balloon/statistics", None, NoBody, 400, BEFORE),
         pending(Feature::BalloonStatsUpdate, row(Post, "PATCH", "/balloon/statistics", Some(r#"{"stats_polling_interval_s":5}"#), Valid, 204, "")),
+        pending(Feature::BalloonStatsUpdate, row(Post, "PATCH", "/balloon/statistics", Some(r#"{"stats_polling_interval_s":"5"}"#), SpecInvalid, 400, TYPE)),
+        pending(Feature::BalloonStatsUpdate, row(Post, "PATCH", "/balloon/statistics", Some("{}"), SpecInvalid, 400, MISSING)),
         // PATCH /vm
         row(Post, "PATCH", "/vm", Some(r#"{"state":"Paused"}"#), Valid, 204, ""),
         row(Post, "PATCH", "/vm", Some(r#"{"state":"Resumed"}"#), Valid, 204, ""),
@@ -330,6 +342,8 @@ fn table() -> Vec<Row> {
         pending(Feature::Metrics, row(Post, "PUT", "/metrics", Some(r#"{"metrics_path":"{tmp}/metrics"}"#), Valid, 400, AFTER)),
         pending(Feature::Metrics, row(Bare, "PUT", "/metrics", Some("{}"), SpecInvalid, 400, MISSING)),
         pending(Feature::Serial, row(Bare, "PUT", "/serial", Some(r#"{"serial_out_path":"{tmp}/serial"}"#), Valid, 204, "")),
+        pending(Feature::Serial, row(Post, "PUT", "/serial", Some(r#"{"serial_out_path":"{tmp}/serial"}"#), Valid, 400, AFTER)),
+        pending(Feature::Serial, row(Bare, "PUT", "/serial", Some(r#"{"serial_out_path":9}"#), SpecInvalid, 400, TYPE)),
         pending(Feature::CpuConfig, row(Pre, "PUT", "/cpu-config", Some("{}"), Valid, 204, "")),
         pending(Feature::Mmds, row(Pre, "PUT", "/mmds", Some(r#"{"latest":{"meta-data":{"id":"i-1"}}}"#), Valid, 204, "")),
         pending(Feature::Mmds, with_setup(
@@ -395,6 +409,22 @@ impl VmControl for FakeVm {
             2,
             &[(4, 1 << 20), (5, 2 << 20)],
         ))
+    }
+    fn update_balloon_stats(&self, u: &BalloonStatsUpdate) -> Result<(), ApiError> {
+        if u.stats_polling_interval_s == 0 {
+            return Err(ApiError::Invalid(
+                "Statistics cannot be turned off after boot".into(),
+            ));
+        }
+        self.log
+            .lock()
+            .unwrap()
+            .push(format!("stats {}", u.stats_polling_interval_s));
+        Ok(())
+    }
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.log.lock().unwrap().push("ctrl-alt-del".into());
+        Ok(())
     }
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
         *self.paused.lock().unwrap() = state == VmState::Paused;
