@@ -57,6 +57,9 @@ enum Command {
     Vmm(vmm_cmd::VmmArgs),
     /// Restore a snapshot (from PUT /snapshot/create) and run it.
     Restore(snapshot_cmd::RestoreArgs),
+    /// Firecracker-compatible jailer: start the VMM chrooted, in its own
+    /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
+    Jailer(kiln_jailer::JailerArgs),
 }
 
 /// Options of `kiln run`.
@@ -108,16 +111,43 @@ pub struct RunArgs {
     pub guest_command: Vec<String>,
 }
 
+/// `kiln` run under the name `jailer` (e.g. a symlink): Firecracker's
+/// jailer command line, handled exactly like `kiln jailer`.
+#[derive(Parser)]
+#[command(
+    name = "jailer",
+    about = "Kiln under the jailer's name: the same as `kiln jailer`",
+    version
+)]
+struct JailerCli {
+    #[command(flatten)]
+    jailer: kiln_jailer::JailerArgs,
+}
+
+/// Whether `argv0` (the program's name as run) is `jailer`.
+fn is_jailer_name(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == "jailer")
+}
+
 fn main() {
     let start = Instant::now();
-    let cli = Cli::parse();
-    logger::init(cli.log_level.as_deref());
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let command = if is_jailer_name(&argv0) {
+        logger::init(None);
+        Command::Jailer(JailerCli::parse().jailer)
+    } else {
+        let cli = Cli::parse();
+        logger::init(cli.log_level.as_deref());
+        cli.command
+    };
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         metrics::on_panic();
         default_hook(info);
     }));
-    let code = match dispatch(cli.command, start) {
+    let code = match dispatch(command, start) {
         Ok(code) => code,
         Err(e) => {
             term::restore();
@@ -132,6 +162,7 @@ fn main() {
 fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
     match cmd {
         Command::Run(args) => run(args, start),
+        Command::Jailer(args) => Ok(kiln_jailer::main(args)?),
         Command::Images => {
             let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
             println!("kernel     {}", images.kernel.display());
