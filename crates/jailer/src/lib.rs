@@ -85,25 +85,32 @@ pub fn main(args: JailerArgs) -> Result<i32> {
 /// Removes a finished jail: `<base>/<exec name>/<id>` (the chroot tree) and
 /// its cgroup leaf. Refuses while processes are still in the leaf.
 pub fn cleanup(cfg: &JailConfig) -> Result<()> {
-    if let Some(leaf) = cgroup::find_leaf(cfg)? {
-        if leaf.exists() {
-            let procs = std::fs::read_to_string(leaf.join("cgroup.procs"))
-                .map_err(io_err("cleanup: read", leaf.join("cgroup.procs")))?;
-            if !procs.trim().is_empty() {
-                return Err(Error::Invalid(format!(
-                    "cleanup: cgroup {} still has processes ({}): stop the VMM first",
-                    leaf.display(),
-                    procs.split_whitespace().collect::<Vec<_>>().join(" ")
-                )));
-            }
-            std::fs::remove_dir(&leaf).map_err(io_err("cleanup: remove cgroup", &leaf))?;
+    let id_dir = cfg.id_dir();
+    let leaf = cgroup::find_leaf(cfg)?.filter(|l| l.is_dir());
+    if leaf.is_none() && !id_dir.exists() {
+        return Err(Error::Invalid(format!(
+            "cleanup: no jail {:?} found (neither {} nor its cgroup exists)",
+            cfg.id,
+            id_dir.display()
+        )));
+    }
+    if let Some(leaf) = leaf {
+        let procs_path = leaf.join("cgroup.procs");
+        let procs =
+            std::fs::read_to_string(&procs_path).map_err(io_err("cleanup: read", &procs_path))?;
+        if !procs.trim().is_empty() {
+            return Err(Error::Invalid(format!(
+                "cleanup: cgroup {} still has processes ({}): stop the VMM first",
+                leaf.display(),
+                procs.split_whitespace().collect::<Vec<_>>().join(" ")
+            )));
         }
+        std::fs::remove_dir(&leaf).map_err(io_err("cleanup: remove cgroup", &leaf))?;
         if let Some(parent) = leaf.parent() {
             // The shared parent goes only once it is empty.
             let _ = std::fs::remove_dir(parent);
         }
     }
-    let id_dir = cfg.id_dir();
     if id_dir.exists() {
         std::fs::remove_dir_all(&id_dir).map_err(io_err("cleanup: remove chroot", &id_dir))?;
     }
