@@ -1,15 +1,22 @@
 //! A minimal HTTP/1.1 request parser and response writer (std only).
 //!
-//! Supports what API clients send: a request line, headers, a body sized by
+//! [`RequestParser`] is incremental: bytes are fed as they arrive (one at a
+//! time or many requests at once) and complete requests come out in order,
+//! so a server can multiplex many connections on one thread. It supports
+//! what API clients send: a request line, headers, a body sized by
 //! `Content-Length` (bounded), `Expect: 100-continue` and keep-alive.
 //! Chunked (or any) `Transfer-Encoding` is refused.
 
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 
-/// Longest request line or header line, bytes.
+/// Longest request line or header line, bytes (without its line ending).
 pub const MAX_LINE: usize = 8192;
 /// Most headers in one request.
 pub const MAX_HEADERS: usize = 64;
+/// Largest request head (request line and headers), bytes.
+pub const MAX_HEAD: usize = 32 * 1024;
+/// Empty lines tolerated before a request line (RFC 9112 2.2).
+const MAX_EMPTY_LINES: u8 = 4;
 
 /// A parsed request.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,49 +57,246 @@ fn malformed(msg: impl Into<String>) -> HttpError {
     HttpError::Malformed(msg.into())
 }
 
-/// Reads one line (LF or CRLF ended, terminator removed) of at most
-/// [`MAX_LINE`] bytes. `Ok(None)` on end of stream before any byte.
-fn read_line(r: &mut impl BufRead) -> Result<Option<Vec<u8>>, HttpError> {
-    let mut line = Vec::new();
-    let n = io::Read::take(&mut *r, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
-    if n == 0 {
-        return Ok(None);
-    }
-    if line.last() != Some(&b'\n') {
-        return Err(if n > MAX_LINE {
-            malformed("Request line or header is too long")
-        } else {
-            malformed("Unexpected end of stream inside the request head")
-        });
-    }
-    line.pop();
-    if line.last() == Some(&b'\r') {
-        line.pop();
-    }
-    Ok(Some(line))
+/// What the parser produced.
+#[derive(Debug)]
+pub enum Event {
+    /// A complete request.
+    Request(Request),
+    /// The client asked for `100 Continue` before sending its body.
+    Continue,
+    /// The stream is not valid HTTP/1.1: answer 400 and close. The parser
+    /// produces nothing after an error.
+    Error(HttpError),
 }
 
-fn utf8(bytes: Vec<u8>, what: &str) -> Result<String, HttpError> {
-    String::from_utf8(bytes).map_err(|_| malformed(format!("{what} is not valid UTF-8")))
+/// A request head parsed so far.
+#[derive(Debug)]
+struct Head {
+    method: String,
+    path: String,
+    keep_alive: bool,
+    content_length: Option<u64>,
+    expect_continue: bool,
+    headers: usize,
 }
 
-/// Reads the next request. `Ok(None)`: the client closed the connection
-/// between requests. `continue_out` receives `100 Continue` when the client
-/// asks for it before sending its body.
-pub fn read_request(
-    r: &mut impl BufRead,
-    continue_out: &mut impl Write,
+#[derive(Debug)]
+enum State {
+    /// Before a request line.
+    Start { empties: u8 },
+    /// Reading headers.
+    Headers(Head),
+    /// Waiting for `len` body bytes.
+    Body(Head, usize),
+    /// After an error.
+    Failed,
+}
+
+/// An incremental HTTP/1.1 request parser for one connection.
+///
+/// ```
+/// use kiln_api::http::{Event, RequestParser};
+/// let mut p = RequestParser::new(1024);
+/// p.feed(b"GET / HTTP/1.1\r\n");
+/// assert!(p.next_event().is_none());
+/// p.feed(b"\r\nGET /version HTTP/1.1\r\n\r\n");
+/// assert!(matches!(p.next_event(), Some(Event::Request(r)) if r.path == "/"));
+/// assert!(matches!(p.next_event(), Some(Event::Request(r)) if r.path == "/version"));
+/// assert!(p.next_event().is_none() && p.is_idle());
+/// ```
+#[derive(Debug)]
+pub struct RequestParser {
     max_payload: usize,
-) -> Result<Option<Request>, HttpError> {
-    // Request line (a few empty lines before it are tolerated, RFC 9112 2.2).
-    let mut empties = 0;
-    let line = loop {
-        match read_line(r)? {
-            None => return Ok(None),
-            Some(l) if l.is_empty() && empties < 4 => empties += 1,
-            Some(l) => break utf8(l, "Request line")?,
+    buf: Vec<u8>,
+    /// Start of the unconsumed bytes in `buf`.
+    pos: usize,
+    /// Bytes of `buf` already searched for a line end.
+    scan: usize,
+    /// Head bytes consumed so far for the current request.
+    head_bytes: usize,
+    state: State,
+}
+
+impl RequestParser {
+    /// A parser accepting bodies of at most `max_payload` bytes.
+    pub fn new(max_payload: usize) -> Self {
+        Self {
+            max_payload,
+            buf: Vec::new(),
+            pos: 0,
+            scan: 0,
+            head_bytes: 0,
+            state: State::Start { empties: 0 },
         }
-    };
+    }
+
+    /// Appends bytes received from the client.
+    pub fn feed(&mut self, data: &[u8]) {
+        if matches!(self.state, State::Failed) {
+            return;
+        }
+        if self.pos > 0 {
+            self.buf.drain(..self.pos);
+            self.scan -= self.pos;
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Bytes received and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    /// No request is partially received (nothing to lose by closing).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Start { .. }) && self.buffered() == 0
+    }
+
+    /// Whether an error was produced.
+    pub fn failed(&self) -> bool {
+        matches!(self.state, State::Failed)
+    }
+
+    fn fail(&mut self, e: HttpError) -> Option<Event> {
+        self.state = State::Failed;
+        self.buf = Vec::new();
+        self.pos = 0;
+        self.scan = 0;
+        Some(Event::Error(e))
+    }
+
+    /// The next complete line (terminator removed), if any.
+    fn line(&mut self) -> Result<Option<std::ops::Range<usize>>, HttpError> {
+        let start = self.pos;
+        match self.buf[self.scan..].iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let nl = self.scan + i;
+                let mut end = nl;
+                if end > start && self.buf[end - 1] == b'\r' {
+                    end -= 1;
+                }
+                if end - start > MAX_LINE {
+                    return Err(malformed("Request line or header is too long"));
+                }
+                self.pos = nl + 1;
+                self.scan = self.pos;
+                self.head_bytes += nl + 1 - start;
+                if self.head_bytes > MAX_HEAD {
+                    return Err(malformed("Request head is too large"));
+                }
+                Ok(Some(start..end))
+            }
+            None => {
+                self.scan = self.buf.len();
+                // One byte of slack for a CR before the LF.
+                if self.buf.len() - start > MAX_LINE + 1 {
+                    return Err(malformed("Request line or header is too long"));
+                }
+                if self.head_bytes + self.buf.len() - start > MAX_HEAD {
+                    return Err(malformed("Request head is too large"));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// The next event; `None` until more bytes are fed.
+    pub fn next_event(&mut self) -> Option<Event> {
+        loop {
+            match std::mem::replace(&mut self.state, State::Failed) {
+                State::Failed => return None,
+                State::Start { empties } => {
+                    let range = match self.line() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            self.state = State::Start { empties };
+                            return None;
+                        }
+                        Err(e) => return self.fail(e),
+                    };
+                    if range.is_empty() && empties < MAX_EMPTY_LINES {
+                        self.state = State::Start {
+                            empties: empties + 1,
+                        };
+                        continue;
+                    }
+                    match request_line(&self.buf[range]) {
+                        Ok(head) => self.state = State::Headers(head),
+                        Err(e) => return self.fail(e),
+                    }
+                }
+                State::Headers(mut head) => {
+                    let range = match self.line() {
+                        Ok(Some(r)) => r,
+                        Ok(None) => {
+                            self.state = State::Headers(head);
+                            return None;
+                        }
+                        Err(e) => return self.fail(e),
+                    };
+                    if !range.is_empty() {
+                        if let Err(e) = header(&mut head, &self.buf[range]) {
+                            return self.fail(e);
+                        }
+                        self.state = State::Headers(head);
+                        continue;
+                    }
+                    let len = head.content_length.unwrap_or(0);
+                    if len > self.max_payload as u64 {
+                        return self.fail(HttpError::PayloadTooLarge {
+                            size: len,
+                            max: self.max_payload,
+                        });
+                    }
+                    let cont = head.expect_continue && len > 0;
+                    self.state = State::Body(head, len as usize);
+                    if cont {
+                        return Some(Event::Continue);
+                    }
+                }
+                State::Body(head, len) => {
+                    if self.buffered() < len {
+                        self.state = State::Body(head, len);
+                        return None;
+                    }
+                    let body = self.buf[self.pos..self.pos + len].to_vec();
+                    self.pos += len;
+                    self.scan = self.pos;
+                    self.head_bytes = 0;
+                    self.state = State::Start { empties: 0 };
+                    return Some(Event::Request(Request {
+                        method: head.method,
+                        path: head.path,
+                        keep_alive: head.keep_alive,
+                        body,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// The client closed its side: an error if a request was cut short.
+    /// Call once [`next_event`](Self::next_event) returns `None`.
+    pub fn finish(&mut self) -> Option<HttpError> {
+        let e = match &self.state {
+            State::Failed => return None,
+            State::Start { .. } if self.buffered() == 0 => return None,
+            State::Start { .. } => malformed("Unexpected end of stream inside the request head"),
+            State::Headers(_) => malformed("Unexpected end of stream in headers"),
+            State::Body(..) => malformed("Unexpected end of stream in the body"),
+        };
+        self.state = State::Failed;
+        Some(e)
+    }
+}
+
+fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, HttpError> {
+    std::str::from_utf8(bytes).map_err(|_| malformed(format!("{what} is not valid UTF-8")))
+}
+
+fn request_line(line: &[u8]) -> Result<Head, HttpError> {
+    let line = utf8(line, "Request line")?;
     let mut parts = line.split(' ');
     let (method, target, version) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some(m), Some(t), Some(v), None) if !m.is_empty() && !t.is_empty() => (m, t, v),
@@ -101,105 +305,78 @@ pub fn read_request(
     if !method.bytes().all(|b| b.is_ascii_alphabetic()) {
         return Err(malformed("Invalid HTTP method"));
     }
-    let mut keep_alive = match version {
-        "HTTP/1.1" => true,
-        "HTTP/1.0" => false,
+    let keep_alive = match version {
+        // Like Firecracker's API server, HTTP/1.0 connections stay open too
+        // (clients such as firecracker-rs-sdk send every request as HTTP/1.0
+        // on one connection); `Connection: close` still closes.
+        "HTTP/1.1" | "HTTP/1.0" => true,
         _ => return Err(malformed(format!("Unsupported HTTP version: {version}"))),
     };
-    let path = target.split('?').next().unwrap_or_default().to_string();
+    let path = target.split('?').next().unwrap_or_default();
     if !path.starts_with('/') {
         return Err(malformed("Invalid request URI"));
     }
-
-    // Headers.
-    let mut content_length: Option<u64> = None;
-    let mut expect_continue = false;
-    let mut count = 0;
-    loop {
-        let line = read_line(r)?.ok_or_else(|| malformed("Unexpected end of stream in headers"))?;
-        if line.is_empty() {
-            break;
-        }
-        count += 1;
-        if count > MAX_HEADERS {
-            return Err(malformed("Too many headers"));
-        }
-        let line = utf8(line, "Header")?;
-        if line.starts_with([' ', '\t']) {
-            return Err(malformed("Folded headers are not supported"));
-        }
-        let (name, value) = line
-            .split_once(':')
-            .ok_or_else(|| malformed(format!("Invalid header: {line}")))?;
-        if name.is_empty() || name.contains([' ', '\t']) {
-            return Err(malformed(format!("Invalid header name: {name}")));
-        }
-        let value = value.trim_matches([' ', '\t']);
-        match name.to_ascii_lowercase().as_str() {
-            "content-length" => {
-                if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(malformed(format!("Invalid Content-Length: {value}")));
-                }
-                let n: u64 = value
-                    .parse()
-                    .map_err(|_| malformed(format!("Invalid Content-Length: {value}")))?;
-                if content_length.is_some_and(|old| old != n) {
-                    return Err(malformed("Conflicting Content-Length headers"));
-                }
-                content_length = Some(n);
-            }
-            "transfer-encoding" => {
-                return Err(malformed(format!(
-                    "Transfer-Encoding {value} is not supported; send Content-Length"
-                )))
-            }
-            "connection" => {
-                for token in value.split(',').map(str::trim) {
-                    if token.eq_ignore_ascii_case("close") {
-                        keep_alive = false;
-                    } else if token.eq_ignore_ascii_case("keep-alive") {
-                        keep_alive = true;
-                    }
-                }
-            }
-            "expect" => {
-                if value.eq_ignore_ascii_case("100-continue") {
-                    expect_continue = true;
-                } else {
-                    return Err(malformed(format!("Unsupported Expect: {value}")));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    // Body.
-    let len = content_length.unwrap_or(0);
-    if len > max_payload as u64 {
-        return Err(HttpError::PayloadTooLarge {
-            size: len,
-            max: max_payload,
-        });
-    }
-    if expect_continue && len > 0 {
-        continue_out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        continue_out.flush()?;
-    }
-    let mut body = vec![0; len as usize];
-    r.read_exact(&mut body).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            malformed("Unexpected end of stream in the body")
-        } else {
-            HttpError::Io(e)
-        }
-    })?;
-    Ok(Some(Request {
+    Ok(Head {
         method: method.to_string(),
-        path,
+        path: path.to_string(),
         keep_alive,
-        body,
-    }))
+        content_length: None,
+        expect_continue: false,
+        headers: 0,
+    })
 }
+
+fn header(head: &mut Head, line: &[u8]) -> Result<(), HttpError> {
+    head.headers += 1;
+    if head.headers > MAX_HEADERS {
+        return Err(malformed("Too many headers"));
+    }
+    let line = utf8(line, "Header")?;
+    if line.starts_with([' ', '\t']) {
+        return Err(malformed("Folded headers are not supported"));
+    }
+    let (name, value) = line
+        .split_once(':')
+        .ok_or_else(|| malformed(format!("Invalid header: {line}")))?;
+    if name.is_empty() || name.contains([' ', '\t']) {
+        return Err(malformed(format!("Invalid header name: {name}")));
+    }
+    let value = value.trim_matches([' ', '\t']);
+    if name.eq_ignore_ascii_case("content-length") {
+        if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(malformed(format!("Invalid Content-Length: {value}")));
+        }
+        let n: u64 = value
+            .parse()
+            .map_err(|_| malformed(format!("Invalid Content-Length: {value}")))?;
+        if head.content_length.is_some_and(|old| old != n) {
+            return Err(malformed("Conflicting Content-Length headers"));
+        }
+        head.content_length = Some(n);
+    } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        return Err(malformed(format!(
+            "Transfer-Encoding {value} is not supported; send Content-Length"
+        )));
+    } else if name.eq_ignore_ascii_case("connection") {
+        for token in value.split(',').map(str::trim) {
+            if token.eq_ignore_ascii_case("close") {
+                head.keep_alive = false;
+            } else if token.eq_ignore_ascii_case("keep-alive") {
+                head.keep_alive = true;
+            }
+        }
+    } else if name.eq_ignore_ascii_case("expect") {
+        if value.eq_ignore_ascii_case("100-continue") {
+            head.expect_continue = true;
+        } else {
+            return Err(malformed(format!("Unsupported Expect: {value}")));
+        }
+    }
+    Ok(())
+}
+
+/// The interim response to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
 
 /// A response: status and an optional JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -247,25 +424,39 @@ impl Response {
         Self::fault(400, message)
     }
 
-    /// Writes the response; `close` adds `Connection: close`.
-    pub fn write_to(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
-        let mut out = format!(
+    /// Appends the whole response (head and body) to `out`; `close` adds
+    /// `Connection: close`.
+    pub fn encode(&self, out: &mut Vec<u8>, close: bool) {
+        // Writing into a Vec cannot fail.
+        let _ = write!(
+            out,
             "HTTP/1.1 {} {}\r\nServer: Kiln API\r\n",
             self.status,
             reason(self.status)
         );
         if close {
-            out.push_str("Connection: close\r\n");
+            out.extend_from_slice(b"Connection: close\r\n");
         }
         match &self.body {
-            Some(b) => out.push_str(&format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-                b.len()
-            )),
-            None if self.status == 204 => out.push_str("\r\n"),
-            None => out.push_str("Content-Length: 0\r\n\r\n"),
+            Some(b) => {
+                let _ = write!(
+                    out,
+                    "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    b.len()
+                );
+                out.extend_from_slice(b.as_bytes());
+            }
+            None if self.status == 204 => out.extend_from_slice(b"\r\n"),
+            None => out.extend_from_slice(b"Content-Length: 0\r\n\r\n"),
         }
-        w.write_all(out.as_bytes())?;
+    }
+
+    /// Writes the response with one `write_all`; `close` adds
+    /// `Connection: close`.
+    pub fn write_to(&self, w: &mut impl Write, close: bool) -> io::Result<()> {
+        let mut out = Vec::with_capacity(128 + self.body.as_ref().map_or(0, String::len));
+        self.encode(&mut out, close);
+        w.write_all(&out)?;
         w.flush()
     }
 }
@@ -279,6 +470,7 @@ pub fn reason(status: u16) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         500 => "Internal Server Error",
+        503 => "Service Unavailable",
         _ => "Unknown",
     }
 }

@@ -6,6 +6,7 @@
 //! depend on KVM or the device models.
 
 pub mod client;
+pub mod fuzz_harness;
 pub mod http;
 pub mod metrics;
 pub mod models;
@@ -16,7 +17,8 @@ pub mod snapshot;
 pub mod telemetry;
 
 pub use models::{
-    Balloon, BalloonStats, BalloonUpdate, FirecrackerVersion, InstanceInfo, VmState, VmStateUpdate,
+    Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, FirecrackerVersion, InstanceInfo,
+    VmState, VmStateUpdate,
 };
 pub use preboot::{PreBootRequest, PreBootVm, Starter, VmResources};
 pub use server::{ApiServer, ServerError};
@@ -50,6 +52,11 @@ pub trait VmControl: Send + Sync {
     fn update_balloon(&self, update: &BalloonUpdate) -> Result<(), ApiError>;
     /// `GET /balloon/statistics`.
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError>;
+    /// `PATCH /balloon/statistics`: a new statistics polling interval.
+    /// Default: no balloon.
+    fn update_balloon_stats(&self, _update: &BalloonStatsUpdate) -> Result<(), ApiError> {
+        Err(ApiError::NoBalloon)
+    }
     /// `GET /machine-config`. Default: not available.
     fn machine_config(&self) -> Result<preboot::MachineConfig, ApiError> {
         Err(ApiError::Invalid(
@@ -63,6 +70,11 @@ pub trait VmControl: Send + Sync {
     /// `PUT /actions {"action_type":"InstanceStart"}`. Default: already running.
     fn start_instance(&self) -> Result<(), ApiError> {
         Err(ApiError::Invalid(preboot::AFTER_START.into()))
+    }
+    /// `PUT /actions {"action_type":"SendCtrlAltDel"}`: type Ctrl-Alt-Del on
+    /// the guest's keyboard. Default: not before the VM runs.
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        Err(ApiError::Invalid(preboot::BEFORE_START.into()))
     }
     /// `PATCH /vm`: pause or resume. Default: not possible.
     fn set_vm_state(&self, _state: models::VmState) -> Result<(), ApiError> {
@@ -96,3 +108,5 @@ pub trait VmControl: Send + Sync {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_endpoints;

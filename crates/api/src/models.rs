@@ -61,6 +61,15 @@ pub struct BalloonUpdate {
     pub amount_mib: u64,
 }
 
+/// `PATCH /balloon/statistics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStatsUpdate {
+    /// New seconds between statistics refreshes. After boot, statistics
+    /// cannot be turned on (from 0) or off (to 0).
+    pub stats_polling_interval_s: u32,
+}
+
 /// `GET /balloon/statistics`. Guest statistics are in bytes (or counts) and
 /// absent when the guest has not reported them.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

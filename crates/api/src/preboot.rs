@@ -179,6 +179,19 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+/// `PUT /serial`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Serial {
+    /// Host file (or named pipe) receiving the guest's serial output
+    /// instead of `kiln vmm`'s stdout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Not supported by Kiln (refused when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
+}
+
 /// `PUT /actions`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -192,7 +205,7 @@ pub struct Action {
 pub enum ActionType {
     /// Build and boot the configured microVM.
     InstanceStart,
-    /// Not supported by Kiln.
+    /// Type Ctrl-Alt-Del on the guest's keyboard (post-boot only).
     SendCtrlAltDel,
     /// Write one metrics line now (after InstanceStart).
     FlushMetrics,
@@ -221,6 +234,8 @@ pub enum PreBootRequest {
     Logger(LoggerConfig),
     /// `PUT /metrics`.
     Metrics(MetricsConfig),
+    /// `PUT /serial`.
+    Serial(Serial),
 }
 
 /// A whole microVM configuration: what the pre-boot requests build, what
@@ -259,6 +274,10 @@ pub struct VmResources {
     /// The metrics (from `PUT /metrics`, the config file or the flags).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsConfig>,
+    /// The serial console's output (`PUT /serial`; not part of
+    /// Firecracker's config file or `GET /vm/config`).
+    #[serde(skip)]
+    pub serial: Option<Serial>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -395,6 +414,17 @@ impl VmResources {
                     ));
                 }
                 self.metrics = Some(m);
+            }
+            PreBootRequest::Serial(c) => {
+                if c.rate_limiter.is_some() {
+                    return Err(invalid(
+                        "A rate limiter on the serial console is not supported by Kiln; remove rate_limiter.",
+                    ));
+                }
+                if c.serial_out_path.as_deref() == Some("") {
+                    return Err(invalid("serial_out_path is empty"));
+                }
+                self.serial = Some(c);
             }
         }
         Ok(())
@@ -602,6 +632,28 @@ impl VmControl for PreBootVm {
         }
     }
 
+    fn update_balloon_stats(
+        &self,
+        update: &crate::models::BalloonStatsUpdate,
+    ) -> Result<(), ApiError> {
+        let mut s = self.state();
+        let interval = update.stats_polling_interval_s;
+        match &s.stage {
+            Stage::Running(vm) => {
+                vm.update_balloon_stats(update)?;
+                if let Some(b) = s.res.balloon.as_mut() {
+                    b.stats_polling_interval_s = interval;
+                }
+                Ok(())
+            }
+            Stage::NotStarted => {
+                let b = s.res.balloon.as_mut().ok_or(ApiError::NoBalloon)?;
+                b.stats_polling_interval_s = interval;
+                Ok(())
+            }
+        }
+    }
+
     fn set_vm_state(&self, state: crate::models::VmState) -> Result<(), ApiError> {
         // Clone the running control out so a slow pause does not hold the lock.
         let vm = match &self.state().stage {
@@ -609,6 +661,14 @@ impl VmControl for PreBootVm {
             Stage::NotStarted => return Err(invalid(BEFORE_START)),
         };
         vm.set_vm_state(state)
+    }
+
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        let vm = match &self.state().stage {
+            Stage::Running(vm) => vm.clone(),
+            Stage::NotStarted => return Err(invalid(BEFORE_START)),
+        };
+        vm.send_ctrl_alt_del()
     }
 
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
@@ -741,6 +801,9 @@ mod tests {
         }
         fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
             Err(ApiError::StatsDisabled)
+        }
+        fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+            Ok(())
         }
     }
 
@@ -906,13 +969,9 @@ mod tests {
             fault(&req(&v, "PATCH", "/balloon", Some(r#"{"amount_mib":1}"#)))
                 .contains("before starting")
         );
-        let m = fault(&req(
-            &v,
-            "PUT",
-            "/actions",
-            Some(r#"{"action_type":"SendCtrlAltDel"}"#),
-        ));
-        assert!(m.contains("not supported"), "{m}");
+        let cad = r#"{"action_type":"SendCtrlAltDel"}"#;
+        let m = fault(&req(&v, "PUT", "/actions", Some(cad)));
+        assert_eq!(m, BEFORE_START);
         assert!(fault(&req(
             &v,
             "PUT",
@@ -964,6 +1023,9 @@ mod tests {
             req(&v, "PATCH", "/balloon", Some(r#"{"amount_mib":3}"#)).status,
             204
         );
+        // Post-boot, SendCtrlAltDel reaches the running VM.
+        let r = req(&v, "PUT", "/actions", Some(cad));
+        assert_eq!((r.status, r.body.as_str()), (204, ""));
         let c = req(&v, "GET", "/vm/config", None);
         assert_eq!(
             c.body,

@@ -306,7 +306,14 @@ fn connection_close_and_http10() {
     );
     assert_eq!(responses(&out).len(), 1);
     assert!(out.contains("Connection: close\r\n"));
+    // HTTP/1.0 keeps the connection open unless asked to close (as
+    // Firecracker does; one-connection HTTP/1.0 clients rely on it).
     let out = serve(&vm(), b"GET / HTTP/1.0\r\n\r\nGET / HTTP/1.1\r\n\r\n");
+    assert_eq!(responses(&out).len(), 2);
+    let out = serve(
+        &vm(),
+        b"GET / HTTP/1.0\r\nConnection: close\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+    );
     assert_eq!(responses(&out).len(), 1);
     let out = serve(
         &vm(),
@@ -379,4 +386,347 @@ fn socket_round_trip() {
     assert_eq!(r.status, 400);
     assert!(fault_of(&r.body).contains("invalid type"), "{}", r.body);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The concurrent server over a real socket.
+mod concurrent {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// A server on a fresh socket; `f` adjusts it before it starts.
+    fn start(f: impl FnOnce(ApiServer) -> ApiServer) -> (PathBuf, Arc<FakeVm>) {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "kiln-api-conc-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("api.sock");
+        let v = Arc::new(vm());
+        f(ApiServer::bind(&sock).unwrap()).spawn(v.clone()).unwrap();
+        (sock, v)
+    }
+
+    fn connect(sock: &Path) -> UnixStream {
+        let s = UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s
+    }
+
+    /// Reads until `n` complete responses (or EOF) arrived.
+    fn read_responses(s: &mut UnixStream, n: usize) -> Vec<(u16, String)> {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            if complete(&text) >= n {
+                return responses(&text);
+            }
+            match s.read(&mut chunk) {
+                Ok(0) => return responses(&text),
+                Ok(k) => buf.extend_from_slice(&chunk[..k]),
+                Err(e) => panic!("read: {e} after {text:?}"),
+            }
+        }
+    }
+
+    /// How many complete responses `text` holds.
+    fn complete(text: &str) -> usize {
+        let mut rest = text;
+        let mut n = 0;
+        while let Some((head, after)) = rest.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .map_or(0, |v| v.parse().unwrap());
+            if after.len() < len {
+                break;
+            }
+            n += 1;
+            rest = &after[len..];
+        }
+        n
+    }
+
+    /// One GET / on a new connection, timed; the response must arrive in
+    /// one read(2), as a third-party client may expect.
+    fn timed_get(sock: &Path) -> Duration {
+        let t = Instant::now();
+        let mut s = connect(sock);
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap();
+        let text = std::str::from_utf8(&buf[..n]).unwrap();
+        assert_eq!(complete(text), 1, "one read, one whole response: {text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        t.elapsed()
+    }
+
+    #[test]
+    fn three_hundred_concurrent_connections_are_all_answered() {
+        let (sock, _) = start(|s| s);
+        let mut conns: Vec<UnixStream> = (0..300).map(|_| connect(&sock)).collect();
+        // Every connection is open before any request is sent.
+        for (i, c) in conns.iter_mut().enumerate() {
+            let req = if i % 2 == 0 {
+                "GET / HTTP/1.1\r\n\r\n"
+            } else {
+                "GET /balloon HTTP/1.1\r\n\r\n"
+            };
+            c.write_all(req.as_bytes()).unwrap();
+        }
+        for (i, c) in conns.iter_mut().enumerate().rev() {
+            let r = read_responses(c, 1);
+            assert_eq!(r.len(), 1, "connection {i}");
+            assert_eq!(r[0].0, 200, "connection {i}: {:?}", r[0]);
+            let expect = if i % 2 == 0 { "\"id\"" } else { "amount_mib" };
+            assert!(r[0].1.contains(expect), "connection {i}: {:?}", r[0]);
+        }
+        // Keep-alive: every connection takes a second request.
+        for c in &mut conns {
+            c.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+        }
+        for c in &mut conns {
+            assert_eq!(read_responses(c, 1)[0].0, 200);
+        }
+    }
+
+    #[test]
+    fn slow_and_non_reading_clients_do_not_delay_others() {
+        let (sock, _) = start(|s| s);
+        let baseline = timed_get(&sock);
+
+        // Slowloris: a request one byte every 20 ms, on 5 connections.
+        let slow: Vec<_> = (0..5)
+            .map(|_| {
+                let mut s = connect(&sock);
+                std::thread::spawn(move || {
+                    for b in
+                        b"PATCH /balloon HTTP/1.1\r\nContent-Length: 17\r\n\r\n{\"amount_mib\":1}"
+                    {
+                        if s.write_all(&[*b]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                })
+            })
+            .collect();
+        // A client that pipelines requests until its socket is full and
+        // never reads the responses.
+        let mut hog = connect(&sock);
+        hog.set_nonblocking(true).unwrap();
+        let many = b"GET /balloon/statistics HTTP/1.1\r\n\r\n".repeat(1000);
+        let mut sent = 0;
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_millis(500) {
+            match hog.write(&many) {
+                Ok(n) => sent += n,
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+        assert!(sent > 100_000, "the hog sent {sent} bytes");
+        // Silent connections, and one half-closed mid-request.
+        let _silent: Vec<_> = (0..20).map(|_| connect(&sock)).collect();
+        let half = connect(&sock);
+        (&half).write_all(b"GET / HTTP/1.1\r\nHost").unwrap();
+        half.shutdown(std::net::Shutdown::Write).unwrap();
+
+        for _ in 0..10 {
+            let d = timed_get(&sock);
+            assert!(
+                d < Duration::from_millis(200) + baseline * 10,
+                "GET / took {d:?} (baseline {baseline:?})"
+            );
+        }
+        // The half-closed client got its 400 and EOF.
+        let mut half = half;
+        let r = read_responses(&mut half, 2);
+        assert_eq!(r.len(), 1);
+        assert!(fault_of(&r[0].1).contains("end of stream"), "{r:?}");
+        for t in slow {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn oversized_body_is_400_then_the_server_keeps_serving() {
+        let (sock, v) = start(|s| s.max_payload(1000));
+        let body = format!(r#"{{"amount_mib":9{}}}"#, " ".repeat(100_000));
+        let mut s = connect(&sock);
+        // The whole body is written (the server discards it after the 400).
+        s.write_all(
+            format!(
+                "PATCH /balloon HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let r = read_responses(&mut s, 2);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, 400);
+        assert!(
+            fault_of(&r[0].1).contains(&format!(
+                "Request payload with size {} is larger than the limit of 1000",
+                body.len()
+            )),
+            "{r:?}"
+        );
+        assert_eq!(*v.balloon.as_ref().unwrap().lock().unwrap(), 0);
+        // A body at the limit is fine, on a new connection.
+        let body = format!(r#"{{"amount_mib":9{}}}"#, " ".repeat(1000 - 16));
+        assert_eq!(body.len(), 1000);
+        let r = client::request(&sock, "PATCH", "/balloon", Some(&body)).unwrap();
+        assert_eq!(r.status, 204, "{r:?}");
+        assert_eq!(*v.balloon.as_ref().unwrap().lock().unwrap(), 9);
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order() {
+        let (sock, _) = start(|s| s);
+        let mut s = connect(&sock);
+        let mut input = String::new();
+        for i in 0..200 {
+            input.push_str(&patch(&format!(r#"{{"amount_mib":{i}}}"#)));
+            input.push_str("GET /balloon HTTP/1.1\r\n\r\n");
+        }
+        // Written byte by byte in places: the parser is incremental.
+        let (a, b) = input.as_bytes().split_at(100);
+        for byte in a {
+            s.write_all(&[*byte]).unwrap();
+        }
+        s.write_all(b).unwrap();
+        let r = read_responses(&mut s, 400);
+        assert_eq!(r.len(), 400);
+        for i in 0..200 {
+            assert_eq!(r[2 * i].0, 204);
+            assert!(
+                r[2 * i + 1].1.contains(&format!(r#""amount_mib":{i},"#)),
+                "{i}: {:?}",
+                r[2 * i + 1]
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_gets_400_per_connection() {
+        let (sock, _) = start(|s| s);
+        let cases: [(&[u8], &str); 6] = [
+            (b"\xff\xfe\xfd\r\n\r\n", "not valid UTF-8"),
+            (b"GET /\xc3\x28 HTTP/1.1\r\n\r\n", "not valid UTF-8"),
+            (b"GET / HTTP/1.1\r\nX: \x80\r\n\r\n", "not valid UTF-8"),
+            (b"\x00\x01\x02 garbage\r\n\r\n", "Invalid request line"),
+            (b"GET / HTTP/9.9\r\n\r\n", "Unsupported HTTP version"),
+            (
+                b"PATCH /balloon HTTP/1.1\r\nContent-Length: 3\r\n\r\n\xff\xfe\xfd",
+                "Invalid request body",
+            ),
+        ];
+        for (input, expect) in cases {
+            let mut s = connect(&sock);
+            s.write_all(input).unwrap();
+            let r = read_responses(&mut s, 1);
+            assert_eq!(r[0].0, 400, "{input:?}");
+            assert!(fault_of(&r[0].1).contains(expect), "{input:?}: {r:?}");
+        }
+        timed_get(&sock);
+    }
+
+    #[test]
+    fn connections_over_the_limit_get_503() {
+        let (sock, _) = start(|s| s.max_connections(4));
+        let mut open: Vec<UnixStream> = (0..4).map(|_| connect(&sock)).collect();
+        // The server has taken all four (each answers), and each is now in
+        // the middle of another request: none is idle.
+        for c in &mut open {
+            c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            assert_eq!(read_responses(c, 1)[0].0, 200);
+            c.write_all(b"GET / HT").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let mut extra = connect(&sock);
+        let r = read_responses(&mut extra, 1);
+        assert_eq!(r[0].0, 503, "{r:?}");
+        assert!(fault_of(&r[0].1).contains("limit is 4"), "{r:?}");
+        // Closing one makes room.
+        drop(open.pop());
+        let t = Instant::now();
+        loop {
+            let mut c = connect(&sock);
+            c.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let r = read_responses(&mut c, 1);
+            if r[0].0 == 200 {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(5), "{r:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_idle_connection_makes_room() {
+        let (sock, _) = start(|s| s.max_connections(2));
+        let mut first = connect(&sock);
+        first.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_responses(&mut first, 1)[0].0, 200);
+        std::thread::sleep(Duration::from_millis(20));
+        let mut second = connect(&sock);
+        second.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_responses(&mut second, 1)[0].0, 200);
+        // A third connection is served; the first (idle longest) is closed.
+        let mut third = connect(&sock);
+        third.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_responses(&mut third, 1)[0].0, 200);
+        let mut buf = [0u8; 64];
+        first
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        assert_eq!(
+            first.read(&mut buf).unwrap_or(0),
+            0,
+            "the oldest was closed"
+        );
+        second.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        assert_eq!(read_responses(&mut second, 1)[0].0, 200);
+    }
+
+    #[test]
+    fn stalled_requests_are_closed_idle_connections_stay() {
+        let (sock, _) = start(|s| s.idle_timeout(Duration::from_millis(300)));
+        let t = Instant::now();
+        let mut idle = connect(&sock);
+        let mut partial = connect(&sock);
+        // A trickle that never completes a request is not "activity" forever.
+        partial.write_all(b"GET / HT").unwrap();
+        let mut buf = [0u8; 64];
+        for _ in 0..20 {
+            if partial.write_all(b"T").is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        assert_eq!(partial.read(&mut buf).unwrap_or(0), 0);
+        let d = t.elapsed();
+        assert!(
+            d >= Duration::from_millis(290) && d < Duration::from_secs(3),
+            "{d:?}"
+        );
+        // A connection idle between requests is kept (clients such as
+        // Firecracker SDKs hold one for a VM's life).
+        idle.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        assert!(idle.read(&mut buf).is_err(), "still open, nothing to read");
+        idle.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        idle.set_read_timeout(None).unwrap();
+        assert_eq!(read_responses(&mut idle, 1)[0].0, 200);
+        timed_get(&sock);
+    }
 }

@@ -8,7 +8,8 @@ use anyhow::Result;
 use clap::Args;
 use kiln_api::snapshot::{SnapshotCreateParams, SnapshotType};
 use kiln_api::{
-    ApiError, ApiServer, Balloon, BalloonStats, BalloonUpdate, InstanceInfo, VmControl, VmState,
+    ApiError, ApiServer, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, InstanceInfo,
+    VmControl, VmState,
 };
 use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
 use kiln_vmm::{VmHandle, Vmm};
@@ -53,6 +54,10 @@ impl KilnVm {
 }
 
 impl VmControl for KilnVm {
+    fn send_ctrl_alt_del(&self) -> Result<(), ApiError> {
+        self.handle.send_ctrl_alt_del().map_err(ApiError::Invalid)
+    }
+
     fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
         if p.snapshot_type == SnapshotType::Diff {
             return Err(ApiError::Invalid(
@@ -126,7 +131,7 @@ impl VmControl for KilnVm {
         Ok(Balloon {
             amount_mib: h.stats().target_mib,
             deflate_on_oom: cfg.deflate_on_oom,
-            stats_polling_interval_s: cfg.stats_interval_s,
+            stats_polling_interval_s: h.stats_interval_s(),
         })
     }
 
@@ -142,9 +147,15 @@ impl VmControl for KilnVm {
         Ok(())
     }
 
+    fn update_balloon_stats(&self, u: &BalloonStatsUpdate) -> Result<(), ApiError> {
+        let (h, _) = self.balloon_parts()?;
+        h.set_stats_interval_s(u.stats_polling_interval_s)
+            .map_err(|e| ApiError::Invalid(e.to_string()))
+    }
+
     fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
-        let (h, cfg) = self.balloon_parts()?;
-        if cfg.stats_interval_s == 0 {
+        let (h, _) = self.balloon_parts()?;
+        if h.stats_interval_s() == 0 {
             return Err(ApiError::StatsDisabled);
         }
         let s = h.stats();

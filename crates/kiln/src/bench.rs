@@ -1,4 +1,5 @@
-//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory.
+//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory;
+//! `kiln bench io` (bench_io.rs) and `kiln bench api` (bench_api.rs).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -11,6 +12,10 @@ use kiln_lab::scripts::{shell_quote, GUEST_READY_MARKER};
 
 use crate::cli_lab;
 
+#[path = "bench_api.rs"]
+mod bench_api;
+#[path = "bench_flood.rs"]
+mod bench_flood;
 #[path = "bench_io.rs"]
 mod bench_io;
 #[path = "bench_snapshot.rs"]
@@ -55,6 +60,31 @@ enum BenchKind {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 256)]
         mem: u64,
+    },
+    /// `kiln vmm`'s API: exec → socket ready, and call latency (no guest).
+    Api {
+        /// `kiln vmm` spawns to time.
+        #[arg(long, default_value_t = 30)]
+        runs: usize,
+        /// `PUT /machine-config` calls to time.
+        #[arg(long, default_value_t = 5000)]
+        calls: usize,
+    },
+    /// Hostile clients against a running API (`--api-sock` of `kiln run` or
+    /// `kiln vmm`): fails if `GET /` slows down or bad requests go unanswered.
+    ApiFlood {
+        /// The API socket.
+        #[arg(long)]
+        sock: PathBuf,
+        /// Hostile connections.
+        #[arg(long, default_value_t = 200)]
+        conns: usize,
+        /// Seconds to keep them busy.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Slowest acceptable `GET /` probe, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        max_probe_ms: u64,
     },
     /// Snapshot create time and restore latency (to the VMM restored, to
     /// the guest's first answer over vsock).
@@ -116,6 +146,20 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             rand_ops,
             mem,
         }),
+        BenchKind::ApiFlood {
+            sock,
+            conns,
+            secs,
+            max_probe_ms,
+        } => bench_flood::flood(bench_flood::FloodOptions {
+            sock,
+            conns,
+            secs,
+            max_probe: Duration::from_millis(max_probe_ms),
+        }),
+        BenchKind::Api { runs, calls } => {
+            bench_api::bench_api(bench_api::ApiOptions { runs, calls })
+        }
     }
 }
 

@@ -57,6 +57,12 @@ enum Command {
     Vmm(vmm_cmd::VmmArgs),
     /// Restore a snapshot (from PUT /snapshot/create) and run it.
     Restore(snapshot_cmd::RestoreArgs),
+    /// Pause a running VM (PATCH /vm over its API socket).
+    Pause(snapshot_cmd::SockArgs),
+    /// Resume a paused VM.
+    Resume(snapshot_cmd::SockArgs),
+    /// Pause a running VM and write a full snapshot of it.
+    Snapshot(snapshot_cmd::SnapshotArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -111,6 +117,32 @@ pub struct RunArgs {
     pub guest_command: Vec<String>,
 }
 
+/// `kiln` run under the name `firecracker` (e.g. a symlink): Firecracker's
+/// command line, handled exactly like `kiln vmm`.
+#[derive(Parser)]
+#[command(
+    name = "firecracker",
+    about = "Kiln under Firecracker's name: the same as `kiln vmm`",
+    disable_version_flag = true
+)]
+struct FirecrackerCli {
+    #[command(flatten)]
+    vmm: vmm_cmd::VmmArgs,
+}
+
+/// Whether `argv0` (the program's name as run) is `firecracker`.
+fn is_firecracker_name(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == "firecracker")
+}
+
+/// What `firecracker --version` prints.
+fn firecracker_version() -> String {
+    let v = env!("CARGO_PKG_VERSION");
+    format!("Firecracker v{v} (Kiln {v}, a Firecracker-compatible VMM)")
+}
+
 /// `kiln` run under the name `jailer` (e.g. a symlink): Firecracker's
 /// jailer command line, handled exactly like `kiln jailer`.
 #[derive(Parser)]
@@ -133,8 +165,17 @@ fn is_jailer_name(argv0: &std::ffi::OsStr) -> bool {
 
 fn main() {
     let start = Instant::now();
-    let argv0 = std::env::args_os().next().unwrap_or_default();
-    let command = if is_jailer_name(&argv0) {
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_default();
+    let command = if is_firecracker_name(&argv0) {
+        // Like Firecracker, --version answers whatever else is given.
+        if args.any(|a| a == "--version") {
+            println!("{}", firecracker_version());
+            std::process::exit(0);
+        }
+        logger::init(None);
+        Command::Vmm(FirecrackerCli::parse().vmm)
+    } else if is_jailer_name(&argv0) {
         logger::init(None);
         Command::Jailer(JailerCli::parse().jailer)
     } else {
@@ -184,6 +225,9 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Api(args) => api_glue::api(args),
         Command::Vmm(args) => vmm_cmd::vmm(args, start),
         Command::Restore(args) => snapshot_cmd::restore_cmd(args, start),
+        Command::Pause(args) => snapshot_cmd::set_state(args, true),
+        Command::Resume(args) => snapshot_cmd::set_state(args, false),
+        Command::Snapshot(args) => snapshot_cmd::snapshot(args),
     }
 }
 
@@ -474,7 +518,35 @@ pub fn exit_status(reason: ExitReason) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::parse_disk;
+    use clap::Parser;
     use kiln_vmm::kiln_devices::virtio::block::BlockEngine;
+
+    #[test]
+    fn firecracker_name_takes_firecracker_flags() {
+        use std::ffi::OsStr;
+        assert!(super::is_firecracker_name(OsStr::new("firecracker")));
+        assert!(super::is_firecracker_name(OsStr::new(
+            "/usr/bin/firecracker"
+        )));
+        assert!(!super::is_firecracker_name(OsStr::new("/usr/bin/kiln")));
+        assert!(!super::is_firecracker_name(OsStr::new("firecracker-v1")));
+        let ok = super::FirecrackerCli::try_parse_from([
+            "firecracker",
+            "--api-sock",
+            "/tmp/fc.sock",
+            "--id",
+            "vm-1",
+            "--level",
+            "Debug",
+            "--boot-timer",
+            "--http-api-max-payload-size",
+            "4096",
+        ]);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        // The same rules as `kiln vmm`: an API socket or --no-api is required.
+        assert!(super::FirecrackerCli::try_parse_from(["firecracker"]).is_err());
+        assert!(super::firecracker_version().starts_with("Firecracker v"));
+    }
 
     #[test]
     fn guest_command_is_one_quoted_word() {

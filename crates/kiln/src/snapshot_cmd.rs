@@ -92,7 +92,7 @@ pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
     )
     .map_err(|e| e.to_string())?;
     if !r.resume {
-        vmm.handle().hold_paused();
+        vmm.handle().hold_paused()?;
     }
     Ok(vmm)
 }
@@ -178,4 +178,78 @@ impl kiln_api::Starter for NoStarter {
     fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {
         Err("the microVM already runs".into())
     }
+}
+
+/// Options of `kiln pause` and `kiln resume`.
+#[derive(Args, Debug)]
+pub struct SockArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    sock: PathBuf,
+}
+
+/// Options of `kiln snapshot`.
+#[derive(Args, Debug)]
+pub struct SnapshotArgs {
+    /// The VM's API socket.
+    #[arg(long, value_name = "PATH")]
+    sock: PathBuf,
+    /// Where the state file goes.
+    #[arg(long, value_name = "PATH")]
+    snapshot: PathBuf,
+    /// Where the memory file goes.
+    #[arg(long, value_name = "PATH")]
+    mem_file: PathBuf,
+    /// Resume the VM afterwards (by default it stays paused, as after
+    /// Firecracker's snapshot).
+    #[arg(long)]
+    resume: bool,
+}
+
+fn call(sock: &std::path::Path, method: &str, uri: &str, body: &str) -> Result<()> {
+    let r = kiln_api::client::request(sock, method, uri, Some(body))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", sock.display()))?;
+    if !(200..300).contains(&r.status) {
+        let msg = serde_json::from_str::<serde_json::Value>(&r.body)
+            .ok()
+            .and_then(|v| v["fault_message"].as_str().map(String::from))
+            .unwrap_or(r.body);
+        anyhow::bail!("{method} {uri}: {msg}");
+    }
+    Ok(())
+}
+
+/// `kiln pause` / `kiln resume`: PATCH /vm.
+pub fn set_state(args: SockArgs, paused: bool) -> Result<i32> {
+    let state = if paused { "Paused" } else { "Resumed" };
+    call(
+        &args.sock,
+        "PATCH",
+        "/vm",
+        &format!(r#"{{"state":"{state}"}}"#),
+    )?;
+    Ok(0)
+}
+
+/// `kiln snapshot`: pause (if needed), PUT /snapshot/create, optionally
+/// resume.
+pub fn snapshot(args: SnapshotArgs) -> Result<i32> {
+    call(&args.sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let body = serde_json::json!({
+        "snapshot_path": args.snapshot,
+        "mem_file_path": args.mem_file,
+    });
+    let t = Instant::now();
+    let made = call(&args.sock, "PUT", "/snapshot/create", &body.to_string());
+    if args.resume {
+        call(&args.sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
+    }
+    made?;
+    eprintln!(
+        "kiln: snapshot {} + {} in {:.1} ms",
+        args.snapshot.display(),
+        args.mem_file.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(0)
 }

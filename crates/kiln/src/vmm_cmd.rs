@@ -18,6 +18,9 @@
 //! With `--config-file`, the main thread builds the VM itself right away and
 //! marks the API (if any) as running. `kiln vmm` exits like `kiln run`.
 
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
@@ -25,7 +28,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Args;
-use kiln_api::preboot::{IoEngine, RateLimiter};
+use kiln_api::preboot::{IoEngine, RateLimiter, Serial};
 use kiln_api::{
     ApiServer, LogLevel, LoggerConfig, MetricsConfig, PreBootVm, Starter, Telemetry, VmControl,
     VmResources,
@@ -330,10 +333,42 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
     Ok(config)
 }
 
+/// Where the guest's serial output goes.
+type Console = Box<dyn Write + Send>;
+
+/// The serial console's output: `PUT /serial`'s `serial_out_path` (a file,
+/// appended to and created if needed, or a named pipe with a reader), else
+/// stdout.
+pub fn open_console(serial: Option<&Serial>) -> Result<Console> {
+    let Some(path) = serial.and_then(|s| s.serial_out_path.as_deref()) else {
+        return Ok(Box::new(std::io::stdout()));
+    };
+    // O_NONBLOCK: opening a named pipe without a reader fails (ENXIO)
+    // rather than blocking the API; the flag is cleared afterwards.
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("serial_out_path {path}: {e}"))?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `f` owns; no memory is passed.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        anyhow::bail!(
+            "serial_out_path {path}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(Box::new(f))
+}
+
 /// How the main thread should make the VM.
 enum Make {
-    /// Boot it (`InstanceStart`).
-    Boot(Box<VmConfig>),
+    /// Boot it (`InstanceStart`), its console going to the given output.
+    Boot(Box<VmConfig>, Console),
     /// Restore it (`PUT /snapshot/load`).
     Restore(Box<crate::snapshot_cmd::Restore>),
 }
@@ -368,7 +403,8 @@ impl ChannelStarter {
 impl Starter for ChannelStarter {
     fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
         let config = to_vm_config(res).map_err(|e| e.to_string())?;
-        self.ask(Make::Boot(Box::new(config)), res.clone())
+        let console = open_console(res.serial.as_ref()).map_err(|e| e.to_string())?;
+        self.ask(Make::Boot(Box::new(config), console), res.clone())
     }
 
     fn restore(
@@ -480,8 +516,8 @@ fn wait_for_start(
             .recv()
             .map_err(|_| anyhow::anyhow!("vmm: the API server stopped"))?;
         let made = match make {
-            Make::Boot(config) => {
-                Vmm::new(*config, Box::new(std::io::stdout()), start).map_err(|e| format!("{e}"))
+            Make::Boot(config, console) => {
+                Vmm::new(*config, console, start).map_err(|e| format!("{e}"))
             }
             Make::Restore(r) => crate::snapshot_cmd::restore(*r, start),
         };
@@ -501,6 +537,46 @@ mod tests {
 
     fn res(json: &str) -> VmResources {
         VmResources::from_json(json).unwrap()
+    }
+
+    #[test]
+    fn serial_console_output() {
+        let dir = std::env::temp_dir().join(format!("kiln-serial-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("serial.log");
+        std::fs::write(&path, b"old\n").unwrap();
+        let serial = Serial {
+            serial_out_path: Some(path.display().to_string()),
+            rate_limiter: None,
+        };
+        let mut c = open_console(Some(&serial)).unwrap();
+        c.write_all(b"guest says hi\n").unwrap();
+        c.flush().unwrap();
+        drop(c);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "old\nguest says hi\n"
+        );
+        // A named pipe without a reader is an error, not a hang.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.display().to_string()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path for the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = open_console(Some(&Serial {
+            serial_out_path: Some(fifo.display().to_string()),
+            rate_limiter: None,
+        }))
+        .err()
+        .expect("no reader");
+        assert!(e.to_string().contains("fifo"), "{e}");
+        let e = open_console(Some(&Serial {
+            serial_out_path: Some("/nonexistent-dir/x".into()),
+            rate_limiter: None,
+        }))
+        .err()
+        .expect("bad path");
+        assert!(e.to_string().contains("/nonexistent-dir/x"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -20,7 +20,48 @@ const GUEST: &str = "m() { set -- $(grep MemTotal /proc/meminfo); v=$2; }; \
 
 fn cases() -> Vec<(&'static str, String)> {
     let api = "kiln api --sock /tmp/api.sock";
+    let cmdline = kiln_vmm::DEFAULT_CMDLINE;
     vec![
+        (
+            "flood",
+            // A guest counting on its console while `kiln bench api-flood`
+            // hammers the API with idle, slowloris, garbage, oversized and
+            // never-reading clients; then the balloon statistics interval is
+            // changed through the API (and refused when turned off).
+            "rm -f /tmp/f.log; \
+             (timeout 400 kiln run --mem 256 --balloon 0,stats=1 --api-sock /tmp/f.sock -- \
+               'i=0; while [ $i -lt 150 ]; do echo tick-$i; i=$((i+1)); sleep 0.2; done' > /tmp/f.log 2>&1; \
+               echo kiln-status=$? >> /tmp/f.log) & \
+             i=0; until grep -q tick-5 /tmp/f.log || [ $i -gt 600 ]; do sleep 0.5; i=$((i+1)); done; \
+             n1=$(grep -c tick- /tmp/f.log); \
+             echo '== flood'; kiln bench api-flood --sock /tmp/f.sock --conns 100 --secs 8 --max-probe-ms 3000; \
+             echo flood-status=$?; n2=$(grep -c tick- /tmp/f.log); echo flood-counts $n1 $n2; \
+             echo '== after'; kiln api --sock /tmp/f.sock GET /; \
+             echo '== interval'; kiln api --sock /tmp/f.sock PATCH /balloon/statistics '{\"stats_polling_interval_s\":3}'; \
+             echo interval-status=$?; \
+             echo '== balloon'; kiln api --sock /tmp/f.sock GET /balloon; \
+             echo '== off'; kiln api --sock /tmp/f.sock PATCH /balloon/statistics '{\"stats_polling_interval_s\":0}'; \
+             echo off-status=$?; \
+             echo '== stats'; kiln api --sock /tmp/f.sock GET /balloon/statistics; echo stats-status=$?; \
+             echo '== end'; wait; tail -n 2 /tmp/f.log"
+                .to_string(),
+        ),
+        (
+            "serial_file",
+            // kiln vmm with PUT /serial: the guest's console goes to the
+            // file, not to kiln's stdout.
+            format!(
+                "rm -f /tmp/s.sock /tmp/s.log /tmp/serial.out; \
+                 (timeout 300 kiln vmm --api-sock /tmp/s.sock > /tmp/s.log 2>&1; echo kiln-status=$? >> /tmp/s.log) & \
+                 i=0; until [ -S /tmp/s.sock ] || [ $i -gt 300 ]; do sleep 0.1; i=$((i+1)); done; \
+                 echo '== serial'; kiln api --sock /tmp/s.sock PUT /serial '{{\"serial_out_path\":\"/tmp/serial.out\"}}'; \
+                 echo '== cpu-config'; kiln api --sock /tmp/s.sock PUT /cpu-config '{{\"kvm_capabilities\":[]}}'; \
+                 kiln api --sock /tmp/s.sock PUT /boot-source \
+                   \"{{\\\"kernel_image_path\\\":\\\"$KILN_KERNEL\\\",\\\"initrd_path\\\":\\\"$KILN_INITRD\\\",\\\"boot_args\\\":\\\"{cmdline} -- echo serial-to-file-\\$((40+2))\\\"}}\"; \
+                 echo '== start'; kiln api --sock /tmp/s.sock PUT /actions '{{\"action_type\":\"InstanceStart\"}}'; \
+                 wait; echo '== stdout'; cat /tmp/s.log; echo '== file'; echo answer=$(grep -c serial-to-file-42 /tmp/serial.out) marker=$(grep -c KILN-INIT-READY /tmp/serial.out)"
+            ),
+        ),
         (
             "pause_resume",
             // A guest counting on its console; the host pauses it through
@@ -206,4 +247,72 @@ fn pause_stops_the_guest_and_resume_continues_it() {
         "count broke: {ticks:?}"
     );
     assert!(o.contains("kiln-status=0"), "{o}");
+}
+
+#[test]
+fn flooded_api_keeps_answering_while_the_guest_runs() {
+    let out = BATCH.get("flood");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    let flood = section(&o, "flood");
+    assert!(flood.contains("api-flood: PASS"), "{flood}");
+    assert!(flood.contains("flood-status=0"), "{flood}");
+    assert!(
+        flood.contains("bad requests answered 400: 40/40"),
+        "{flood}"
+    );
+    let counts: Vec<u64> = o
+        .lines()
+        .find_map(|l| l.strip_prefix("flood-counts "))
+        .unwrap_or_else(|| panic!("no counts: {o}"))
+        .split_whitespace()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    // 8 s of flood at 5 ticks/s: the console kept advancing.
+    assert!(
+        counts[1] >= counts[0] + 10,
+        "the guest stalled during the flood: {counts:?}: {o}"
+    );
+    assert!(section(&o, "after").contains(r#""state":"Running""#), "{o}");
+    assert!(
+        section(&o, "interval").contains("HTTP/1.1 204 No Content\ninterval-status=0"),
+        "{o}"
+    );
+    assert!(
+        section(&o, "balloon").contains(r#""stats_polling_interval_s":3"#),
+        "{o}"
+    );
+    let off = section(&o, "off");
+    assert!(off.starts_with("HTTP/1.1 400 "), "{off}");
+    assert!(
+        off.contains("cannot be enabled or disabled after boot"),
+        "{off}"
+    );
+    assert!(off.contains("off-status=1"), "{off}");
+    assert!(section(&o, "stats").contains("stats-status=0"), "{o}");
+    assert!(section(&o, "end").contains("kiln-status=0"), "{o}");
+}
+
+#[test]
+fn serial_output_goes_to_the_configured_file() {
+    let out = BATCH.get("serial_file");
+    let o = out.output.replace('\r', "");
+    assert_eq!(out.status, 0, "{o}");
+    assert!(section(&o, "serial").starts_with("HTTP/1.1 204 "), "{o}");
+    let cpu = section(&o, "cpu-config");
+    assert!(cpu.starts_with("HTTP/1.1 400 "), "{cpu}");
+    assert!(cpu.contains("not supported by Kiln"), "{cpu}");
+    assert!(section(&o, "start").starts_with("HTTP/1.1 204 "), "{o}");
+    let stdout = section(&o, "stdout");
+    assert!(stdout.contains("kiln-status=0"), "{stdout}");
+    assert!(
+        !stdout.contains("serial-to-file-42") && !stdout.contains("KILN-INIT-READY"),
+        "console output on stdout: {stdout}"
+    );
+    // Both the init marker and the command's output are in the file.
+    let file = section(&o, "file");
+    assert!(
+        !file.contains("answer=0") && !file.contains("marker=0") && file.contains("answer="),
+        "{o}"
+    );
 }

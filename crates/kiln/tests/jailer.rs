@@ -538,3 +538,55 @@ fn jailer_name_dispatch() {
     );
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn exec_named_firecracker_takes_firecracker_flags() {
+    // A copy of kiln named `firecracker` is Kiln under Firecracker's name:
+    // the jailer runs it with argv[0] `firecracker` and Firecracker's flags
+    // (no `vmm` subcommand), as Firecracker's jailer would.
+    let s = Scratch::new("fc");
+    let dir = std::env::temp_dir().join(format!("kiln-jail-fcbin-{}", std::process::id()));
+    fs::create_dir_all(&dir).unwrap();
+    let fc = dir.join("firecracker");
+    fs::copy(kiln(), &fc).unwrap();
+    let id = "jail-fc";
+    let mut child = Command::new(kiln())
+        .args(["jailer", "--id", id, "--exec-file"])
+        .arg(&fc)
+        .arg("--chroot-base-dir")
+        .arg(&s.base)
+        .args([
+            "--uid",
+            "1234",
+            "--gid",
+            "1234",
+            "--",
+            "--api-sock",
+            "/run/firecracker.socket",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = s.base.join("firecracker").join(id).join("root");
+    let sock = root.join("run/firecracker.socket");
+    wait_for("the API socket", || sock.exists());
+    let resp = api_get(&sock);
+    assert!(resp.contains(&format!(r#""id":"{id}""#)), "{resp}");
+    assert!(root.join("firecracker").exists());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = Command::new(kiln())
+        .args(["jailer", "--cleanup", "--id", id, "--exec-file"])
+        .arg(&fc)
+        .arg("--chroot-base-dir")
+        .arg(&s.base)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.base.join("firecracker").exists());
+    fs::remove_dir_all(&dir).unwrap();
+}

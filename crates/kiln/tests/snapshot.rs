@@ -43,7 +43,7 @@ EOF
 sed -i "s|@K@|$KILN_KERNEL|; s|@I@|$KILN_INITRD|" vm.json
 kiln vmm --api-sock $D/api.sock --config-file $D/vm.json > run1.log 2>&1 & P1=$!
 wait_counts run1.log 10
-echo '== pause'; {api} $D/api.sock PATCH /vm '{{"state":"Paused"}}'
+echo '== pause'; kiln pause --sock $D/api.sock; echo pause-status=$?
 echo '== create'; {api} $D/api.sock PUT /snapshot/create '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
 echo '== last'; counts run1.log | tail -1
 sleep 1
@@ -115,7 +115,7 @@ fn first_count(text: &str) -> u64 {
 fn snapshot_restore_continues_the_guest() {
     let out = BATCH.get("snapshot");
     let o = out.output.replace('\r', "");
-    assert!(section(&o, "pause").starts_with("HTTP/1.1 204"), "{o}");
+    assert!(section(&o, "pause").contains("pause-status=0"), "{o}");
     assert!(section(&o, "create").starts_with("HTTP/1.1 204"), "{o}");
     let last = numbers(section(&o, "last"));
     let still = numbers(section(&o, "still"));
@@ -215,4 +215,48 @@ fn missing_or_foreign_state_files_fail_with_one_line() {
         assert!(err.contains(expect), "{err}");
         assert!(err.lines().count() <= 2, "{err}");
     }
+}
+
+#[test]
+fn cli_pause_and_snapshot_before_boot_fail_with_the_api_fault() {
+    let dir = std::env::temp_dir().join(format!("kiln-snap-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+    let mut vmm = std::process::Command::new(common::kiln_bin())
+        .args(["vmm", "--api-sock"])
+        .arg(&sock)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = sock.to_str().unwrap();
+    let m = dir.join("m");
+    let st = dir.join("s");
+    for args in [
+        vec!["pause", "--sock", s],
+        vec![
+            "snapshot",
+            "--sock",
+            s,
+            "--snapshot",
+            st.to_str().unwrap(),
+            "--mem-file",
+            m.to_str().unwrap(),
+        ],
+    ] {
+        let out = common::kiln_here(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(
+            err.contains("PATCH /vm: The requested operation is not supported before starting"),
+            "{args:?}: {err}"
+        );
+        assert!(!st.exists() && !m.exists());
+    }
+    let _ = vmm.kill();
+    let _ = vmm.wait();
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,7 +1,8 @@
 //! ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT}. The DSDT declares the
 //! devices a stock kernel cannot find by legacy probing: virtio-mmio windows
-//! (_HID "LNRO0005"), pvpanic (_HID "QEMU0001") and the \_S5 sleep state
-//! behind the hardware-reduced sleep control register.
+//! (_HID "LNRO0005"), pvpanic (_HID "QEMU0001"), the i8042 keyboard
+//! controller (_HID "PNP0303") and the \_S5 sleep state behind the
+//! hardware-reduced sleep control register.
 
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -15,6 +16,7 @@ use acpi_tables::{aml, Aml};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR};
+use kiln_devices::i8042::{I8042_IRQ, I8042_PORT};
 use kiln_devices::pvpanic::{PVPANIC_ADDR, PVPANIC_LEN};
 
 /// I/O port of the sleep control/status register (poweroff).
@@ -24,10 +26,9 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 
 const OEM_ID: [u8; 6] = *b"KILNVM";
 const OEM_TABLE: [u8; 8] = *b"KILNVMM ";
-/// IA-PC boot architecture flag "8042 present". Kiln leaves it clear: its
-/// i8042 only implements the reset line, and a clear flag keeps the guest's
-/// keyboard driver from probing (and timing out on) a controller that is not
-/// there, while `reboot=k` still writes the reset command to port 0x64.
+/// IA-PC boot architecture flag "8042 present". Kiln leaves it clear: the
+/// guest finds the i8042 through the DSDT's PNP0303 device instead, which
+/// also tells Linux there is no aux (mouse) port, so it does not probe one.
 #[cfg(test)]
 const IAPC_8042: u16 = 1 << 1;
 const IAPC_NO_VGA: u16 = 1 << 2;
@@ -70,6 +71,25 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
                 &aml::ResourceTemplate::new(vec![
                     &aml::IO::new(0x3f8, 0x3f8, 0, 8),
                     &aml::Interrupt::new(true, true, false, false, 4),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    // The i8042 keyboard controller (PNP0303): data and command ports, IRQ 1.
+    // No PNP0F13 mouse: Linux then leaves the aux port alone.
+    aml::Device::new(
+        "_SB_.PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(I8042_PORT as u16, I8042_PORT as u16, 1, 1),
+                    &aml::IO::new(I8042_PORT as u16 + 4, I8042_PORT as u16 + 4, 1, 1),
+                    &aml::Interrupt::new(true, true, false, false, I8042_IRQ),
                 ]),
             ),
         ],
@@ -316,7 +336,7 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_declares_virtio_pvpanic_and_s5() {
+    fn dsdt_declares_virtio_pvpanic_keyboard_and_s5() {
         let devs: Vec<MmioDeviceInfo> = (0..8)
             .map(|i| MmioDeviceInfo {
                 addr: 0xd000_2000 + i * 0x1000,
@@ -327,6 +347,11 @@ mod tests {
         let d = dsdt(&devs);
         assert!(find(&d, b"LNRO0005"));
         assert!(find(&d, b"QEMU0001"));
+        // PNP0303 as a compressed EISA id, with its two ports (IO
+        // descriptors: 0x47, decode16, min, max, align 1, length 1).
+        assert!(find(&d, &[0x41, 0xd0, 0x03, 0x03]));
+        assert!(find(&d, &[0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01]));
+        assert!(find(&d, &[0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01]));
         assert!(find(&d, b"_S5_"));
         assert!(find(&d, b"V007"));
         assert!(!find(&d, b"V008"));

@@ -39,6 +39,30 @@ pub(crate) struct VmParts {
     pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
 }
 
+impl VmParts {
+    /// Pauses every device worker (idempotent).
+    pub(crate) fn pause_devices(&self) -> Result<(), String> {
+        for (base, t) in &self.transports {
+            let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
+            if !t.pause_device(STEP_TIMEOUT) {
+                return Err(format!(
+                    "the device at {base:#x} did not stop within {STEP_TIMEOUT:?}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every device worker go on.
+    pub(crate) fn resume_devices(&self) {
+        for (_, t) in &self.transports {
+            if let Ok(t) = t.lock() {
+                t.resume_device();
+            }
+        }
+    }
+}
+
 /// How long device workers and vCPUs get to answer.
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -76,8 +100,9 @@ impl VmHandle {
         let vcpus = self.save_vcpus()?;
         let vm = kvm_state::save_vm(&parts.vm).map_err(|e| e.to_string())?;
 
-        // Devices: stop their workers so memory and queues hold still.
-        let mut paused = Vec::new();
+        // The devices were paused with the vCPUs (VmHandle::pause); make
+        // sure, then save them and the memory they no longer touch.
+        parts.pause_devices()?;
         let result = (|| {
             let mut devices = Vec::new();
             let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
@@ -90,12 +115,6 @@ impl VmHandle {
             drop(serial);
             for (base, t) in &parts.transports {
                 let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
-                if !t.pause_device(STEP_TIMEOUT) {
-                    return Err(format!(
-                        "the device at {base:#x} did not stop within {STEP_TIMEOUT:?}"
-                    ));
-                }
-                paused.push(*base);
                 devices.push(DeviceState {
                     kind: VIRTIO_MMIO.into(),
                     id: t.device().name(),
@@ -113,15 +132,8 @@ impl VmHandle {
                 devices,
             };
             kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
-            Ok(written)
+            Ok::<u64, String>(written)
         })();
-        for (base, t) in &parts.transports {
-            if paused.contains(base) {
-                if let Ok(t) = t.lock() {
-                    t.resume_device();
-                }
-            }
-        }
         Ok(SnapshotStats {
             mem_bytes_written: result?,
             elapsed: t0.elapsed(),

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use kiln_devices::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use kiln_devices::cmos::Cmos;
-use kiln_devices::i8042::I8042;
+use kiln_devices::i8042::{I8042, I8042_IRQ, I8042_PORT, I8042_PORT_LEN};
 use kiln_devices::power::SleepControl;
 use kiln_devices::pvpanic::{PvPanic, PVPANIC_ADDR, PVPANIC_LEN};
 use kiln_devices::serial::{ConsoleWriter, Serial, COM1_IRQ, COM1_PORT};
@@ -67,6 +67,7 @@ pub struct VmHandle {
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     pub(crate) vcpus: usize,
     pub(crate) parts: Arc<crate::snapshot::VmParts>,
+    keyboard: Arc<Mutex<I8042>>,
 }
 
 impl VmHandle {
@@ -91,28 +92,46 @@ impl VmHandle {
                 .pause
                 .wait_parked(self.vcpus, Duration::from_millis(10))
             {
-                return Ok(());
+                break;
             }
             if Instant::now() >= deadline {
                 return Err("the vCPUs did not stop within 2 s".into());
             }
         }
+        // Then the devices: nothing touches guest memory while paused.
+        if let Err(e) = self.parts.pause_devices() {
+            self.resume();
+            return Err(e);
+        }
+        Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the devices and the vCPUs run again.
     pub fn resume(&self) {
+        self.parts.resume_devices();
         self.pause.resume();
     }
 
-    /// Keeps the vCPUs parked from the moment they start (a VM restored
-    /// without `resume_vm`), until [`VmHandle::resume`].
-    pub fn hold_paused(&self) {
+    /// Keeps the vCPUs parked from the moment they start, and the devices
+    /// paused (a VM restored without `resume_vm`), until [`VmHandle::resume`].
+    pub fn hold_paused(&self) -> std::result::Result<(), String> {
         self.pause.request_pause();
+        self.parts.pause_devices()
     }
 
     /// Whether the VM is paused (or being paused).
     pub fn is_paused(&self) -> bool {
         self.pause.is_paused()
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's i8042 keyboard (Firecracker's
+    /// `SendCtrlAltDel`); a Linux guest reboots, which ends the VM.
+    pub fn send_ctrl_alt_del(&self) -> std::result::Result<(), String> {
+        self.keyboard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_ctrl_alt_del()
+            .map_err(|e| format!("Cannot send Ctrl-Alt-Del: {e}"))
     }
 }
 
@@ -270,6 +289,7 @@ impl Vmm {
                 threads: Arc::new(Mutex::new(Vec::new())),
                 vcpus: vcpu_count,
                 parts,
+                keyboard: devs.keyboard,
             },
         }
     }
@@ -475,6 +495,8 @@ pub(crate) struct Devices {
     pub(crate) mmio_infos: Vec<acpi::MmioDeviceInfo>,
     pub(crate) balloon: Option<BalloonHandle>,
     pub(crate) boot_timer: Arc<Mutex<BootTimer>>,
+    /// The i8042 (for SendCtrlAltDel).
+    pub(crate) keyboard: Arc<Mutex<I8042>>,
     pub(crate) reset_evt: EventFd,
     pub(crate) power_evt: EventFd,
     pub(crate) panic_evt: EventFd,
@@ -570,13 +592,19 @@ pub(crate) fn build_devices(
     )
     .map_err(dev_err)?;
     let reset = EventFdTrigger::new(reset_evt.try_clone().map_err(io("reset eventfd"))?);
+    let kbd_irq = evt("i8042 irq eventfd")?;
+    vm.register_irqfd(&kbd_irq, I8042_IRQ)
+        .map_err(kvm("KVM_IRQFD (i8042)"))?;
+    let keyboard = Arc::new(Mutex::new(
+        I8042::new(reset).with_irq(EventFdTrigger::new(kbd_irq)),
+    ));
     pio.insert(
         Arc::new(Mutex::new(Counted {
-            dev: I8042::new(reset),
+            dev: Shared(keyboard.clone()),
             counters: stats.i8042.clone(),
         })),
-        0x60,
-        5,
+        I8042_PORT,
+        I8042_PORT_LEN,
     )
     .map_err(dev_err)?;
     pio.insert(
@@ -698,6 +726,7 @@ pub(crate) fn build_devices(
         mmio_infos,
         balloon,
         boot_timer,
+        keyboard,
         reset_evt,
         power_evt,
         panic_evt,

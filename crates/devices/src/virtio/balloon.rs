@@ -12,6 +12,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueT, Reader};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::worker::{Next, Worker};
@@ -68,10 +69,27 @@ pub mod tags {
 }
 
 struct Shared {
+    /// Seconds between statistics refreshes (0: statistics disabled).
+    stats_interval_s: AtomicU32,
+    /// Tells the worker the interval changed (while activated).
+    interval_changed: Mutex<Option<Arc<EventFd>>>,
     target_pages: AtomicU32,
     actual_pages: AtomicU32,
     stats: Mutex<Vec<(u16, u64)>>,
     interrupt: Mutex<Option<Arc<Interrupt>>>,
+}
+
+/// Statistics were asked to be turned on or off after the device was built.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "Balloon statistics cannot be enabled or disabled after boot \
+     (stats_polling_interval_s {old} -> {new})"
+)]
+pub struct StatsIntervalError {
+    /// The current interval.
+    pub old: u32,
+    /// The requested one.
+    pub new: u32,
 }
 
 /// A handle the VMM keeps to steer the balloon after boot.
@@ -86,6 +104,32 @@ impl BalloonHandle {
         if let Some(i) = self.0.interrupt.lock().expect("balloon lock").as_ref() {
             i.signal_config();
         }
+    }
+
+    /// The current statistics polling interval, seconds (0: disabled).
+    pub fn stats_interval_s(&self) -> u32 {
+        self.0.stats_interval_s.load(Ordering::SeqCst)
+    }
+
+    /// Changes the statistics polling interval of a balloon that has
+    /// statistics; the next refresh is asked for at once. Statistics cannot
+    /// be turned on or off (the statistics queue exists or not).
+    pub fn set_stats_interval_s(&self, secs: u32) -> Result<(), StatsIntervalError> {
+        let old = self.stats_interval_s();
+        if (old == 0) != (secs == 0) {
+            return Err(StatsIntervalError { old, new: secs });
+        }
+        self.0.stats_interval_s.store(secs, Ordering::SeqCst);
+        if let Some(e) = self
+            .0
+            .interval_changed
+            .lock()
+            .expect("balloon lock")
+            .as_ref()
+        {
+            let _ = e.write(1);
+        }
+        Ok(())
     }
 
     /// Current numbers and the guest's last statistics.
@@ -111,6 +155,8 @@ impl Balloon {
     /// A balloon with `config`.
     pub fn new(config: BalloonConfig) -> Self {
         let shared = Arc::new(Shared {
+            stats_interval_s: AtomicU32::new(config.stats_interval_s),
+            interval_changed: Mutex::new(None),
             target_pages: AtomicU32::new(
                 ((config.target_mib << 20) >> PAGE_SHIFT).min(u64::from(u32::MAX)) as u32,
             ),
@@ -294,9 +340,13 @@ impl VirtioDevice for Balloon {
         let mut timer = if let Some((_, e)) = &stats_q {
             fds.push((e.as_raw_fd(), 2, EventSet::IN));
             let mut t = TimerFd::new().map_err(errno)?;
-            let period = std::time::Duration::from_secs(u64::from(self.config.stats_interval_s));
+            let secs = self.shared.stats_interval_s.load(Ordering::SeqCst).max(1);
+            let period = std::time::Duration::from_secs(u64::from(secs));
             t.reset(period, Some(period)).map_err(errno)?;
             fds.push((t.as_raw_fd(), 3, EventSet::IN));
+            let changed = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io)?);
+            fds.push((changed.as_raw_fd(), 4, EventSet::IN));
+            *self.shared.interval_changed.lock().expect("balloon lock") = Some(changed);
             Some(t)
         } else {
             None
@@ -343,6 +393,23 @@ impl VirtioDevice for Balloon {
                         _ => false,
                     }
                 }
+                4 => {
+                    // A new interval: refresh now, then every `secs`.
+                    if let Some(e) = shared
+                        .interval_changed
+                        .lock()
+                        .expect("balloon lock")
+                        .as_ref()
+                    {
+                        let _ = e.read();
+                    }
+                    let secs = shared.stats_interval_s.load(Ordering::SeqCst).max(1);
+                    let period = std::time::Duration::from_secs(u64::from(secs));
+                    if let Some(t) = timer.as_mut() {
+                        let _ = t.reset(std::time::Duration::from_millis(1), Some(period));
+                    }
+                    false
+                }
                 _ => false,
             };
             if signal {
@@ -358,6 +425,7 @@ impl VirtioDevice for Balloon {
     fn reset(&mut self) {
         self.worker = None;
         *self.shared.interrupt.lock().expect("balloon lock") = None;
+        *self.shared.interval_changed.lock().expect("balloon lock") = None;
     }
 
     fn worker(&self) -> Option<&super::worker::Worker> {
@@ -395,6 +463,31 @@ mod tests {
         q.mem().read_slice(&mut b, GuestAddress(0x80000)).unwrap();
         assert_eq!(b, [0u8; 16], "released page reads back as zero");
         assert_eq!(m.invalid_requests.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn stats_interval_changes_but_never_toggles() {
+        let with = Balloon::new(BalloonConfig {
+            stats_interval_s: 5,
+            ..Default::default()
+        });
+        let h = with.handle();
+        assert_eq!(h.stats_interval_s(), 5);
+        h.set_stats_interval_s(1).unwrap();
+        assert_eq!(h.stats_interval_s(), 1);
+        assert_eq!(
+            h.set_stats_interval_s(0),
+            Err(StatsIntervalError { old: 1, new: 0 })
+        );
+        assert_eq!(h.stats_interval_s(), 1);
+        let without = Balloon::new(BalloonConfig::default()).handle();
+        let e = without.set_stats_interval_s(3).unwrap_err();
+        assert!(
+            e.to_string().contains("cannot be enabled or disabled"),
+            "{e}"
+        );
+        assert_eq!(without.stats_interval_s(), 0);
+        without.set_stats_interval_s(0).unwrap();
     }
 
     #[test]

@@ -427,6 +427,7 @@ impl MmioTransport {
             if !self.activated {
                 return Err(format!("{name}: the device could not be activated again"));
             }
+            self.device.restored();
         }
         if st.interrupt_status != 0 {
             // Re-raise what the guest had not acknowledged yet.

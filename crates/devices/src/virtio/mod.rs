@@ -164,6 +164,9 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
     /// The device's counters.
     fn metrics(&self) -> Arc<DeviceMetrics>;
+    /// Called once the device was activated again from a snapshot, in a new
+    /// VMM: what the guest's driver knew of the old backend is stale.
+    fn restored(&mut self) {}
     /// The worker thread, while the device is active (to pause it for a
     /// snapshot).
     fn worker(&self) -> Option<&worker::Worker>;

@@ -37,11 +37,34 @@ pub fn use_lab() -> bool {
     }
 }
 
+/// An example program of this package (built by `cargo test`, or by
+/// `cargo build --example NAME`), next to the kiln binary.
+pub fn example_bin(name: &str) -> PathBuf {
+    let p = kiln_bin().parent().unwrap().join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p kiln --example {name}` \
+         (plain `cargo test -p kiln` builds it too)",
+        p.display()
+    );
+    p
+}
+
 /// Runs `cases` (name, shell command) on the KVM host, all in one batch.
 /// A lab failure is returned as an error message (shared by every test).
 pub fn run_batch(
     cases: &[(&str, String)],
     timeout: Duration,
+) -> Result<HashMap<String, CommandOutput>, String> {
+    run_batch_with(cases, timeout, &[])
+}
+
+/// [`run_batch`] with `extra` host binaries on the commands' PATH (in the
+/// lab: copied to /usr/local/bin with their libraries).
+pub fn run_batch_with(
+    cases: &[(&str, String)],
+    timeout: Duration,
+    extra: &[PathBuf],
 ) -> Result<HashMap<String, CommandOutput>, String> {
     let imgs = guest_images();
     let outputs: Vec<CommandOutput> = if use_lab() {
@@ -52,6 +75,9 @@ pub fn run_batch(
         let rootfs = imgs.rootfs.clone();
         let vmlinux = imgs.vmlinux.clone();
         let mut lab = Lab::new(imgs).binary(kiln_bin());
+        for b in extra {
+            lab = lab.binary(b);
+        }
         // iproute2 (for `ip tuntap`): the lab's busybox `ip` lacks it.
         if let Some(ip) = ["/usr/sbin/ip", "/sbin/ip", "/bin/ip"]
             .into_iter()
@@ -71,12 +97,18 @@ pub fn run_batch(
         lab.run_resilient(&cmds)
             .map_err(|e| format!("the lab run failed: {e}"))?
     } else {
-        let dir = kiln_bin().parent().unwrap().to_path_buf();
-        let path = format!(
-            "{}:{}",
-            dir.display(),
-            std::env::var("PATH").unwrap_or_default()
+        let mut dirs = vec![kiln_bin().parent().unwrap().to_path_buf()];
+        dirs.extend(
+            extra
+                .iter()
+                .filter_map(|b| b.parent().map(Path::to_path_buf)),
         );
+        let mut path = std::env::join_paths(dirs)
+            .expect("binary directories")
+            .into_string()
+            .expect("UTF-8 binary directories");
+        path.push(':');
+        path.push_str(&std::env::var("PATH").unwrap_or_default());
         cases
             .iter()
             .map(|(_, c)| {
@@ -114,15 +146,27 @@ pub struct Batch {
     cell: OnceLock<Result<HashMap<String, CommandOutput>, String>>,
     cases: fn() -> Vec<(&'static str, String)>,
     timeout: Duration,
+    extra: fn() -> Vec<PathBuf>,
 }
 
 impl Batch {
     /// A batch of `cases`.
     pub const fn new(cases: fn() -> Vec<(&'static str, String)>, timeout: Duration) -> Self {
+        Self::with_binaries(cases, timeout, Vec::new)
+    }
+
+    /// A batch of `cases` that also needs the host binaries `extra` (see
+    /// [`run_batch_with`]).
+    pub const fn with_binaries(
+        cases: fn() -> Vec<(&'static str, String)>,
+        timeout: Duration,
+        extra: fn() -> Vec<PathBuf>,
+    ) -> Self {
         Self {
             cell: OnceLock::new(),
             cases,
             timeout,
+            extra,
         }
     }
 
@@ -142,7 +186,7 @@ impl Batch {
                             .is_none_or(|o| o.split(',').any(|x| x == *n))
                     })
                     .collect();
-                run_batch(&cases, self.timeout)
+                run_batch_with(&cases, self.timeout, &(self.extra)())
             })
             .as_ref()
             .unwrap_or_else(|e| panic!("{e}"));

@@ -23,14 +23,18 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::worker::{Next, Worker};
 use super::{
-    read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
+    read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice,
     VIRTIO_F_VERSION_1,
 };
 use muxer::Muxer;
@@ -79,6 +83,40 @@ pub struct Vsock {
     socket_id: Option<(u64, u64)>,
     worker: Option<Worker>,
     metrics: Arc<DeviceMetrics>,
+    /// A transport reset event is owed to the guest (after a restore).
+    reset_pending: Arc<AtomicBool>,
+    /// Wakes the worker to send it.
+    event_kick: Option<EventFd>,
+}
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+/// Puts a transport reset event in the first buffer of the event queue;
+/// false if the guest has posted none yet (retried on its next kick).
+fn send_transport_reset(mem: &GuestMemoryMmap, evq: &mut Queue, interrupt: &Interrupt) -> bool {
+    let Some(chain) = evq.pop_descriptor_chain(mem) else {
+        return false;
+    };
+    let head = chain.head_index();
+    let mut written = 0;
+    for d in chain {
+        if d.is_write_only() && d.len() >= 4 {
+            if mem
+                .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                .is_ok()
+            {
+                written = 4;
+            }
+            break;
+        }
+    }
+    if written == 0 {
+        log::debug!("vsock: the event buffer is not a writable 4-byte buffer");
+    }
+    let _ = evq.add_used(mem, head, written);
+    interrupt.signal_used();
+    true
 }
 
 impl Vsock {
@@ -113,6 +151,8 @@ impl Vsock {
             socket_id,
             worker: None,
             metrics: Arc::default(),
+            reset_pending: Arc::default(),
+            event_kick: None,
         })
     }
 
@@ -180,12 +220,15 @@ impl VirtioDevice for Vsock {
             source,
         };
         let mut queues = queues.into_iter();
-        let (Some((rxq, rx_evt)), Some((txq, tx_evt)), Some((_evq, ev_evt))) =
+        let (Some((rxq, rx_evt)), Some((txq, tx_evt)), Some((mut evq, ev_evt))) =
             (queues.next(), queues.next(), queues.next())
         else {
             unreachable!("length checked above");
         };
         let listener = self.listener.try_clone().map_err(io_err)?;
+        let event_kick = ev_evt.try_clone().map_err(io_err)?;
+        let reset_pending = self.reset_pending.clone();
+        let ev_mem = mem.clone();
         let mut muxer = Muxer::new(
             mem,
             rxq,
@@ -221,17 +264,34 @@ impl VirtioDevice for Vsock {
                 if muxer.process() {
                     interrupt.signal_used();
                 }
+                if reset_pending.swap(false, Ordering::AcqRel)
+                    && !send_transport_reset(&ev_mem, &mut evq, &interrupt)
+                {
+                    reset_pending.store(true, Ordering::Release);
+                }
                 Next::Continue
             },
         )
         .map_err(io_err)?;
         self.worker = Some(worker);
+        self.event_kick = Some(event_kick);
         Ok(())
     }
 
     fn reset(&mut self) {
         // Dropping the worker drops the muxer: every connection closes.
         self.worker = None;
+        self.event_kick = None;
+        self.reset_pending.store(false, Ordering::Release);
+    }
+
+    fn restored(&mut self) {
+        // The guest's connections belonged to the old VMM's sockets: tell it
+        // to drop them (listening sockets survive).
+        self.reset_pending.store(true, Ordering::Release);
+        if let Some(k) = &self.event_kick {
+            let _ = k.write(1);
+        }
     }
 
     fn worker(&self) -> Option<&crate::virtio::worker::Worker> {

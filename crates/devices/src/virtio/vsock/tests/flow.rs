@@ -266,3 +266,55 @@ fn vsock_device_runs_on_its_worker_and_resets() {
     drop(dev);
     assert!(!path.exists());
 }
+
+#[test]
+fn a_restored_device_sends_the_guest_a_transport_reset() {
+    let path = std::env::temp_dir().join(format!("kiln-vsock-{}-reset", std::process::id()));
+    let mut dev = Vsock::new(VsockConfig {
+        guest_cid: CID,
+        uds_path: path.clone(),
+    })
+    .unwrap();
+    let mut g = Guest::new("reset-rings");
+    g.muxer = None;
+    let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+    let (ev_evt, irq) = (evt(), evt());
+    let mut events = Ring::new(0x8000);
+    let ctx = ActivateContext {
+        mem: g.mem.clone(),
+        queues: vec![
+            (g.rx.queue(&g.mem), evt()),
+            (g.tx.queue(&g.mem), evt()),
+            (events.queue(&g.mem), ev_evt.try_clone().unwrap()),
+        ],
+        interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+    };
+    dev.activate(ctx).unwrap();
+    // Restored before the guest posts an event buffer: owed, not lost.
+    g.mem
+        .write_obj(0xffff_ffffu32, vm_memory::GuestAddress(0xc000))
+        .unwrap();
+    dev.restored();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(events.take_used(&g.mem).is_empty());
+    // The guest posts one writable 4-byte buffer and kicks the queue.
+    events.write_desc(&g.mem, 0, 0xc000, 4, 2 /* VIRTQ_DESC_F_WRITE */, 0);
+    events.publish(&g.mem, 0);
+    ev_evt.write(1).unwrap();
+    let t = Instant::now();
+    let used = loop {
+        let u = events.take_used(&g.mem);
+        if !u.is_empty() {
+            break u;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "no reset event");
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    assert_eq!(used, vec![(0, 4)]);
+    let id: u32 = g.mem.read_obj(vm_memory::GuestAddress(0xc000)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+    assert!(irq.read().is_ok(), "the guest was interrupted");
+    dev.reset();
+    drop(dev);
+    let _ = std::fs::remove_file(path);
+}

@@ -1,0 +1,235 @@
+//! `PUT /serial`, `PATCH /balloon/statistics` and the endpoints Kiln does
+//! not implement, through [`PreBootVm`] before and after `InstanceStart`.
+
+use std::sync::{Arc, Mutex};
+
+use crate::client::ClientResponse;
+use crate::server::serve_connection;
+use crate::*;
+
+/// A running VM whose balloon has statistics every `interval` seconds.
+struct Running {
+    interval: Mutex<u32>,
+}
+
+impl VmControl for Running {
+    fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: String::new(),
+            state: "Running".into(),
+            vmm_version: String::new(),
+            app_name: String::new(),
+        }
+    }
+    fn balloon(&self) -> Result<Balloon, ApiError> {
+        Ok(Balloon {
+            amount_mib: 0,
+            deflate_on_oom: false,
+            stats_polling_interval_s: *self.interval.lock().unwrap(),
+        })
+    }
+    fn update_balloon(&self, _: &BalloonUpdate) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
+        Err(ApiError::StatsDisabled)
+    }
+    fn update_balloon_stats(&self, u: &BalloonStatsUpdate) -> Result<(), ApiError> {
+        let mut i = self.interval.lock().unwrap();
+        if (*i == 0) != (u.stats_polling_interval_s == 0) {
+            return Err(ApiError::Invalid("cannot toggle".into()));
+        }
+        *i = u.stats_polling_interval_s;
+        Ok(())
+    }
+}
+
+/// Records the serial configuration it was started with.
+struct Recorder(Arc<Mutex<Option<Option<preboot::Serial>>>>);
+
+impl Starter for Recorder {
+    fn start(&self, res: &VmResources) -> Result<Arc<dyn VmControl>, String> {
+        *self.0.lock().unwrap() = Some(res.serial.clone());
+        Ok(Arc::new(Running {
+            interval: Mutex::new(
+                res.balloon
+                    .as_ref()
+                    .map_or(0, |b| b.stats_polling_interval_s),
+            ),
+        }))
+    }
+}
+
+fn req(vm: &PreBootVm, method: &str, uri: &str, body: Option<&str>) -> ClientResponse {
+    let mut input = format!("{method} {uri} HTTP/1.1\r\n");
+    match body {
+        Some(b) => input.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len())),
+        None => input.push_str("\r\n"),
+    }
+    let mut out = Vec::new();
+    serve_connection(input.as_bytes(), &mut out, vm, DEFAULT_MAX_PAYLOAD);
+    let out = String::from_utf8(out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    ClientResponse {
+        status_line: head.lines().next().unwrap().to_string(),
+        status: head[9..12].parse().unwrap(),
+        body: body.to_string(),
+    }
+}
+
+fn fault(r: &ClientResponse) -> String {
+    assert_eq!(r.status, 400, "{r:?}");
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["fault_message"].as_str().unwrap().to_string()
+}
+
+fn new_vm() -> (PreBootVm, Arc<Mutex<Option<Option<preboot::Serial>>>>) {
+    let seen = Arc::new(Mutex::new(None));
+    (
+        PreBootVm::new("t", "0", Box::new(Recorder(seen.clone()))),
+        seen,
+    )
+}
+
+const START: &str = r#"{"action_type":"InstanceStart"}"#;
+
+#[test]
+fn serial_output_path_reaches_the_starter() {
+    let (v, seen) = new_vm();
+    for (body, expect) in [
+        (r#"{"serial_out_path":""}"#, "serial_out_path is empty"),
+        (
+            r#"{"serial_out_path":"/tmp/s","rate_limiter":{"size":1,"refill_time":1}}"#,
+            "rate limiter on the serial console is not supported by Kiln",
+        ),
+        (r#"{"serial_out_path":3}"#, "invalid type"),
+        (r#"{"path":"/tmp/s"}"#, "unknown field `path`"),
+    ] {
+        let m = fault(&req(&v, "PUT", "/serial", Some(body)));
+        assert!(m.contains(expect), "{body}: {m}");
+    }
+    let r = req(
+        &v,
+        "PUT",
+        "/serial",
+        Some(r#"{"serial_out_path":"/tmp/s.log"}"#),
+    );
+    assert_eq!(r.status, 204, "{r:?}");
+    // Not part of Firecracker's full configuration.
+    let r = req(&v, "GET", "/vm/config", None);
+    assert!(!r.body.contains("serial"), "{r:?}");
+    let boot = r#"{"kernel_image_path":"/k"}"#;
+    assert_eq!(req(&v, "PUT", "/boot-source", Some(boot)).status, 204);
+    assert_eq!(req(&v, "PUT", "/actions", Some(START)).status, 204);
+    let serial = seen
+        .lock()
+        .unwrap()
+        .clone()
+        .expect("started")
+        .expect("serial");
+    assert_eq!(serial.serial_out_path.as_deref(), Some("/tmp/s.log"));
+    let m = fault(&req(
+        &v,
+        "PUT",
+        "/serial",
+        Some(r#"{"serial_out_path":"/x"}"#),
+    ));
+    assert!(m.contains("after the microVM has started"), "{m}");
+}
+
+#[test]
+fn balloon_statistics_interval_before_and_after_start() {
+    let (v, _) = new_vm();
+    let patch = |v: &PreBootVm, n: &str| {
+        req(
+            v,
+            "PATCH",
+            "/balloon/statistics",
+            Some(&format!(r#"{{"stats_polling_interval_s":{n}}}"#)),
+        )
+    };
+    assert_eq!(fault(&patch(&v, "1")), "No balloon device configured");
+    let b = r#"{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":0}"#;
+    assert_eq!(req(&v, "PUT", "/balloon", Some(b)).status, 204);
+    // Before boot it is configuration: statistics may be turned on.
+    assert_eq!(patch(&v, "5").status, 204);
+    assert!(req(&v, "GET", "/balloon", None)
+        .body
+        .contains(r#""stats_polling_interval_s":5"#));
+    assert!(fault(&patch(&v, "-1")).contains("invalid value"));
+    assert!(fault(&patch(&v, r#""x""#)).contains("invalid type"));
+    let boot = r#"{"kernel_image_path":"/k"}"#;
+    assert_eq!(req(&v, "PUT", "/boot-source", Some(boot)).status, 204);
+    assert_eq!(req(&v, "PUT", "/actions", Some(START)).status, 204);
+    // After boot the running VM decides (and the configuration follows).
+    assert_eq!(patch(&v, "2").status, 204);
+    assert!(req(&v, "GET", "/balloon", None)
+        .body
+        .contains(r#""stats_polling_interval_s":2"#));
+    assert!(req(&v, "GET", "/vm/config", None)
+        .body
+        .contains(r#""stats_polling_interval_s":2"#));
+    assert_eq!(fault(&patch(&v, "0")), "cannot toggle");
+}
+
+#[test]
+fn every_spec_endpoint_gets_a_clear_answer() {
+    let (v, _) = new_vm();
+    let unsupported = [
+        ("PUT", "/cpu-config", "custom CPU templates"),
+        ("PUT", "/mmds", "metadata service"),
+        ("PATCH", "/mmds", "metadata service"),
+        ("GET", "/mmds", "metadata service"),
+        ("PUT", "/mmds/config", "metadata service"),
+        ("PUT", "/hotplug/memory", "memory hot-plugging"),
+        ("PATCH", "/hotplug/memory", "memory hot-plugging"),
+        ("GET", "/hotplug/memory", "memory hot-plugging"),
+        ("PATCH", "/balloon/hinting/start", "free page hinting"),
+        ("GET", "/balloon/hinting/status", "free page hinting"),
+        ("PATCH", "/balloon/hinting/stop", "free page hinting"),
+        ("PUT", "/pmem/pm0", "pmem"),
+        ("PATCH", "/pmem/pm0", "pmem"),
+    ];
+    let check = |v: &PreBootVm| {
+        for (m, p, what) in unsupported {
+            let body = (m != "GET").then_some("{}");
+            let msg = fault(&req(v, m, p, body));
+            assert!(
+                msg.contains(what) && msg.contains("not supported by Kiln"),
+                "{m} {p}: {msg}"
+            );
+            assert!(msg.starts_with(&format!("{m} {p}: ")), "{msg}");
+        }
+    };
+    check(&v);
+    // Not endpoints at all: still the generic answer.
+    for (m, p) in [
+        ("GET", "/cpu-config"),
+        ("DELETE", "/mmds"),
+        ("PUT", "/pmem/"),
+    ] {
+        let msg = fault(&req(&v, m, p, None));
+        assert!(
+            msg.starts_with("Invalid request method and/or path"),
+            "{msg}"
+        );
+    }
+    let boot = r#"{"kernel_image_path":"/k"}"#;
+    assert_eq!(req(&v, "PUT", "/boot-source", Some(boot)).status, 204);
+    assert_eq!(req(&v, "PUT", "/actions", Some(START)).status, 204);
+    check(&v);
+    // Pre-boot-only endpoints after the start.
+    for p in [
+        "/entropy",
+        "/serial",
+        "/vsock",
+        "/machine-config",
+        "/boot-source",
+    ] {
+        let msg = fault(&req(&v, "PUT", p, Some("{}")));
+        assert!(
+            msg.contains("after the microVM has started") || msg.contains("missing field"),
+            "{p}: {msg}"
+        );
+    }
+}
