@@ -82,6 +82,8 @@ pub struct JailConfig {
     pub cgroups: Vec<(String, String)>,
     /// Relative cgroup path of the parent.
     pub parent_cgroup: String,
+    /// Whether --parent-cgroup was given (not the exec-name default).
+    pub parent_cgroup_given: bool,
     pub rlimits: Vec<Rlimit>,
     pub cleanup: bool,
     pub vmm_args: Vec<String>,
@@ -219,6 +221,7 @@ impl JailerArgs {
             new_pid_ns: self.new_pid_ns,
             cgroups: Vec::new(),
             parent_cgroup,
+            parent_cgroup_given: self.parent_cgroup.is_some(),
             rlimits: Vec::new(),
             cleanup: self.cleanup,
             vmm_args: self.vmm_args.clone(),

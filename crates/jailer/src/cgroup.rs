@@ -94,9 +94,13 @@ pub struct CgroupPlan {
 }
 
 /// Works out the cgroup plan: None when there is nothing to do (no --cgroup
-/// and no existing --parent-cgroup, Firecracker's v2 behaviour).
+/// and no existing, explicitly given --parent-cgroup: Firecracker's v2
+/// behaviour).
 pub fn prepare(cfg: &JailConfig) -> Result<Option<CgroupPlan>> {
     if cfg.cgroups.is_empty() {
+        if !cfg.parent_cgroup_given {
+            return Ok(None);
+        }
         let Ok(mount) = find_mount() else {
             return Ok(None);
         };

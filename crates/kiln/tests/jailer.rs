@@ -590,3 +590,48 @@ fn exec_named_firecracker_takes_firecracker_flags() {
     assert!(!s.base.join("firecracker").exists());
     fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn without_cgroup_values_an_existing_parent_cgroup_is_joined() {
+    // Firecracker's v2 behaviour: no --cgroup, an existing --parent-cgroup:
+    // the VMM joins it and no leaf is made.
+    let s = Scratch::new("join");
+    let parent = s.mount.join(&s.parent);
+    fs::create_dir(&parent).unwrap();
+    let id = "jail-join";
+    let mut child = s
+        .jailer(
+            id,
+            &[
+                "--uid",
+                "1234",
+                "--gid",
+                "1234",
+                "--",
+                "vmm",
+                "--api-sock",
+                "/api.sock",
+            ],
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for("the API socket", || s.root(id).join("api.sock").exists());
+    let cg = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let want = format!("0::/{}", s.parent);
+    assert!(cg.lines().any(|l| l == want), "{want} not in {cg}");
+    assert!(!s.leaf(id).exists(), "a leaf was made without --cgroup");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = cleanup(&s, id);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!s.base.join("kiln").exists());
+    // The operator's own cgroup is not removed by the cleanup.
+    assert!(parent.is_dir());
+    fs::remove_dir(&parent).unwrap();
+}
