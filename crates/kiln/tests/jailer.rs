@@ -501,8 +501,45 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("exec /script"), "{err}");
-    fs::remove_dir_all(&script_dir).unwrap();
     s.assert_empty("failed exec");
+
+    // The same in a new PID namespace: the failing child is PID 1 there; the
+    // parent waits for it and for the cleanup, and exits with its status.
+    let out = Command::new(kiln())
+        .args(["jailer", "--id", "x9", "--new-pid-ns", "--exec-file"])
+        .arg(&script)
+        .arg("--chroot-base-dir")
+        .arg(&s.base)
+        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg])
+        .args(ok)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("exec /script"), "{err}");
+    s.assert_empty("failed exec in a new pid namespace");
+
+    // Daemonized: the jailer's first process has already exited 0 when the
+    // exec fails; the cleaner still removes everything.
+    let out = Command::new(kiln())
+        .args(["jailer", "--id", "x10", "--daemonize", "--exec-file"])
+        .arg(&script)
+        .arg("--chroot-base-dir")
+        .arg(&s.base)
+        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg])
+        .args(ok)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for("the cleanup of a failed daemon", || {
+        fs::read_dir(&s.base).unwrap().count() == 0 && !s.mount.join(&s.parent).exists()
+    });
+    fs::remove_dir_all(&script_dir).unwrap();
 }
 
 #[test]
