@@ -80,8 +80,11 @@ echo "running=$running"
 echo "grew_kib=$((before-after))"
 for i in 0 1 2 3 4 5 6 7 8 9; do counts c$i.log | head -1; done | sort -u | tr '\n' ' '; echo
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q count= c$i.log; then echo "clone $i:"; tail -8 c$i.log; fi
+  if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q count= c$i.log; then
+    wait $(cat c$i.pid); echo "clone $i exited: status $?"; tail -4 c$i.log
+  fi
 done
+dmesg | grep -i -E 'segfault|kiln|kvm|traps|general protection' | tail -5
 kill $PIDS 2>/dev/null; wait
 echo '== corrupt'
 cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
@@ -167,7 +170,14 @@ fn ten_clones_share_the_snapshot_memory() {
     // Ten private copies would take 10 x 256 MiB; shared pages far less.
     assert!(grew < 10 * 256 * 1024 / 4, "10 clones took {grew} KiB: {o}");
     let last = numbers(section(&o, "last"))[0];
-    let firsts = numbers(clones.lines().last().unwrap_or_default());
+    let firsts = numbers(
+        clones
+            .lines()
+            .skip_while(|l| !l.starts_with("grew_kib="))
+            .nth(1)
+            .unwrap_or_default(),
+    );
+    assert!(!clones.contains("exited"), "a clone stopped: {o}");
     assert_eq!(
         firsts,
         vec![last + 1],
