@@ -70,7 +70,7 @@ echo '== clones'
 before=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
 PIDS=""
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  kiln restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"; echo $! > c$i.pid
+  kiln --log-level info restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"; echo $! > c$i.pid
   wait_counts c$i.log 1
 done
 for i in 0 1 2 3 4 5 6 7 8 9; do wait_counts c$i.log 2; done
