@@ -81,7 +81,7 @@ echo "grew_kib=$((before-after))"
 for i in 0 1 2 3 4 5 6 7 8 9; do counts c$i.log | head -1; done | sort -u | tr '\n' ' '; echo
 for i in 0 1 2 3 4 5 6 7 8 9; do
   if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q count= c$i.log; then
-    wait $(cat c$i.pid); echo "clone $i exited: status $?"; tail -4 c$i.log
+    wait $(cat c$i.pid); echo "clone $i exited: status $?"; grep -E "count=|shutdown" c$i.log | tail -3
   fi
 done
 dmesg | grep -i -E 'segfault|kiln|kvm|traps|general protection' | tail -5
