@@ -5,6 +5,8 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use vm_superio::Trigger;
+
 use crate::{BusDevice, EventFdTrigger};
 
 /// COM1 base port.
@@ -154,6 +156,15 @@ impl Serial {
         self.inner =
             vm_superio::Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out)
                 .map_err(|e| format!("serial: {e:?}"))?;
+        // An interrupt the UART had raised may not have reached the
+        // interrupt controller before the snapshot (the irqfd write is not
+        // part of any state): raise it again. A spurious one is harmless.
+        if r[3] & 1 == 0 {
+            self.inner
+                .interrupt_evt()
+                .trigger()
+                .map_err(|e| format!("serial: {e}"))?;
+        }
         Ok(())
     }
 }

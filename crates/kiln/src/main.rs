@@ -63,6 +63,9 @@ enum Command {
     Resume(snapshot_cmd::SockArgs),
     /// Pause a running VM and write a full snapshot of it.
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Firecracker-compatible jailer: start the VMM chrooted, in its own
+    /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
+    Jailer(kiln_jailer::JailerArgs),
 }
 
 /// Options of `kiln run`.
@@ -140,6 +143,26 @@ fn firecracker_version() -> String {
     format!("Firecracker v{v} (Kiln {v}, a Firecracker-compatible VMM)")
 }
 
+/// `kiln` run under the name `jailer` (e.g. a symlink): Firecracker's
+/// jailer command line, handled exactly like `kiln jailer`.
+#[derive(Parser)]
+#[command(
+    name = "jailer",
+    about = "Kiln under the jailer's name: the same as `kiln jailer`",
+    version
+)]
+struct JailerCli {
+    #[command(flatten)]
+    jailer: kiln_jailer::JailerArgs,
+}
+
+/// Whether `argv0` (the program's name as run) is `jailer`.
+fn is_jailer_name(argv0: &std::ffi::OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .is_some_and(|n| n == "jailer")
+}
+
 fn main() {
     let start = Instant::now();
     let mut args = std::env::args_os();
@@ -152,6 +175,9 @@ fn main() {
         }
         logger::init(None);
         Command::Vmm(FirecrackerCli::parse().vmm)
+    } else if is_jailer_name(&argv0) {
+        logger::init(None);
+        Command::Jailer(JailerCli::parse().jailer)
     } else {
         let cli = Cli::parse();
         logger::init(cli.log_level.as_deref());
@@ -177,6 +203,7 @@ fn main() {
 fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
     match cmd {
         Command::Run(args) => run(args, start),
+        Command::Jailer(args) => Ok(kiln_jailer::main(args)?),
         Command::Images => {
             let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
             println!("kernel     {}", images.kernel.display());

@@ -139,6 +139,17 @@ pub struct VcpuContext {
     pub stats: Arc<VcpuCounters>,
 }
 
+/// Logs the registers of a vCPU that shut down (triple fault).
+fn log_triple_fault(index: u8, vcpu: &VcpuFd) {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => log::info!(
+            "vcpu{index}: shutdown (triple fault or reset): rip={:#x} rsp={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+            r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
+        ),
+        (r, s) => log::info!("vcpu{index}: shutdown; registers unavailable: {:?} {:?}", r.err(), s.err()),
+    }
+}
+
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const KVM_SYSTEM_EVENT_RESET: u32 = 2;
 const KVM_SYSTEM_EVENT_CRASH: u32 = 3;
@@ -178,7 +189,12 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                         log::debug!("vcpu{index}: unhandled MMIO write at {addr:#x}");
                     }
                 }
-                VcpuExit::Shutdown => break VcpuStop::Reset,
+                VcpuExit::Shutdown => {
+                    // A triple fault (or a reset through it): say where, for
+                    // whoever has to understand an unexpected one.
+                    log_triple_fault(index, &vcpu);
+                    break VcpuStop::Reset;
+                }
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => break VcpuStop::Shutdown,
                     KVM_SYSTEM_EVENT_RESET => break VcpuStop::Reset,
