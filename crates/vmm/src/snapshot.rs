@@ -225,8 +225,14 @@ impl Vmm {
                 config.vcpus
             )));
         }
-        let mem = memory_file::map_private(mem_path, &state.memory)
-            .map_err(|e| VmmError::Config(e.to_string()))?;
+        // KILN_RESTORE_COPY=1 copies memory up front instead of mapping it
+        // (for comparing the two while a restore problem is investigated).
+        let mem = if std::env::var_os("KILN_RESTORE_COPY").is_some_and(|v| v == "1") {
+            memory_file::load_copy(mem_path, &state.memory)
+        } else {
+            memory_file::map_private(mem_path, &state.memory)
+        }
+        .map_err(|e| VmmError::Config(e.to_string()))?;
         let (kvm_fd, vm) = create_vm()?;
         register_memory(&vm, &mem, config.mem_mib)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
