@@ -163,6 +163,28 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
     }
 }
 
+/// `kiln run`'s options for a bare guest of Kiln's images (kernel and
+/// initrd resolved as `kiln run` does).
+pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs> {
+    let mut args = crate::RunArgs {
+        kernel: None,
+        initrd: None,
+        cmdline: cmdline.to_string(),
+        vcpus,
+        mem,
+        disks: vec![],
+        rng: false,
+        rng_rate: None,
+        balloon: None,
+        api_sock: None,
+        nets: vec![],
+        vsock: None,
+        guest_command: vec![],
+    };
+    crate::resolve_images(&mut args)?;
+    Ok(args)
+}
+
 /// Kills a child process that outlives its time limit.
 pub struct Watchdog {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -209,22 +231,7 @@ struct Sample {
 
 fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let mut args = crate::RunArgs {
-        kernel: None,
-        initrd: None,
-        cmdline: cmdline.to_string(),
-        vcpus,
-        mem,
-        disks: vec![],
-        rng: false,
-        rng_rate: None,
-        balloon: None,
-        api_sock: None,
-        nets: vec![],
-        vsock: None,
-        guest_command: vec![],
-    };
-    crate::resolve_images(&mut args)?;
+    let args = guest_images(cmdline, vcpus, mem)?;
     let kernel = args.kernel.expect("resolved");
     let initrd = args.initrd.expect("resolved");
     println!(

@@ -82,22 +82,7 @@ fn stats(label: &str, mut v: Vec<f64>) {
 /// Runs the benchmark here (the caller has checked KVM runs guests).
 pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let mut args = crate::RunArgs {
-        kernel: None,
-        initrd: None,
-        cmdline: kiln_vmm::DEFAULT_CMDLINE.into(),
-        vcpus: 1,
-        mem,
-        disks: vec![],
-        rng: false,
-        rng_rate: None,
-        balloon: None,
-        api_sock: None,
-        nets: vec![],
-        vsock: None,
-        guest_command: vec![],
-    };
-    crate::resolve_images(&mut args)?;
+    let args = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, 1, mem)?;
     let dir = std::env::temp_dir().join(format!("kiln-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run(&exe, &dir, &args, runs.max(1));

@@ -190,10 +190,8 @@ pub fn save_diff(
     Ok((layout, written))
 }
 
-/// Maps `path` as guest memory laid out as `layout`, privately and lazily:
-/// nothing is read until the guest touches it, and guest writes never reach
-/// the file.
-pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+/// Opens a memory file, checking it has the size `layout` needs.
+fn open_sized(path: &Path, layout: &MemoryLayout) -> Result<File> {
     let file = File::open(path).map_err(io(path))?;
     let have = file.metadata().map_err(io(path))?.len();
     let need = layout.file_len();
@@ -204,6 +202,14 @@ pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap
             need,
         });
     }
+    Ok(file)
+}
+
+/// Maps `path` as guest memory laid out as `layout`, privately and lazily:
+/// nothing is read until the guest touches it, and guest writes never reach
+/// the file.
+pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+    let file = open_sized(path, layout)?;
     let map_err = |detail: String| MemFileError::Map {
         path: path.display().to_string(),
         detail,
@@ -227,16 +233,7 @@ pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap
 /// Reads `path` into fresh anonymous guest memory laid out as `layout`
 /// (every page copied up front; nothing shared with other restores).
 pub fn load_copy(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
-    let file = File::open(path).map_err(io(path))?;
-    let have = file.metadata().map_err(io(path))?.len();
-    let need = layout.file_len();
-    if have != need {
-        return Err(MemFileError::Size {
-            path: path.display().to_string(),
-            have,
-            need,
-        });
-    }
+    let file = open_sized(path, layout)?;
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions
         .iter()
