@@ -28,10 +28,11 @@ fn cases() -> Vec<(&'static str, String)> {
         while [ \"$(grep -c count= \"$1\" 2>/dev/null)\" -lt \"$2\" ] && [ $n -lt 600 ]; do \
         sleep 0.2; n=$((n+1)); done; }";
     let counts = "counts() { grep -o 'count=[0-9]*' \"$1\" | sed 's/count=//'; }";
-    vec![(
-        "snapshot",
-        format!(
-            r#"{wait_counts}; {counts}
+    vec![
+        (
+            "snapshot",
+            format!(
+                r#"{wait_counts}; {counts}
 D=/tmp/snap; rm -rf $D; mkdir -p $D; cd $D
 dd if=/dev/zero of=disk.img bs=1M count=16 2>/dev/null
 cat > vm.json <<'EOF'
@@ -66,11 +67,38 @@ echo '== state'; {api} $D/api2.sock GET /
 echo '== again'; {api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
 kill $P3; wait $P3
 echo '== run3'; grep count= run3.log | head -3
+echo '== corrupt'
+cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
+kiln restore --snapshot bad --mem-file mem; echo status=$?
+echo '== short-mem'
+head -c 4096 mem > short; kiln restore --snapshot state --mem-file short; echo status=$?
+echo '== end'
+"#
+            ),
+        ),
+        (
+            "clones",
+            format!(
+                r#"{wait_counts}; {counts}
+D=/tmp/clones; rm -rf $D; mkdir -p $D; cd $D
 echo '== clones'
+# Clones come from a light one-vCPU guest that only counts: under the lab's
+# emulation ten restored guests paging their file-backed memory hard can
+# bring the lab itself down (see ten_clones_share_the_snapshot_memory).
+cat > light.json <<'EOF'
+{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- \"i=0; while true; do i=$((i+1)); echo count=$i; sleep 0.2; done\""}},
+ "machine-config":{{"vcpu_count":1,"mem_size_mib":256}}}}
+EOF
+sed -i "s|@K@|$KILN_KERNEL|; s|@I@|$KILN_INITRD|" light.json
+kiln vmm --api-sock $D/light.sock --config-file $D/light.json > light.log 2>&1 & PL=$!
+wait_counts light.log 5
+kiln snapshot --sock $D/light.sock --snapshot $D/lstate --mem-file $D/lmem; echo snapshot-status=$?
+echo "light-last=$(counts light.log | tail -1)"
+kill $PL; wait $PL
 before=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
 PIDS=""
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  kiln --log-level info restore --snapshot state --mem-file mem --vsock-override $D/c$i.sock > c$i.log 2>&1 & PIDS="$PIDS $!"; echo $! > c$i.pid
+  kiln --log-level info restore --snapshot lstate --mem-file lmem > c$i.log 2>&1 & PIDS="$PIDS $!"; echo $! > c$i.pid
   wait_counts c$i.log 1
 done
 for i in 0 1 2 3 4 5 6 7 8 9; do wait_counts c$i.log 2; done
@@ -86,15 +114,11 @@ for i in 0 1 2 3 4 5 6 7 8 9; do
 done
 dmesg | grep -i -E 'segfault|kiln|kvm|traps|general protection' | tail -5
 kill $PIDS 2>/dev/null; wait
-echo '== corrupt'
-cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
-kiln restore --snapshot bad --mem-file mem; echo status=$?
-echo '== short-mem'
-head -c 4096 mem > short; kiln restore --snapshot state --mem-file short; echo status=$?
 echo '== end'
 "#
+            ),
         ),
-    )]
+    ]
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(1500));
@@ -158,7 +182,7 @@ fn snapshot_restore_continues_the_guest() {
 
 #[test]
 fn ten_clones_share_the_snapshot_memory() {
-    let out = BATCH.get("snapshot");
+    let out = BATCH.get("clones");
     let o = out.output.replace('\r', "");
     let clones = section(&o, "clones");
     assert!(clones.contains("running=10"), "{o}");
@@ -169,7 +193,15 @@ fn ten_clones_share_the_snapshot_memory() {
         .unwrap_or_else(|| panic!("{o}"));
     // Ten private copies would take 10 x 256 MiB; shared pages far less.
     assert!(grew < 10 * 256 * 1024 / 4, "10 clones took {grew} KiB: {o}");
-    let last = numbers(section(&o, "last"))[0];
+    assert!(
+        clones.contains("snapshot-status=0"),
+        "kiln snapshot failed: {o}"
+    );
+    let last: u64 = clones
+        .lines()
+        .find_map(|l| l.strip_prefix("light-last="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{o}"));
     let firsts = numbers(
         clones
             .lines()
@@ -177,10 +209,13 @@ fn ten_clones_share_the_snapshot_memory() {
             .nth(1)
             .unwrap_or_default(),
     );
-    // Known issue (lab, under investigation): now and then one of ten
-    // restored guests, run at once under the lab's emulation, resets itself
-    // (triple fault) seconds after its restore; fresh boots in the same
-    // conditions do not. Reported here, not asserted, until understood.
+    // Known issue (lab, under investigation): with ten guests restored at
+    // once from a file-backed snapshot under the lab's emulation, one now
+    // and then resets itself (triple fault), and at times the lab's own
+    // kernel overflows a stack in a vCPU thread; guests restored by copying
+    // their memory (KILN_RESTORE_COPY=1) and fresh boots under the same load
+    // did not in our runs. Light clones make it rarer; a reset is reported,
+    // not asserted, until understood.
     if clones.contains("exited") {
         eprintln!("warning: a clone stopped early:\n{clones}");
     }
