@@ -98,6 +98,20 @@ enum BenchKind {
     },
 }
 
+/// When this host's KVM cannot run guests natively (and we are not in the
+/// lab already), runs `kiln bench ARGS` inside the lab and returns its exit
+/// status; `None` means: run it here.
+fn in_lab(args: &str) -> Result<Option<i32>> {
+    if std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab() {
+        return Ok(None);
+    }
+    eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
+    let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
+    let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
+    let cmd = format!("{}kiln bench {args}", cli_lab::lab_env_prefix());
+    Ok(Some(lab.run_interactive(&cmd)?))
+}
+
 /// Runs a benchmark.
 pub fn bench(args: BenchArgs) -> Result<i32> {
     match args.what {
@@ -107,31 +121,18 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             vcpus,
             cmdline,
         } => {
-            let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab();
-            if !here {
-                eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
-                let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
-                let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
-                let cmd = format!(
-                    "{}kiln bench boot --runs {runs} --mem {mem} --vcpus {vcpus} --cmdline {}",
-                    cli_lab::lab_env_prefix(),
-                    shell_quote(&cmdline)
-                );
-                return Ok(lab.run_interactive(&cmd)?);
+            let args = format!(
+                "boot --runs {runs} --mem {mem} --vcpus {vcpus} --cmdline {}",
+                shell_quote(&cmdline)
+            );
+            if let Some(status) = in_lab(&args)? {
+                return Ok(status);
             }
             boot_bench(runs, mem, vcpus, &cmdline)
         }
         BenchKind::Snapshot { runs, mem } => {
-            let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab();
-            if !here {
-                eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
-                let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
-                let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
-                let cmd = format!(
-                    "{}kiln bench snapshot --runs {runs} --mem {mem}",
-                    cli_lab::lab_env_prefix()
-                );
-                return Ok(lab.run_interactive(&cmd)?);
+            if let Some(status) = in_lab(&format!("snapshot --runs {runs} --mem {mem}"))? {
+                return Ok(status);
             }
             bench_snapshot::bench_snapshot(runs, mem)
         }
