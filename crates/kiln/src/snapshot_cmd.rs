@@ -25,7 +25,8 @@ pub struct Restore {
 }
 
 /// Reads the state file, applies the overrides and checks the devices'
-/// files, so that a bad snapshot fails before anything is built.
+/// files. (The memory file is checked by `Vmm::restore`, before it builds
+/// anything.)
 pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
     let mem = PathBuf::from(p.memory_file().map_err(anyhow::Error::msg)?);
     if p.track_dirty_pages || p.enable_diff_snapshots {
@@ -61,16 +62,6 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
         vsock.uds_path = v.uds_path.clone();
     }
     let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-    let want = state.memory.file_len();
-    let have = std::fs::metadata(&mem)
-        .with_context(|| format!("memory file {}", mem.display()))?
-        .len();
-    if have != want {
-        anyhow::bail!(
-            "memory file {} is {have} bytes, the snapshot needs {want}",
-            mem.display()
-        );
-    }
     Ok(Restore {
         state,
         config,
