@@ -838,7 +838,7 @@ impl VmControl for PreBootVm {
                 "Loading a microVM snapshot is not allowed after configuring boot-specific resources.",
             ));
         }
-        p.memory_file().map_err(invalid)?;
+        p.memory_backend().map_err(invalid)?;
         let (running, res) = self
             .starter
             .restore(p)

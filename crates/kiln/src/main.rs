@@ -7,6 +7,7 @@ mod logger;
 mod metrics;
 mod snapshot_cmd;
 mod term;
+mod uffd_cmd;
 mod vmm_cmd;
 
 use std::path::PathBuf;
@@ -63,6 +64,10 @@ enum Command {
     Resume(snapshot_cmd::SockArgs),
     /// Pause a running VM and write a full snapshot of it.
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Serve a restored VM's memory from a memory file over userfaultfd
+    /// (the page-fault handler of Firecracker's Uffd memory backend), with
+    /// optional working-set recording and prefetch.
+    UffdHandler(uffd_cmd::UffdHandlerArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -183,6 +188,7 @@ fn main() {
         logger::init(cli.log_level.as_deref());
         cli.command
     };
+    let _ = kiln_vmm::uffd::ON_HANDLER_LOST.set(term::restore);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         metrics::on_panic();
@@ -228,6 +234,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Pause(args) => snapshot_cmd::set_state(args, true),
         Command::Resume(args) => snapshot_cmd::set_state(args, false),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
     }
 }
 

@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_api::snapshot::{NetworkOverride, SnapshotLoadParams, VsockOverride};
+use kiln_api::snapshot::{
+    MemBackend as ApiMemBackend, MemBackendType, NetworkOverride, SnapshotLoadParams, VsockOverride,
+};
 use kiln_api::{ApiServer, PreBootVm, VmResources};
 use kiln_snapshot::state::MicrovmState;
-use kiln_vmm::{VmConfig, Vmm};
+use kiln_vmm::uffd_handler::HandlerOptions;
+use kiln_vmm::{MemBackend, VmConfig, Vmm};
 
 use crate::api_glue::{KilnVm, SocketGuard};
 
@@ -20,15 +23,19 @@ pub struct Restore {
     config: VmConfig,
     /// The configuration (with overrides applied) the VM is rebuilt from.
     pub res: VmResources,
-    mem: PathBuf,
+    /// Where its memory comes from.
+    pub mem: MemBackend,
     resume: bool,
 }
 
 /// Reads the state file, applies the overrides and checks the devices'
-/// files. (The memory file is checked by `Vmm::restore`, before it builds
-/// anything.)
+/// files. (The memory file, or the page-fault handler's socket, is checked
+/// by `Vmm::restore`, before it builds anything.)
 pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
-    let mem = PathBuf::from(p.memory_file().map_err(anyhow::Error::msg)?);
+    let mem = match p.memory_backend().map_err(anyhow::Error::msg)? {
+        (MemBackendType::File, path) => MemBackend::File(path.into()),
+        (MemBackendType::Uffd, sock) => MemBackend::Uffd(sock.into()),
+    };
     if p.track_dirty_pages || p.enable_diff_snapshots {
         anyhow::bail!("dirty page tracking (diff snapshots) is not supported by Kiln yet");
     }
@@ -94,9 +101,31 @@ pub struct RestoreArgs {
     /// The state file (`snapshot_path` of PUT /snapshot/create).
     #[arg(long, value_name = "PATH")]
     snapshot: PathBuf,
-    /// The memory file (`mem_file_path`).
-    #[arg(long, value_name = "PATH")]
-    mem_file: PathBuf,
+    /// The memory file (`mem_file_path`), mapped privately.
+    #[arg(long, value_name = "PATH", required_unless_present = "uffd_sock")]
+    mem_file: Option<PathBuf>,
+    /// Get the memory from the page-fault handler listening on this Unix
+    /// socket (Firecracker's Uffd backend, e.g. `kiln uffd-handler`)
+    /// instead of a memory file.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["mem_file", "uffd"])]
+    uffd_sock: Option<PathBuf>,
+    /// Serve the memory file through userfaultfd, from a page-fault handler
+    /// thread in this process, instead of mapping it.
+    #[arg(long, requires = "mem_file")]
+    uffd: bool,
+    /// With --uffd: record the working set (the pages of the memory file in
+    /// first-fault order) to this file.
+    #[arg(
+        long,
+        value_name = "WS",
+        requires = "uffd",
+        conflicts_with = "prefetch"
+    )]
+    record: Option<PathBuf>,
+    /// With --uffd: copy the pages of this recorded working set in before
+    /// they are touched.
+    #[arg(long, value_name = "WS", requires = "uffd")]
+    prefetch: Option<PathBuf>,
     /// Serve the Firecracker API (runtime requests) on this socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -128,7 +157,11 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
         .collect::<Result<_>>()?;
     let params = SnapshotLoadParams {
         snapshot_path: args.snapshot.display().to_string(),
-        mem_file_path: Some(args.mem_file.display().to_string()),
+        mem_file_path: args.mem_file.as_ref().map(|m| m.display().to_string()),
+        mem_backend: args.uffd_sock.as_ref().map(|s| ApiMemBackend {
+            backend_type: MemBackendType::Uffd,
+            backend_path: s.display().to_string(),
+        }),
         resume_vm: !args.paused,
         network_overrides,
         vsock_override: args
@@ -139,7 +172,16 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     if let Some(sock) = &args.api_sock {
         crate::api_glue::check_sock(sock)?;
     }
-    let r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    let mut r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    if let (true, Some(mem_file)) = (args.uffd, args.mem_file) {
+        r.mem = MemBackend::UffdThread {
+            mem_file,
+            options: HandlerOptions {
+                record: args.record,
+                prefetch: args.prefetch,
+            },
+        };
+    }
     let res = r.res.clone();
     let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
     let _socket = match &args.api_sock {

@@ -16,11 +16,14 @@ pub mod probe;
 pub mod regs;
 mod snapshot;
 pub mod stats;
+pub mod uffd;
+pub mod uffd_handler;
 mod vcpu;
 mod vm;
 
 pub use kiln_devices;
 pub use snapshot::SnapshotStats;
+pub use uffd::MemBackend;
 pub use vcpu::VcpuStop;
 pub use vm::{ExitReason, VmHandle, Vmm};
 

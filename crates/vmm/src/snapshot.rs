@@ -8,7 +8,8 @@
 //! writes guest memory. The VM stays paused afterwards, as Firecracker's.
 //!
 //! Restoring builds the same machine from the saved configuration, maps the
-//! memory file privately ([`crate::memory_file::map_private`]), loads the
+//! memory file privately ([`crate::memory_file::map_private`]) or hands
+//! fresh memory to a page-fault handler ([`crate::uffd`]), loads the
 //! VM, vCPU and device state, and reactivates the devices the guest had
 //! activated: nothing is booted, no boot data is written.
 
@@ -28,7 +29,7 @@ use crate::kvm_state;
 use crate::layout::ram_ranges;
 use crate::memory_file;
 use crate::vm::{build_devices, create_vm, register_memory, VmHandle, Vmm};
-use crate::{VmConfig, VmmError};
+use crate::{MemBackend, VmConfig, VmmError};
 
 /// What of a VM a snapshot reads, shared with [`VmHandle`].
 pub(crate) struct VmParts {
@@ -191,12 +192,13 @@ fn save_one(kvm: &Kvm, index: u8, vcpu: &mut VcpuFd) -> Result<VcpuState, String
 
 impl Vmm {
     /// Rebuilds a VM from `state` (taken from a VM built from `config`) and
-    /// the memory file `mem_path`. The VM does not run until [`Vmm::run`];
-    /// its vCPUs then continue where the snapshot stopped them.
+    /// its memory from `mem_backend`. The VM does not run until
+    /// [`Vmm::run`]; its vCPUs then continue where the snapshot stopped
+    /// them.
     pub fn restore(
         config: VmConfig,
         state: &MicrovmState,
-        mem_path: &Path,
+        mem_backend: &MemBackend,
         console: Box<dyn Write + Send>,
         start: Instant,
     ) -> Result<Self, VmmError> {
@@ -225,14 +227,24 @@ impl Vmm {
                 config.vcpus
             )));
         }
-        // KILN_RESTORE_COPY=1 copies memory up front instead of mapping it
-        // (for comparing the two while a restore problem is investigated).
-        let mem = if std::env::var_os("KILN_RESTORE_COPY").is_some_and(|v| v == "1") {
-            memory_file::load_copy(mem_path, &state.memory)
-        } else {
-            memory_file::map_private(mem_path, &state.memory)
-        }
-        .map_err(|e| VmmError::Config(e.to_string()))?;
+        let (mem, uffd_link) = match mem_backend {
+            // KILN_RESTORE_COPY=1 copies memory up front instead of mapping
+            // it (for comparing the two while a restore problem is
+            // investigated).
+            MemBackend::File(mem_path) => (
+                if std::env::var_os("KILN_RESTORE_COPY").is_some_and(|v| v == "1") {
+                    memory_file::load_copy(mem_path, &state.memory)
+                } else {
+                    memory_file::map_private(mem_path, &state.memory)
+                }
+                .map_err(|e| VmmError::Config(e.to_string()))?,
+                None,
+            ),
+            // Registered with a userfaultfd and handed to its handler
+            // before anything below touches it.
+            uffd => crate::uffd::guest_memory(uffd, &state.memory)
+                .map_err(|e| VmmError::Config(e.to_string()))?,
+        };
         let (kvm_fd, vm) = create_vm()?;
         register_memory(&vm, &mem, config.mem_mib)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
@@ -293,11 +305,14 @@ impl Vmm {
             )));
         }
         log::info!(
-            "restored {} vCPUs, {} MiB of memory mapped from {}",
+            "restored {} vCPUs, {} MiB of memory from {mem_backend}",
             vcpus.len(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
-            mem_path.display()
         );
+        // From here a lost page-fault handler stops the VMM.
+        if let Some(link) = uffd_link {
+            link.watch();
+        }
         Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
     }
 }
