@@ -1,13 +1,17 @@
 //! `kiln bench snapshot`: snapshot create time, and restore latency (exec
-//! → VMM restored, exec → first answer from the guest over vsock).
+//! → VMM restored, exec → first answer from the guest over vsock) for each
+//! memory backend: the file mapped privately, userfaultfd served by
+//! `kiln uffd-handler`, and the same with a recorded working set prefetched.
 //!
 //! One VM is booted from a Firecracker config with a vsock echo server in
 //! the guest, paused and snapshotted through the API; then the snapshot is
-//! restored `runs` times, each restore answering one vsock round trip.
+//! restored `runs` times per backend, each restore answering one vsock
+//! round trip. The first Uffd restore records the working set (the pages
+//! touched up to that first answer) that the prefetch runs use.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -90,7 +94,7 @@ pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     result
 }
 
-fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
+fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
     let (kernel, initrd) = (
         args.kernel.as_ref().expect("resolved"),
         args.initrd.as_ref().expect("resolved"),
@@ -157,16 +161,116 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
         on_disk >> 20
     );
 
+    let ws = dir.join("ws");
+    let mut rows = Vec::new();
+    rows.push(variant(
+        exe,
+        dir,
+        &state,
+        runs,
+        "File (MAP_PRIVATE)",
+        |_| Ok((vec!["--mem-file".into(), memf.clone().into()], None)),
+    )?);
+    rows.push(variant(exe, dir, &state, runs, "Uffd, no prefetch", |i| {
+        // The first of these runs records the working set.
+        let record = (i == 0).then_some(("--record", ws.as_path()));
+        handler(exe, dir, &memf, record)
+    })?);
+    let ws_pages = std::fs::read_to_string(&ws)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0);
+    println!("working set recorded by the first Uffd restore: {ws_pages} pages");
+    rows.push(variant(exe, dir, &state, runs, "Uffd + prefetch", |_| {
+        handler(exe, dir, &memf, Some(("--prefetch", ws.as_path())))
+    })?);
+    println!(
+        "\nrestore, median of {runs} (handler started beforehand)   exec→restored   exec→first vsock answer"
+    );
+    for r in &rows {
+        println!(
+            "  {:<46} {:>10}   {:>10.2} ms{}",
+            r.label,
+            r.restored.map_or("?".into(), |v| format!("{v:.2} ms")),
+            r.answer,
+            r.note
+        );
+    }
+    println!("live migration: not implemented yet");
+    println!("firecracker comparison: no firecracker binary here");
+    Ok(0)
+}
+
+/// The medians of one way of restoring.
+struct Row {
+    label: &'static str,
+    restored: Option<f64>,
+    answer: f64,
+    note: String,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+/// Starts `kiln uffd-handler` on a fresh socket (with `extra`: --record or
+/// --prefetch and its file); returns the `kiln restore` arguments to use it.
+fn handler(
+    exe: &Path,
+    dir: &Path,
+    memf: &Path,
+    extra: Option<(&str, &Path)>,
+) -> Result<(Vec<std::ffi::OsString>, Option<Child>)> {
+    let sock = dir.join("handler.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new(exe);
+    cmd.arg("uffd-handler")
+        .arg("--sock")
+        .arg(&sock)
+        .arg("--mem-file")
+        .arg(memf);
+    if let Some((flag, path)) = extra {
+        cmd.arg(flag).arg(path);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning kiln uffd-handler")?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > STEP_TIMEOUT {
+            kill(child);
+            bail!("kiln uffd-handler never listened on {}", sock.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok((vec!["--uffd-sock".into(), sock.into()], Some(child)))
+}
+
+/// Restores the snapshot `runs` times with the memory arguments `setup`
+/// gives (and the page-fault handler it may start), timing each restore.
+fn variant(
+    exe: &Path,
+    dir: &Path,
+    state: &Path,
+    runs: usize,
+    label: &'static str,
+    mut setup: impl FnMut(usize) -> Result<(Vec<std::ffi::OsString>, Option<Child>)>,
+) -> Result<Row> {
+    println!("{label}:");
     let mut to_restored = Vec::new();
     let mut to_answer = Vec::new();
+    let mut prefetch_ms = Vec::new();
     for i in 0..runs {
         let clone_uds = dir.join(format!("c{i}.sock"));
+        let (mem_args, handler) = setup(i)?;
         let t0 = Instant::now();
         let mut c = Command::new(exe)
             .args(["--log-level", "info", "restore", "--snapshot"])
-            .arg(&state)
-            .arg("--mem-file")
-            .arg(&memf)
+            .arg(state)
+            .args(&mem_args)
             .arg("--vsock-override")
             .arg(&clone_uds)
             .stdin(Stdio::null())
@@ -182,7 +286,12 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
             let _ = e.read_to_string(&mut err);
         }
         let _ = c.wait();
-        ping.with_context(|| format!("restore {}: {err}", i + 1))?;
+        // The handler ends once its VMM is gone; its last line sums up.
+        let summary = handler.map(|h| {
+            let out = h.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+            String::from_utf8_lossy(&out).trim().to_string()
+        });
+        ping.with_context(|| format!("{label}, restore {}: {err}", i + 1))?;
         // "restored in 1.234ms" from the VMM's own log.
         let restored = err
             .lines()
@@ -192,19 +301,39 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
             to_restored.push(ms(r));
         }
         to_answer.push(ms(answered));
+        let served = summary.as_deref().and_then(|s| s.split("; ").nth(1));
+        if let Some(p) = summary.as_deref().and_then(prefetch_time) {
+            prefetch_ms.push(p);
+        }
         println!(
-            "  restore {:>2}: exec→restored {:>8}  exec→first vsock answer {:>8.2} ms",
+            "  restore {:>2}: exec→restored {:>8}  exec→first vsock answer {:>8.2} ms{}",
             i + 1,
             restored.map_or("?".into(), |r| format!("{:.2} ms", ms(r))),
-            ms(answered)
+            ms(answered),
+            served.map(|s| format!("  ({s})")).unwrap_or_default()
         );
     }
-    stats("exec→restored (ms)", to_restored);
-    stats("exec→first vsock answer (ms)", to_answer);
-    println!("prefetch (userfaultfd working set): not implemented yet");
-    println!("live migration: not implemented yet");
-    println!("firecracker comparison: no firecracker binary here");
-    Ok(0)
+    stats("  exec→restored (ms)", to_restored.clone());
+    stats("  exec→first vsock answer (ms)", to_answer.clone());
+    Ok(Row {
+        label,
+        restored: median(to_restored),
+        answer: median(to_answer).unwrap_or(f64::NAN),
+        note: median(prefetch_ms)
+            .map(|p| format!("  (prefetch {p:.2} ms)"))
+            .unwrap_or_default(),
+    })
+}
+
+/// The prefetch time in a handler's summary ("... prefetched in 1.23 ms").
+fn prefetch_time(summary: &str) -> Option<f64> {
+    summary
+        .split("prefetched in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Parses Rust's `Debug` form of a `Duration` ("1.5ms", "830µs", "2.1s").
