@@ -60,6 +60,7 @@ const HAS_COPY: u64 = 1 << 3;
 const HAS_ZEROPAGE: u64 = 1 << 4;
 
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const PAGEFAULT_FLAG_WRITE: u64 = 1;
 const UFFD_EVENT_REMOVE: u8 = 0x15;
 
 #[repr(C)]
@@ -118,8 +119,8 @@ struct UffdMsg {
 /// Something the userfaultfd reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// A thread touched a missing page at this address.
-    PageFault(u64),
+    /// A thread touched a missing page at this address (`true`: to write).
+    PageFault(u64, bool),
     /// The range `[start, end)` was discarded (`MADV_DONTNEED`, e.g. by a
     /// balloon); its pages read as zeros from now on.
     Remove(u64, u64),
@@ -300,7 +301,9 @@ impl Uffd {
         }
         let count = n as usize / size_of::<UffdMsg>();
         out.extend(msgs[..count].iter().map(|m| match m.event {
-            UFFD_EVENT_PAGEFAULT => Event::PageFault(m.arg[1]),
+            UFFD_EVENT_PAGEFAULT => {
+                Event::PageFault(m.arg[1], m.arg[0] & PAGEFAULT_FLAG_WRITE != 0)
+            }
             UFFD_EVENT_REMOVE => Event::Remove(m.arg[0], m.arg[1]),
             other => Event::Other(other),
         }));

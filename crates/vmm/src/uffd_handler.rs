@@ -459,8 +459,10 @@ impl PageServer {
         }
     }
 
-    /// Serves one fault at host address `addr`.
-    fn serve_fault(&mut self, addr: u64) -> Result<(), HandlerError> {
+    /// Serves one fault at host address `addr`. A write to a zero page
+    /// gets a copied page of zeros at once (the zero page would take a
+    /// second, copy-on-write fault).
+    fn serve_fault(&mut self, addr: u64, write: bool) -> Result<(), HandlerError> {
         self.stats.faults += 1;
         let (dst, off) = self.locate(addr).ok_or(HandlerError::Foreign(addr))?;
         if let Some(r) = &mut self.record {
@@ -471,7 +473,28 @@ impl PageServer {
                 self.stats.recorded += 1;
             }
         }
+        if write && self.is_zero(off) {
+            return self.copy_zeros(dst);
+        }
         self.fill(dst, off, PAGE_U64)
+    }
+
+    fn copy_zeros(&mut self, dst: u64) -> Result<(), HandlerError> {
+        static ZEROS: [u8; PAGE] = [0; PAGE];
+        // SAFETY: ZEROS is readable for PAGE bytes.
+        match unsafe { self.uffd.copy(dst, ZEROS.as_ptr(), PAGE) } {
+            Ok(PAGE) => {
+                self.stats.zeroed += 1;
+                Ok(())
+            }
+            Ok(_) => self.retry_later(dst, PAGE),
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EEXIST) => self.uffd.wake(dst, PAGE).map_err(uffd_err("UFFDIO_WAKE")),
+                Some(libc::EAGAIN) => self.retry_later(dst, PAGE),
+                Some(libc::ESRCH) => Err(HandlerError::VmGone),
+                _ => Err(uffd_err("UFFDIO_COPY")(e)),
+            },
+        }
     }
 
     /// Serves every pending event without waiting; returns how many.
@@ -485,7 +508,7 @@ impl PageServer {
                 .read_events(&mut events)
                 .map_err(uffd_err("reading userfaultfd events"))?;
             let r = events.iter().try_for_each(|e| match *e {
-                Event::PageFault(addr) => self.serve_fault(addr),
+                Event::PageFault(addr, write) => self.serve_fault(addr, write),
                 Event::Remove(start, end) => {
                     // Discarded pages read as zeros from now on.
                     let mut a = start & !(PAGE_U64 - 1);

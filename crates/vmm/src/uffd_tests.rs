@@ -148,16 +148,20 @@ fn faults_are_served_from_the_file_and_recorded_then_prefetched() {
     assert_eq!(read(&mem, 20 * PAGE as u64, 8), vec![0; 8]);
     assert_eq!(read(&mem, 5 * PAGE as u64, 3), b"low");
     assert_eq!(read(&mem, 5 * PAGE as u64 + 1, 2), b"ow");
+    // A first write to a hole (page 40): one fault, a page of zeros.
+    mem.write_slice(b"w", GuestAddress(40 * PAGE as u64))
+        .unwrap();
+    assert_eq!(read(&mem, 40 * PAGE as u64, 2), b"w\0");
     // The guest's writes land in its own memory, as with any RAM.
     mem.write_slice(b"new", GuestAddress(20 * PAGE as u64))
         .unwrap();
     assert_eq!(read(&mem, 20 * PAGE as u64, 3), b"new");
     drop(link); // the VMM goes: the handler ends
     let stats = handler.join().unwrap();
-    assert_eq!(stats.faults, 3, "{stats}");
-    assert_eq!((stats.copied, stats.zeroed), (2, 1), "{stats}");
+    assert_eq!(stats.faults, 4, "{stats}");
+    assert_eq!((stats.copied, stats.zeroed), (2, 2), "{stats}");
     let recorded = std::fs::read_to_string(&ws).unwrap();
-    assert_eq!(recorded, format!("{WS_HEADER}\n71\n20\n5\n"));
+    assert_eq!(recorded, format!("{WS_HEADER}\n71\n20\n5\n40\n"));
 
     // A new restore with that working set prefetched: those pages need no
     // fault; another page still faults.
@@ -176,7 +180,7 @@ fn faults_are_served_from_the_file_and_recorded_then_prefetched() {
     assert_eq!(read(&mem, 30 * PAGE as u64, 8), vec![0; 8]);
     drop(link);
     let stats = handler.join().unwrap();
-    assert_eq!(stats.prefetched, 3, "{stats}");
+    assert_eq!(stats.prefetched, 4, "{stats}");
     assert_eq!(stats.faults, 1, "only the page outside the set: {stats}");
 }
 
