@@ -37,6 +37,8 @@ pub(crate) struct VmParts {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+    /// Whether KVM logs dirty pages (see [`crate::dirty`]).
+    pub(crate) dirty_log: std::sync::atomic::AtomicBool,
 }
 
 impl VmParts {
@@ -234,7 +236,7 @@ impl Vmm {
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
         let (kvm_fd, vm) = create_vm()?;
-        register_memory(&vm, &mem, config.mem_mib)?;
+        register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
 
         kvm_state::restore_vm(&vm, &state.vm).map_err(|e| bad(e.to_string()))?;
