@@ -202,31 +202,7 @@ impl Vmm {
         console: Box<dyn Write + Send>,
         start: Instant,
     ) -> Result<Self, VmmError> {
-        config.validate()?;
-        let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
-        let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)
-            .iter()
-            .map(|(a, l)| (a.0, *l as u64))
-            .collect();
-        let have: Vec<(u64, u64)> = state
-            .memory
-            .regions
-            .iter()
-            .map(|r| (r.guest_addr, r.size))
-            .collect();
-        if want != have {
-            return Err(bad(format!(
-                "its memory layout {have:x?} does not match a {} MiB machine",
-                config.mem_mib
-            )));
-        }
-        if state.vcpus.len() != config.vcpus as usize {
-            return Err(bad(format!(
-                "it has {} vCPUs, the configuration {}",
-                state.vcpus.len(),
-                config.vcpus
-            )));
-        }
+        check_restorable(&config, state)?;
         // KILN_RESTORE_COPY=1 copies memory up front instead of mapping it
         // (for comparing the two while a restore problem is investigated).
         let mem = if std::env::var_os("KILN_RESTORE_COPY").is_some_and(|v| v == "1") {
@@ -235,6 +211,34 @@ impl Vmm {
             memory_file::map_private(mem_path, &state.memory)
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
+        log::info!("guest memory mapped from {}", mem_path.display());
+        Self::restore_with_memory(config, state, mem, console, start)
+    }
+
+    /// Rebuilds a VM from `state` on guest memory the caller has filled (a
+    /// migration's destination) or will fill on demand (userfaultfd).
+    /// `mem` must have the layout `state.memory` describes.
+    pub fn restore_with_memory(
+        config: VmConfig,
+        state: &MicrovmState,
+        mem: GuestMemoryMmap,
+        console: Box<dyn Write + Send>,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        check_restorable(&config, state)?;
+        let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
+        let given: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let want: Vec<(u64, u64)> = state
+            .memory
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if given != want {
+            return Err(bad(format!(
+                "guest memory {given:x?} does not have the saved layout {want:x?}"
+            )));
+        }
         let (kvm_fd, vm) = create_vm()?;
         register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
@@ -295,11 +299,40 @@ impl Vmm {
             )));
         }
         log::info!(
-            "restored {} vCPUs, {} MiB of memory mapped from {}",
+            "restored {} vCPUs, {} MiB of memory",
             vcpus.len(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
-            mem_path.display()
         );
         Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
     }
+}
+
+/// Whether `state` can be restored on a machine built from `config`.
+fn check_restorable(config: &VmConfig, state: &MicrovmState) -> Result<(), VmmError> {
+    config.validate()?;
+    let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
+    let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)
+        .iter()
+        .map(|(a, l)| (a.0, *l as u64))
+        .collect();
+    let have: Vec<(u64, u64)> = state
+        .memory
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if want != have {
+        return Err(bad(format!(
+            "its memory layout {have:x?} does not match a {} MiB machine",
+            config.mem_mib
+        )));
+    }
+    if state.vcpus.len() != config.vcpus as usize {
+        return Err(bad(format!(
+            "it has {} vCPUs, the configuration {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    Ok(())
 }
