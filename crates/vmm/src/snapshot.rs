@@ -95,6 +95,22 @@ impl VmHandle {
         mem_path: &Path,
     ) -> Result<SnapshotStats, String> {
         let t0 = Instant::now();
+        let mut state = self.capture_state(config)?;
+        let (memory, written) =
+            memory_file::save_full(&self.parts.mem, mem_path).map_err(|e| e.to_string())?;
+        state.memory = memory;
+        kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+        Ok(SnapshotStats {
+            mem_bytes_written: written,
+            elapsed: t0.elapsed(),
+        })
+    }
+
+    /// Saves everything of the paused VM but its memory's contents: vCPUs,
+    /// VM-wide KVM state, devices and the memory layout. The devices stay
+    /// paused (they were paused with the vCPUs); guest memory does not
+    /// change until [`VmHandle::resume`].
+    pub fn capture_state(&self, config: &str) -> Result<MicrovmState, String> {
         if !self.is_paused() || !self.pause.wait_parked(self.vcpus, STEP_TIMEOUT) {
             return Err("the microVM must be paused to create a snapshot".into());
         }
@@ -103,43 +119,39 @@ impl VmHandle {
         let vm = kvm_state::save_vm(&parts.vm).map_err(|e| e.to_string())?;
 
         // The devices were paused with the vCPUs (VmHandle::pause); make
-        // sure, then save them and the memory they no longer touch.
+        // sure, then save them.
         parts.pause_devices()?;
-        let result = (|| {
-            let mut devices = Vec::new();
-            let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
+        let mut devices = Vec::new();
+        let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
+        devices.push(DeviceState {
+            kind: SERIAL.into(),
+            id: String::new(),
+            base: kiln_devices::serial::COM1_PORT,
+            data: encode_part(SERIAL, &serial.save_state())?,
+        });
+        drop(serial);
+        for (base, t) in &parts.transports {
+            let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
             devices.push(DeviceState {
-                kind: SERIAL.into(),
-                id: String::new(),
-                base: kiln_devices::serial::COM1_PORT,
-                data: encode_part(SERIAL, &serial.save_state())?,
+                kind: VIRTIO_MMIO.into(),
+                id: t.device().name(),
+                base: *base,
+                data: encode_part(VIRTIO_MMIO, &t.save_state())?,
             });
-            drop(serial);
-            for (base, t) in &parts.transports {
-                let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
-                devices.push(DeviceState {
-                    kind: VIRTIO_MMIO.into(),
-                    id: t.device().name(),
-                    base: *base,
-                    data: encode_part(VIRTIO_MMIO, &t.save_state())?,
-                });
-            }
-            let (memory, written) =
-                memory_file::save_full(&parts.mem, mem_path).map_err(|e| e.to_string())?;
-            let state = MicrovmState {
-                config: config.to_string(),
-                memory,
-                vm,
-                vcpus,
-                devices,
-            };
-            kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
-            Ok::<u64, String>(written)
-        })();
-        Ok(SnapshotStats {
-            mem_bytes_written: result?,
-            elapsed: t0.elapsed(),
+        }
+        Ok(MicrovmState {
+            config: config.to_string(),
+            memory: memory_file::layout(&parts.mem),
+            vm,
+            vcpus,
+            devices,
         })
+    }
+
+    /// The VM's guest memory (read while paused, or while running for a
+    /// migration's pre-copy rounds together with the dirty log).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.parts.mem
     }
 
     /// Has each parked vCPU thread save its vCPU.
