@@ -30,7 +30,7 @@ pub struct Restore {
 
 /// Reads the state file, applies the overrides and checks the devices'
 /// files. (The memory file, or the page-fault handler's socket, is checked
-/// by `Vmm::restore`, before it builds anything.)
+/// by `Vmm::restore_from`, before it builds anything.)
 pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
     let mem = match p.memory_backend().map_err(anyhow::Error::msg)? {
         (MemBackendType::File, path) => MemBackend::File(path.into()),
@@ -81,7 +81,7 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
 /// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
 /// starts, paused unless `resume_vm` was asked.
 pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
-    let vmm = Vmm::restore(
+    let vmm = Vmm::restore_from(
         r.config,
         &r.state,
         &r.mem,

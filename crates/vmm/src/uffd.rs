@@ -689,6 +689,34 @@ pub fn guest_memory(
     }
 }
 
+impl crate::Vmm {
+    /// Rebuilds a VM from `state` (taken from a VM built from `config`) with
+    /// its memory from `backend`: [`crate::Vmm::restore`] for a memory
+    /// file; else fresh memory registered with a userfaultfd and handed to
+    /// its handler before anything touches it. A lost handler stops the VMM
+    /// from then on (see [`HandlerLink::watch`]).
+    pub fn restore_from(
+        config: crate::VmConfig,
+        state: &kiln_snapshot::state::MicrovmState,
+        backend: &MemBackend,
+        console: Box<dyn std::io::Write + Send>,
+        start: std::time::Instant,
+    ) -> Result<Self, crate::VmmError> {
+        if let MemBackend::File(path) = backend {
+            return Self::restore(config, state, path, console, start);
+        }
+        crate::snapshot::check_restorable(&config, state)?;
+        let (mem, link) = guest_memory(backend, &state.memory)
+            .map_err(|e| crate::VmmError::Config(e.to_string()))?;
+        log::info!("guest memory from {backend}");
+        let vmm = Self::restore_with_memory(config, state, mem, console, start)?;
+        if let Some(link) = link {
+            link.watch();
+        }
+        Ok(vmm)
+    }
+}
+
 #[cfg(test)]
 #[path = "uffd_tests.rs"]
 mod tests;
