@@ -186,7 +186,7 @@ fn save_one(kvm: &Kvm, index: u8, vcpu: &mut VcpuFd) -> Result<VcpuState, String
     vcpu.set_kvm_immediate_exit(0);
     r?;
     let msrs = kvm_state::saveable_msrs(kvm, vcpu).map_err(|e| e.to_string())?;
-    kvm_state::save_vcpu(vcpu, &msrs).map_err(|e| e.to_string())
+    kvm_state::save_vcpu(vcpu, msrs).map_err(|e| e.to_string())
 }
 
 impl Vmm {
