@@ -137,7 +137,10 @@ fn header_errors_name_the_problem() {
         matches!(err, SnapshotError::Version { found: f, .. } if f == found),
         "{err}"
     );
-    assert!(err.to_string().contains(&format!("version {found}")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("version {found}")),
+        "{err}"
+    );
 
     let mut bad = image.clone();
     let other = if Arch::host() == Arch::X86_64 {
