@@ -291,6 +291,12 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
         parts.join(", "),
         median.threads
     );
+    if median.parts.iter().any(|&(k, v)| k == "libs" && v > 0) {
+        println!(
+            "  (a dynamically linked kiln: the C library's mapped pages count; \
+             `cargo build-static -p kiln` builds the static binary Kiln ships)"
+        );
+    }
     match std::env::var_os("KILN_FIRECRACKER") {
         Some(fc) => println!(
             "firecracker comparison: KILN_FIRECRACKER={} is set, but side-by-side runs are not implemented yet",
