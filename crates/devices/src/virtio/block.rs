@@ -1340,7 +1340,13 @@ mod tests {
         );
         assert_eq!(queue.next_avail(), bq.used_idx(), "nothing new was popped");
         // Heads are 3 * i: reads (even i) return the data and the status.
-        let want = |h: u16| if h / 3 % 2 == 0 { BLOCK as u32 + 1 } else { 1 };
+        let want = |h: u16| {
+            if (h / 3).is_multiple_of(2) {
+                BLOCK as u32 + 1
+            } else {
+                1
+            }
+        };
         assert!(bq.used().iter().all(|&(h, len)| len == want(h)));
         std::fs::remove_file(path).unwrap();
     }
