@@ -69,7 +69,7 @@ wait_counts run2.log 3
 echo '== vsock'; $KILN_AGENT uds-send $D/v.sock 5000 1048576
 n=0; while ! grep -q '^io=' run2.log && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
 kill $P2; wait $P2
-echo '== run2'; grep count= run2.log | head -3; grep -m1 '^io=' run2.log; grep -i error run2.log | head -3
+echo '== run2'; grep count= run2.log | head -3; grep '^io=' run2.log | head -1; grep -i error run2.log | head -3
 echo '== load'
 kiln vmm --api-sock $D/api2.sock > run3.log 2>&1 & P3=$!
 n=0; until [ -S $D/api2.sock ] || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
