@@ -1380,10 +1380,24 @@ mod tests {
             }
             kick.write(1).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while usize::from(bq.used_idx()) < BLOCKS / 2 {
-                assert!(std::time::Instant::now() < deadline, "{engine}: timed out");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let wait_used = |bq: &BigQueue, n: usize| {
+                while usize::from(bq.used_idx()) < n {
+                    assert!(std::time::Instant::now() < deadline, "{engine}: timed out");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            };
+            // Nothing completes, nothing writes guest memory, for 100 ms.
+            let still = |bq: &BigQueue, when: &str| {
+                let idx = bq.used_idx();
+                let before = bq.read(0, 8 << 20);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                assert_eq!(bq.used_idx(), idx, "{engine}: a completion {when}");
+                assert!(
+                    bq.read(0, 8 << 20) == before,
+                    "{engine}: guest memory written {when}"
+                );
+            };
+            wait_used(&bq, BLOCKS / 2);
             let mut pfd = libc::pollfd {
                 fd: irq.as_raw_fd(),
                 events: libc::POLLIN,
@@ -1422,31 +1436,14 @@ mod tests {
                     assert!(used.contains(head), "{engine}: read {i} done, not used");
                 }
             }
-            let idx = bq.used_idx();
-            let before = bq.read(0, 8 << 20);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            assert_eq!(bq.used_idx(), idx, "{engine}: no completion while paused");
-            assert!(
-                bq.read(0, 8 << 20) == before,
-                "{engine}: guest memory unchanged while paused"
-            );
+            still(&bq, "while paused");
             worker.resume();
-            while usize::from(bq.used_idx()) < BLOCKS / 2 + BLOCKS / 4 {
-                assert!(std::time::Instant::now() < deadline, "{engine}: timed out");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            wait_used(&bq, BLOCKS / 2 + BLOCKS / 4);
 
             // Reads kicked and reset at once: some may be in flight.
             reads(&mut bq);
             dev.reset();
-            let idx = bq.used_idx();
-            let before = bq.read(0, 8 << 20);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            assert_eq!(bq.used_idx(), idx, "{engine}: no completion after reset");
-            assert!(
-                bq.read(0, 8 << 20) == before,
-                "{engine}: guest memory unchanged after reset"
-            );
+            still(&bq, "after reset");
             drop(dev);
             std::fs::remove_file(path).unwrap();
         }
