@@ -5,17 +5,18 @@
 //! clears) that log, one bitmap per guest memory region in KVM's format:
 //! bit `i % 64` of word `i / 64` stands for page `i` of the region.
 
+use kiln_devices::GuestMem;
 use std::sync::atomic::Ordering;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vm::VmHandle;
 
 /// (Re-)registers every region of `mem` with KVM as slot `index`, with or
 /// without dirty-page logging.
-pub(crate) fn set_slots(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), String> {
+pub(crate) fn set_slots(vm: &VmFd, mem: &GuestMem, log_dirty: bool) -> Result<(), String> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
             .get_host_address(region.start_addr())

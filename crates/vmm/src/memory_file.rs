@@ -11,17 +11,16 @@
 //! the page cache on first touch and copied only when the guest writes them,
 //! so a restore costs no copy and clones of one snapshot share its pages.
 
+use kiln_devices::{GuestMem, GuestRegion};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kiln_snapshot::state::{MemoryLayout, MemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Page size used for zero detection and dirty bitmaps.
 pub const PAGE: usize = 4096;
@@ -77,7 +76,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> MemFileError + '_ {
 }
 
 /// Where each region of `mem` goes in a memory file: back to back.
-pub fn layout(mem: &GuestMemoryMmap) -> MemoryLayout {
+pub fn layout(mem: &GuestMem) -> MemoryLayout {
     let mut offset = 0;
     let regions = mem
         .iter()
@@ -95,7 +94,7 @@ pub fn layout(mem: &GuestMemoryMmap) -> MemoryLayout {
 }
 
 /// The host bytes of one guest region.
-fn region_bytes(r: &GuestRegionMmap) -> &[u8] {
+fn region_bytes(r: &GuestRegion) -> &[u8] {
     // SAFETY: the region maps `len()` bytes at `as_ptr()` for as long as the
     // region (borrowed here) lives. The guest may write concurrently only if
     // it is running; callers save memory with every vCPU stopped, and a
@@ -146,7 +145,7 @@ fn write_pages(
 
 /// Writes a full snapshot of `mem` to `path` (zero pages become holes).
 /// Returns the layout and the bytes written.
-pub fn save_full(mem: &GuestMemoryMmap, path: &Path) -> Result<(MemoryLayout, u64)> {
+pub fn save_full(mem: &GuestMem, path: &Path) -> Result<(MemoryLayout, u64)> {
     let layout = layout(mem);
     let f = create(path, layout.file_len())?;
     let mut written = 0;
@@ -163,11 +162,7 @@ pub fn save_full(mem: &GuestMemoryMmap, path: &Path) -> Result<(MemoryLayout, u6
 
 /// Writes a diff snapshot: only the pages set in `dirty` (one bitmap per
 /// region, bit i of word i/64 = page i, KVM's dirty-log format).
-pub fn save_diff(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    dirty: &[Vec<u64>],
-) -> Result<(MemoryLayout, u64)> {
+pub fn save_diff(mem: &GuestMem, path: &Path, dirty: &[Vec<u64>]) -> Result<(MemoryLayout, u64)> {
     let layout = layout(mem);
     let f = create(path, layout.file_len())?;
     let mut written = 0;
@@ -208,7 +203,7 @@ fn open_sized(path: &Path, layout: &MemoryLayout) -> Result<File> {
 /// Maps `path` as guest memory laid out as `layout`, privately and lazily:
 /// nothing is read until the guest touches it, and guest writes never reach
 /// the file.
-pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMem> {
     let file = open_sized(path, layout)?;
     let map_err = |detail: String| MemFileError::Map {
         path: path.display().to_string(),
@@ -217,29 +212,30 @@ pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap
     let mut regions = Vec::with_capacity(layout.regions.len());
     for r in &layout.regions {
         let f = file.try_clone().map_err(io(path))?;
-        let mapping = MmapRegionBuilder::new(r.size as usize)
+        let size = r.size as usize;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(f, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+        let region = GuestRegion::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| map_err(format!("region at {:#x} overflows", r.guest_addr)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))
+    GuestMem::from_regions(regions).map_err(|e| map_err(e.to_string()))
 }
 
 /// Reads `path` into fresh anonymous guest memory laid out as `layout`
 /// (every page copied up front; nothing shared with other restores).
-pub fn load_copy(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+pub fn load_copy(path: &Path, layout: &MemoryLayout) -> Result<GuestMem> {
     let file = open_sized(path, layout)?;
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions
         .iter()
         .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemFileError::Map {
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| MemFileError::Map {
         path: path.display().to_string(),
         detail: e.to_string(),
     })?;
@@ -326,9 +322,9 @@ mod tests {
         dir.join(name)
     }
 
-    fn guest() -> GuestMemoryMmap {
+    fn guest() -> GuestMem {
         // Two regions, like a guest above 3 GiB (scaled down).
-        GuestMemoryMmap::from_ranges(&[
+        GuestMem::from_ranges(&[
             (GuestAddress(0), 64 * PAGE),
             (GuestAddress(0x1_0000_0000), 32 * PAGE),
         ])

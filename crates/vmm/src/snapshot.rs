@@ -12,6 +12,7 @@
 //! VM, vCPU and device state, and reactivates the devices the guest had
 //! activated: nothing is booted, no boot data is written.
 
+use kiln_devices::GuestMem;
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::channel;
@@ -22,7 +23,7 @@ use kiln_devices::serial::{Serial, SerialSnapshot};
 use kiln_devices::virtio::mmio::{MmioState, MmioTransport};
 use kiln_snapshot::state::{DeviceState, MicrovmState, VcpuState};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::kvm_state;
 use crate::layout::ram_ranges;
@@ -34,7 +35,7 @@ use crate::{VmConfig, VmmError};
 pub(crate) struct VmParts {
     pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Arc<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
     /// Whether KVM logs dirty pages (see [`crate::dirty`]).
@@ -150,7 +151,7 @@ impl VmHandle {
 
     /// The VM's guest memory (read while paused, or while running for a
     /// migration's pre-copy rounds together with the dirty log).
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+    pub fn guest_memory(&self) -> &GuestMem {
         &self.parts.mem
     }
 
@@ -233,7 +234,7 @@ impl Vmm {
     pub fn restore_with_memory(
         config: VmConfig,
         state: &MicrovmState,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         console: Box<dyn Write + Send>,
         start: Instant,
     ) -> Result<Self, VmmError> {

@@ -3,6 +3,7 @@
 //! MADV_DONTNEED; deflate hands them back (they fault in again on use).
 //! Optional deflate-on-OOM and a statistics queue.
 
+use crate::GuestMem;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueT, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -183,7 +184,7 @@ impl Balloon {
 /// memory (inflate) or just acknowledges them (deflate).
 pub fn drain_page_queue(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     release: bool,
     metrics: &DeviceMetrics,
 ) -> bool {
@@ -217,7 +218,7 @@ pub fn drain_page_queue(
     used
 }
 
-fn release_page(mem: &GuestMemoryMmap, pfn: u64) -> bool {
+fn release_page(mem: &GuestMem, pfn: u64) -> bool {
     let Some(addr) = pfn.checked_mul(PAGE_SIZE) else {
         return false;
     };

@@ -19,6 +19,7 @@
 //! request to complete and discards the completions, so nothing touches
 //! guest memory (buffers, status bytes, used ring) after the worker is gone.
 
+use crate::GuestMem;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -29,9 +30,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions,
-    VolatileSlice,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,7 +109,7 @@ struct InFlight {
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory, which the
-// engine keeps mapped (it owns a `GuestMemoryMmap` handle) and which is
+// engine keeps mapped (it owns a `GuestMem` handle) and which is
 // shared with the guest anyway; the engine only moves between threads as a
 // whole, inside the worker's handler.
 unsafe impl Send for InFlight {}
@@ -127,7 +128,7 @@ pub struct IoUringEngine {
     ring: IoUring,
     completion_evt: EventFd,
     /// Guest memory, held so its mappings outlive every in-flight request.
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMem>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     peak: usize,
@@ -137,7 +138,7 @@ pub struct IoUringEngine {
 impl IoUringEngine {
     /// A ring for at most `depth` requests in flight over guest memory `mem`,
     /// with its completion eventfd registered.
-    pub fn new(mem: GuestMemoryMmap, depth: u32) -> io::Result<Self> {
+    pub fn new(mem: GuestMem, depth: u32) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::new(depth).map_err(|e| annotate(e, "io_uring_setup"))?;
         let completion_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -412,7 +413,7 @@ impl Drop for IoUringEngine {
     }
 }
 
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, m: &DeviceMetrics) {
+fn add_used(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32, m: &DeviceMetrics) {
     if queue.add_used(mem, head, len).is_err() {
         DeviceMetrics::add(&m.invalid_requests, 1);
     }
@@ -461,7 +462,11 @@ fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
 }
 
 /// Host segments covering `len` bytes of `slices` after the first `skip`.
-fn iovecs(slices: &[VolatileSlice<'_, ()>], mut skip: usize, mut len: usize) -> Vec<libc::iovec> {
+fn iovecs<B: BitmapSlice>(
+    slices: &[VolatileSlice<'_, B>],
+    mut skip: usize,
+    mut len: usize,
+) -> Vec<libc::iovec> {
     let mut out = Vec::new();
     for s in slices {
         if len == 0 {
@@ -486,9 +491,9 @@ fn iovecs(slices: &[VolatileSlice<'_, ()>], mut skip: usize, mut len: usize) -> 
 /// answer it (no I/O needed, or anything malformed: it then fails exactly as
 /// in the sync engine).
 fn prepare(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     backend: &BlockBackend,
-    chain: &DescriptorChain<&GuestMemoryMmap>,
+    chain: &DescriptorChain<&GuestMem>,
 ) -> Option<InFlight> {
     let mut readable = Vec::new();
     let mut writable = Vec::new();
