@@ -8,6 +8,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod cmos;
+pub mod dirty;
 pub mod i8042;
 pub mod power;
 pub mod pvpanic;

@@ -1,9 +1,12 @@
 //! Dirty-page tracking for diff snapshots and live migration.
 //!
 //! KVM logs the pages the guest's vCPUs write once a memory slot carries
-//! `KVM_MEM_LOG_DIRTY_PAGES`. [`VmHandle::take_dirty_bitmaps`] reads (and
-//! clears) that log, one bitmap per guest memory region in KVM's format:
-//! bit `i % 64` of word `i / 64` stands for page `i` of the region.
+//! `KVM_MEM_LOG_DIRTY_PAGES`. The VMM's own writes (devices, through
+//! vm-memory, or marked by hand where the kernel writes) are in the guest
+//! memory's bitmaps ([`kiln_devices::dirty`]). [`VmHandle::take_dirty_bitmaps`]
+//! reads (and clears) both and ORs them, one bitmap per guest memory region
+//! in KVM's format: bit `i % 64` of word `i / 64` stands for page `i` of the
+//! region.
 
 use kiln_devices::GuestMem;
 use std::sync::atomic::Ordering;
@@ -47,6 +50,8 @@ impl VmHandle {
         if self.parts.dirty_log.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Device writes are always recorded: forget those made before.
+        kiln_devices::dirty::clear(&self.parts.mem);
         if let Err(e) = set_slots(&self.parts.vm, &self.parts.mem, true) {
             self.parts.dirty_log.store(false, Ordering::SeqCst);
             return Err(e);
@@ -68,12 +73,14 @@ impl VmHandle {
     }
 
     /// The pages written since logging started or since the last call, one
-    /// bitmap per region (KVM's format), and clears the log.
+    /// bitmap per region (KVM's format), and clears the log: the guest's
+    /// writes (KVM's log) and the VMM's (devices) together.
     pub fn take_dirty_bitmaps(&self) -> Result<Vec<Vec<u64>>, String> {
         if !self.dirty_log_enabled() {
             return Err("dirty page tracking is not enabled for this VM".into());
         }
-        self.parts
+        let mut kvm: Vec<Vec<u64>> = self
+            .parts
             .mem
             .iter()
             .enumerate()
@@ -83,8 +90,44 @@ impl VmHandle {
                     .get_dirty_log(slot as u32, region.len() as usize)
                     .map_err(|e| format!("KVM_GET_DIRTY_LOG (slot {slot}): {e}"))
             })
-            .collect()
+            .collect::<Result<_, _>>()?;
+        let devices = kiln_devices::dirty::take(&self.parts.mem)?;
+        merge(&mut kvm, &devices)?;
+        Ok(kvm)
     }
+
+    /// Clears the dirty log (after a full snapshot: the next diff is
+    /// relative to it). Does nothing when pages are not tracked.
+    pub fn reset_dirty_log(&self) -> Result<(), String> {
+        if self.dirty_log_enabled() {
+            self.take_dirty_bitmaps()?;
+        }
+        Ok(())
+    }
+}
+
+/// ORs `add` into `into` (same regions, same sizes).
+fn merge(into: &mut [Vec<u64>], add: &[Vec<u64>]) -> Result<(), String> {
+    if into.len() != add.len() {
+        return Err(format!(
+            "dirty bitmaps for {} regions, the device bitmaps have {}",
+            into.len(),
+            add.len()
+        ));
+    }
+    for (i, (a, b)) in into.iter_mut().zip(add).enumerate() {
+        if a.len() != b.len() {
+            return Err(format!(
+                "region {i}: KVM's dirty log has {} words, the device bitmap {}",
+                a.len(),
+                b.len()
+            ));
+        }
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+    Ok(())
 }
 
 /// Number of pages set in `bitmaps`.
@@ -99,6 +142,16 @@ pub fn count_dirty(bitmaps: &[Vec<u64>]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_bitmaps_are_ored_into_kvms() {
+        let mut kvm = vec![vec![0b0011, 0], vec![1 << 63]];
+        merge(&mut kvm, &[vec![0b0110, 1], vec![1]]).unwrap();
+        assert_eq!(kvm, vec![vec![0b0111, 1], vec![(1 << 63) | 1]]);
+        assert!(merge(&mut kvm, &[vec![0, 0]]).is_err());
+        let err = merge(&mut kvm, &[vec![0], vec![0]]).unwrap_err();
+        assert!(err.contains("region 0"), "{err}");
+    }
 
     #[test]
     fn counts_set_bits_over_regions() {

@@ -235,7 +235,12 @@ fn release_page(mem: &GuestMem, pfn: u64) -> bool {
     // SAFETY: `host` is the start of a 4 KiB page inside a guest memory
     // mapping owned by the VMM; MADV_DONTNEED only drops its contents (the
     // guest gave the page up), it does not unmap it.
-    unsafe { libc::madvise(host.cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) == 0 }
+    let dropped =
+        unsafe { libc::madvise(host.cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) == 0 };
+    // The page now reads as zeros (or the snapshot file's page): its
+    // contents changed behind vm-memory's back.
+    crate::dirty::mark(mem, GuestAddress(addr), PAGE_SIZE as usize);
+    dropped
 }
 
 /// Parses a statistics buffer: 10-byte (tag u16, value u64) entries.
@@ -458,8 +463,14 @@ mod tests {
         }
         q.push(&[Desc::r(&pfns)]);
         q.push(&[Desc::raw(0xfff0_0000, 8, false)]);
+        crate::dirty::clear(q.mem());
         let used = q.run(|mem, queue| drain_page_queue(queue, mem, true, &m));
         assert_eq!(used.len(), 2);
+        let dirty = crate::dirty::take(q.mem()).unwrap();
+        assert!(
+            dirty[0][0x80 / 64] & (1 << (0x80 % 64)) != 0,
+            "a released page changed: it is dirty"
+        );
         let mut b = [0u8; 16];
         q.mem().read_slice(&mut b, GuestAddress(0x80000)).unwrap();
         assert_eq!(b, [0u8; 16], "released page reads back as zero");

@@ -1296,6 +1296,40 @@ mod tests {
         }
     }
 
+    /// Reads put disk data into guest memory behind KVM's back: the pages
+    /// must be in the device dirty bitmap with either engine (io_uring's
+    /// kernel-side writes are marked explicitly), with the used ring's page.
+    #[test]
+    fn block_reads_mark_guest_pages_dirty() {
+        for engine in ENGINES {
+            let (mut be, path) = backend(&vec![0x5au8; 4 * BLOCK], false, engine);
+            let mut bq = BigQueue::new();
+            let (_, a) = bq.push(&[
+                Buf::R(header(VIRTIO_BLK_T_IN, 0)),
+                Buf::W(2 * BLOCK as u32),
+                Buf::W(1),
+            ]);
+            let mut queue = bq.queue();
+            crate::dirty::clear(&bq.mem);
+            serve(engine, &mut be, &bq.mem, &mut queue, None, 16);
+            assert_eq!(bq.used().len(), 1, "{engine}");
+            assert!(bq.read(a[1], 2 * BLOCK).iter().all(|&b| b == 0x5a));
+            let dirty = crate::dirty::take(&bq.mem).unwrap();
+            let set = |addr: u64| {
+                let p = (addr / crate::dirty::PAGE as u64) as usize;
+                dirty[0][p / 64] & (1 << (p % 64)) != 0
+            };
+            let data_pages = a[1] / 4096..=(a[1] + 2 * BLOCK as u64 - 1) / 4096;
+            assert_eq!(data_pages.clone().count(), 3);
+            for p in data_pages {
+                assert!(set(p * 4096), "{engine}: data page {p:#x} not dirty");
+            }
+            assert!(set(BigQueue::USED), "{engine}: used ring");
+            assert!(!set(BigQueue::DESC), "{engine}: descriptors are only read");
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
     /// Through the device and its worker thread: requests complete and
     /// raise the interrupt; a reset with requests in flight returns only
     /// when nothing can write to guest memory any more.

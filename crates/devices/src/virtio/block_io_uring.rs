@@ -102,6 +102,10 @@ struct InFlight {
     iovecs: Vec<libc::iovec>,
     /// File offset of `iovecs[0]`.
     offset: u64,
+    /// Guest ranges the kernel writes for a read (its device-writable
+    /// buffers), marked dirty once the read is over: vm-memory does not see
+    /// these writes.
+    dest: Vec<(GuestAddress, usize)>,
     /// Data bytes of the request.
     total: usize,
     /// Data bytes transferred so far (a short read/write is resubmitted).
@@ -113,6 +117,16 @@ struct InFlight {
 // shared with the guest anyway; the engine only moves between threads as a
 // whole, inside the worker's handler.
 unsafe impl Send for InFlight {}
+
+impl InFlight {
+    /// Marks the guest pages a finished read may have written dirty (also
+    /// after a failure or a partial transfer: some data may have landed).
+    fn mark_written(&self, mem: &GuestMem) {
+        for &(addr, len) in &self.dest {
+            crate::dirty::mark(mem, addr, len);
+        }
+    }
+}
 
 /// What a completion means for its request.
 enum Outcome {
@@ -349,6 +363,7 @@ impl IoUringEngine {
             return false;
         };
         self.free.push(slot);
+        req.mark_written(&self.mem);
         let m = &backend.metrics;
         let ok = status == VIRTIO_BLK_S_OK as u8;
         if !ok {
@@ -387,7 +402,8 @@ impl IoUringEngine {
             for cqe in self.ring.completion() {
                 let slot = cqe.user_data() as usize;
                 if let Some(s) = self.slots.get_mut(slot) {
-                    if s.take().is_some() {
+                    if let Some(req) = s.take() {
+                        req.mark_written(&self.mem);
                         self.free.push(slot);
                     }
                 }
@@ -497,6 +513,7 @@ fn prepare(
 ) -> Option<InFlight> {
     let mut readable = Vec::new();
     let mut writable = Vec::new();
+    let mut dest = Vec::new();
     let (mut rlen, mut wlen) = (0usize, 0usize);
     let mut status = None;
     for desc in chain.clone() {
@@ -504,6 +521,7 @@ fn prepare(
         let (list, total, perm) = if desc.is_write_only() {
             if len > 0 {
                 status = Some(desc.addr().checked_add(len as u64 - 1)?);
+                dest.push((desc.addr(), len));
             }
             (&mut writable, &mut wlen, Permissions::Write)
         } else {
@@ -544,6 +562,9 @@ fn prepare(
         VIRTIO_BLK_T_FLUSH if !backend.read_only => (Op::Flush, Vec::new(), 0, 0),
         _ => return None,
     };
+    if op != Op::Read {
+        dest.clear();
+    }
     if (op != Op::Flush && total == 0) || iovecs.len() > IOV_MAX {
         return None;
     }
@@ -554,6 +575,7 @@ fn prepare(
         status: status?,
         iovecs,
         offset,
+        dest,
         total,
         done: 0,
     })
