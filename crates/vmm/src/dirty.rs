@@ -9,13 +9,21 @@
 //! region.
 
 use kiln_devices::GuestMem;
+use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::memory_file;
 use crate::vm::VmHandle;
+use crate::SnapshotStats;
+
+/// Firecracker's refusal of a diff snapshot without dirty-page tracking.
+pub const DIFF_NEEDS_TRACKING: &str =
+    "Diff snapshots are not allowed on uVMs with dirty page tracking disabled.";
 
 /// (Re-)registers every region of `mem` with KVM as slot `index`, with or
 /// without dirty-page logging.
@@ -96,6 +104,45 @@ impl VmHandle {
         Ok(kvm)
     }
 
+    /// Writes a diff snapshot of the paused VM: its state to `state_path`
+    /// (as a full snapshot's) and, to `mem_path`, a memory file of the full
+    /// size holding only the pages written since the last snapshot (or
+    /// since boot, restore or [`VmHandle::start_dirty_log`]); every other
+    /// page is a hole. [`memory_file::rebase`] applies it onto the memory
+    /// file of the snapshot before. If anything fails the pages stay logged
+    /// for the next snapshot.
+    pub fn snapshot_diff(
+        &self,
+        config: &str,
+        state_path: &Path,
+        mem_path: &Path,
+    ) -> Result<SnapshotStats, String> {
+        let t0 = Instant::now();
+        if !self.dirty_log_enabled() {
+            return Err(DIFF_NEEDS_TRACKING.into());
+        }
+        let mut state = self.capture_state(config)?;
+        let dirty = self.take_dirty_bitmaps()?;
+        let saved = memory_file::save_diff(&self.parts.mem, mem_path, &dirty)
+            .map_err(|e| e.to_string())
+            .and_then(|(memory, written)| {
+                state.memory = memory;
+                kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+                Ok(written)
+            });
+        match saved {
+            Ok(written) => Ok(SnapshotStats {
+                mem_bytes_written: written,
+                elapsed: t0.elapsed(),
+            }),
+            Err(e) => {
+                // Not in any snapshot: keep them for the next one.
+                put_back(&self.parts.mem, &dirty);
+                Err(e)
+            }
+        }
+    }
+
     /// Clears the dirty log (after a full snapshot: the next diff is
     /// relative to it). Does nothing when pages are not tracked.
     pub fn reset_dirty_log(&self) -> Result<(), String> {
@@ -103,6 +150,22 @@ impl VmHandle {
             self.take_dirty_bitmaps()?;
         }
         Ok(())
+    }
+}
+
+/// Marks the pages of `bitmaps` (one per region) dirty again in the device
+/// bitmaps, so the next take reports them.
+fn put_back(mem: &GuestMem, bitmaps: &[Vec<u64>]) {
+    for (region, words) in mem.iter().zip(bitmaps) {
+        for (w, word) in words.iter().enumerate() {
+            let mut bits = *word;
+            while bits != 0 {
+                let page = w * 64 + bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let addr = region.start_addr().0 + (page * memory_file::PAGE) as u64;
+                kiln_devices::dirty::mark(mem, vm_memory::GuestAddress(addr), memory_file::PAGE);
+            }
+        }
     }
 }
 
@@ -142,6 +205,19 @@ pub fn count_dirty(bitmaps: &[Vec<u64>]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_put_back_are_taken_again() {
+        use vm_memory::GuestAddress;
+        let mem = GuestMem::from_ranges(&[
+            (GuestAddress(0), 128 * memory_file::PAGE),
+            (GuestAddress(0x100_0000), 64 * memory_file::PAGE),
+        ])
+        .unwrap();
+        let bitmaps = vec![vec![0b101, 1 << 63], vec![1 << 7]];
+        put_back(&mem, &bitmaps);
+        assert_eq!(kiln_devices::dirty::take(&mem).unwrap(), bitmaps);
+    }
 
     #[test]
     fn device_bitmaps_are_ored_into_kvms() {

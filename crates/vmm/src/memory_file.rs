@@ -4,7 +4,8 @@
 //! in the state file's [`MemoryLayout`]). A full snapshot writes every page
 //! that is not all zeros and leaves zero pages as holes, so the file is
 //! sparse. A diff snapshot writes only the pages dirtied since the previous
-//! snapshot (KVM's dirty log) into a sparse file of the same size; [`rebase`]
+//! snapshot (KVM's dirty log and the devices' writes, see [`crate::dirty`])
+//! into a sparse file of the same size; [`rebase`]
 //! copies its written extents onto the full file it was taken after.
 //!
 //! Restore maps the file privately ([`map_private`]): pages are read from

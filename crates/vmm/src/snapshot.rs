@@ -88,7 +88,9 @@ pub struct SnapshotStats {
 impl VmHandle {
     /// Writes a full snapshot of the paused VM: its state to `state_path`
     /// and its memory to `mem_path`. `config` is the configuration to
-    /// rebuild the machine from on restore (stored as is).
+    /// rebuild the machine from on restore (stored as is). When dirty pages
+    /// are tracked, the log is cleared: a following diff snapshot
+    /// ([`VmHandle::snapshot_diff`]) holds the pages written after this one.
     pub fn snapshot(
         &self,
         config: &str,
@@ -101,6 +103,8 @@ impl VmHandle {
             memory_file::save_full(&self.parts.mem, mem_path).map_err(|e| e.to_string())?;
         state.memory = memory;
         kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+        // A following diff snapshot is relative to this one.
+        self.reset_dirty_log()?;
         Ok(SnapshotStats {
             mem_bytes_written: written,
             elapsed: t0.elapsed(),
