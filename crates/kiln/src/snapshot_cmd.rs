@@ -272,7 +272,8 @@ pub struct RebaseArgs {
 /// memory file before it, which then restores with the diff's state file.
 pub fn rebase(args: RebaseArgs) -> Result<i32> {
     let t = Instant::now();
-    let copied = kiln_vmm::memory_file::rebase(&args.base_mem, &args.diff_mem)?;
+    let copied = kiln_vmm::memory_file::rebase(&args.base_mem, &args.diff_mem)
+        .map_err(|e| anyhow::anyhow!("snapshot-rebase: {e}"))?;
     eprintln!(
         "kiln: {} KiB of {} applied onto {} in {:.1} ms",
         copied >> 10,

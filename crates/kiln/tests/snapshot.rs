@@ -440,3 +440,43 @@ fn cli_pause_and_snapshot_before_boot_fail_with_the_api_fault() {
     let _ = vmm.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `kiln snapshot-rebase` copies a diff's written pages onto its base (holes
+/// leave the base alone) and refuses a diff of another size in one line.
+#[test]
+fn snapshot_rebase_applies_the_written_pages_only() {
+    use std::os::unix::fs::FileExt;
+    let page = 4096u64;
+    let base = common::temp_file("rebase.base", b"");
+    let diff = common::temp_file("rebase.diff", b"");
+    let f = std::fs::OpenOptions::new().write(true).open(&base).unwrap();
+    f.set_len(16 * page).unwrap();
+    f.write_all_at(&[b'b'; 4096], 2 * page).unwrap();
+    f.write_all_at(&[b'b'; 4096], 5 * page).unwrap();
+    let d = std::fs::OpenOptions::new().write(true).open(&diff).unwrap();
+    d.set_len(16 * page).unwrap();
+    d.write_all_at(&[b'd'; 4096], 5 * page).unwrap();
+    d.write_all_at(&[0; 4096], 9 * page).unwrap();
+    let (b, dp) = (base.to_str().unwrap(), diff.to_str().unwrap());
+    let out = common::kiln_here(&["snapshot-rebase", "--base-mem", b, "--diff-mem", dp]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = std::fs::read(&base).unwrap();
+    assert_eq!(got.len(), 16 * 4096);
+    let at = |p: usize| got[p * 4096];
+    assert_eq!((at(2), at(5), at(9), at(0)), (b'b', b'd', 0, 0));
+
+    d.set_len(8 * page).unwrap();
+    let out = common::kiln_here(&["snapshot-rebase", "--base-mem", b, "--diff-mem", dp]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("a diff applies only onto the memory file of the same VM"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(std::fs::read(&base).unwrap(), got, "the base changed");
+}

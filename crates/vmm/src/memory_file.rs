@@ -55,6 +55,18 @@ pub enum MemFileError {
         /// What went wrong.
         detail: String,
     },
+    /// A diff memory file is not the size of the base it is applied to.
+    #[error("{diff} is {diff_len} bytes and {base} {base_len}: a diff applies only onto the memory file of the same VM")]
+    Mismatch {
+        /// The base file.
+        base: String,
+        /// Its size.
+        base_len: u64,
+        /// The diff file.
+        diff: String,
+        /// Its size.
+        diff_len: u64,
+    },
     /// A dirty bitmap does not match the memory it describes.
     #[error("dirty bitmap for region {region} covers {bits} pages, the region has {pages}")]
     Bitmap {
@@ -262,10 +274,11 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<u64> {
     let len = d.metadata().map_err(io(diff))?.len();
     let base_len = b.metadata().map_err(io(base))?.len();
     if base_len != len {
-        return Err(MemFileError::Size {
-            path: base.display().to_string(),
-            have: base_len,
-            need: len,
+        return Err(MemFileError::Mismatch {
+            base: base.display().to_string(),
+            base_len,
+            diff: diff.display().to_string(),
+            diff_len: len,
         });
     }
     // Holes are what tells written pages from untouched ones. A filesystem
@@ -410,6 +423,17 @@ mod tests {
         assert_eq!(&buf, b"TWO");
         back.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(buf, [0, 0, 0]);
+
+        // A diff of another size (another VM) is refused, the base untouched.
+        let other = tmp("other");
+        std::fs::write(&other, b"short").unwrap();
+        let before = std::fs::read(&full).unwrap();
+        let err = rebase(&full, &other).unwrap_err().to_string();
+        assert!(
+            err.contains("is 5 bytes") && err.contains("393216"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&full).unwrap(), before);
     }
 
     #[test]
