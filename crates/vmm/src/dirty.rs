@@ -87,6 +87,8 @@ impl VmHandle {
         if !self.dirty_log_enabled() {
             return Err("dirty page tracking is not enabled for this VM".into());
         }
+        // Before KVM's log is read (and cleared): nothing is lost on error.
+        kiln_devices::dirty::check(&self.parts.mem)?;
         let mut kvm: Vec<Vec<u64>> = self
             .parts
             .mem
