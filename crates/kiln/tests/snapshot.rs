@@ -330,6 +330,7 @@ fn diff_snapshot_rebased_onto_full_restores_the_guest() {
     assert_eq!(field(diff1, "diff_len"), 256 << 20, "{o}");
     let (full_kib, diff_kib) = (field(diff1, "full_kib"), field(diff1, "diff_kib"));
     assert!(diff_kib > 0, "an empty diff: {o}");
+    eprintln!("diff snapshot: {diff_kib} KiB on disk, the full one {full_kib} KiB");
     assert!(
         diff_kib * 4 < full_kib,
         "the diff ({diff_kib} KiB) is not much smaller than the full snapshot ({full_kib} KiB): {o}"
