@@ -21,14 +21,17 @@ fn guest_command() -> &'static str {
 }
 
 /// The diff guest: ext4 on /dev/vda; for 12 rounds it writes and syncs a
-/// file, drops the page cache and reads the file back (the disk's data
-/// lands in guest memory through virtio-blk: device writes), then only
-/// reads it from the page cache. A diff snapshot taken later that missed
-/// the device's writes would restore a page cache holding stale data.
+/// file, drops the page cache and reads the file back, then only reads it
+/// from the page cache. From round 12 on it also prints the checksum of the
+/// random raw disk /dev/vdb, read once (round 12, after the full snapshot)
+/// into page-cache pages that only the device writes (`init_on_alloc=0`:
+/// the kernel does not zero them first), then from the cache. A diff
+/// snapshot that missed the device's writes restores stale pages there.
 fn diff_guest_command() -> &'static str {
     "mkdir -p /m; mount -t ext4 /dev/vda /m || echo mount-failed; i=0; while true; do \
      i=$((i+1)); if [ $i -le 12 ]; then echo v$i > /m/f; sync; \
-     echo 3 > /proc/sys/vm/drop_caches; fi; echo count=$i file=$(cat /m/f); sleep 0.2; done"
+     echo 3 > /proc/sys/vm/drop_caches; fi; [ $i -ge 12 ] && s=$(md5sum < /dev/vdb | cut -c1-32); \
+     echo count=$i file=$(cat /m/f) sum=$s; sleep 0.2; done"
 }
 
 fn cases() -> Vec<(&'static str, String)> {
@@ -96,15 +99,18 @@ echo '== end'
                 r#"{wait_counts}; {counts}
 D=/tmp/diff; rm -rf $D; mkdir -p $D; cd $D
 cp $KILN_ROOTFS disk.ext4
+dd if=/dev/urandom of=rnd.img bs=1M count=1 2>/dev/null
 cat > vm.json <<'EOF'
-{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- \"{dguest}\""}},
+{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} init_on_alloc=0 -- \"{dguest}\""}},
  "machine-config":{{"vcpu_count":2,"mem_size_mib":256,"track_dirty_pages":true}},
- "drives":[{{"drive_id":"data","path_on_host":"/tmp/diff/disk.ext4","is_root_device":false,"is_read_only":false}}]}}
+ "drives":[{{"drive_id":"data","path_on_host":"/tmp/diff/disk.ext4","is_root_device":false,"is_read_only":false}},
+  {{"drive_id":"rnd","path_on_host":"/tmp/diff/rnd.img","is_root_device":false,"is_read_only":true}}]}}
 EOF
 sed -i "s|@K@|$KILN_KERNEL|; s|@I@|$KILN_INITRD|" vm.json
 kiln vmm --api-sock $D/api.sock --config-file $D/vm.json > run1.log 2>&1 & P1=$!
 wait_counts run1.log 5
 echo '== full'
+echo "host_sum=$(md5sum < rnd.img | cut -c1-32)"
 kiln snapshot --sock $D/api.sock --snapshot $D/full.state --mem-file $D/full.mem; echo status=$?
 echo "at=$(counts run1.log | tail -1)"
 kiln resume --sock $D/api.sock
@@ -320,6 +326,15 @@ fn diff_snapshot_rebased_onto_full_restores_the_guest() {
     let o = out.output.replace('\r', "");
     let full = section(&o, "full");
     assert!(full.contains("status=0"), "{o}");
+    let sum = full
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("host_sum="))
+        .unwrap_or_else(|| panic!("{o}"));
+    let want = format!("file=v12 sum={sum}");
+    assert!(
+        o.contains(&format!("count=13 {want}")),
+        "the guest misread /dev/vdb: {o}"
+    );
     assert!(
         field(full, "at") < 12,
         "the full snapshot came too late: {o}"
@@ -346,8 +361,8 @@ fn diff_snapshot_rebased_onto_full_restores_the_guest() {
     let run2 = section(&o, "run2");
     assert_eq!(first_count(run2), last + 1, "{o}");
     assert!(
-        run2.lines().next().unwrap_or("").ends_with("file=v12"),
-        "{o}"
+        run2.lines().next().unwrap_or("").ends_with(&want),
+        "stale pages after restoring the diff: {o}"
     );
 
     let diff2 = section(&o, "diff2");
@@ -360,8 +375,8 @@ fn diff_snapshot_rebased_onto_full_restores_the_guest() {
     let run3 = section(&o, "run3");
     assert_eq!(first_count(run3), last2 + 1, "{o}");
     assert!(
-        run3.lines().next().unwrap_or("").ends_with("file=v12"),
-        "{o}"
+        run3.lines().next().unwrap_or("").ends_with(&want),
+        "stale pages after restoring the second diff: {o}"
     );
 }
 
