@@ -52,7 +52,8 @@ pub struct MachineConfig {
     /// Simultaneous multithreading: not supported (must be false).
     #[serde(default)]
     pub smt: bool,
-    /// Accepted for compatibility; Kiln does not track dirty pages.
+    /// Log the pages the guest and the devices write (needed for diff
+    /// snapshots).
     #[serde(default)]
     pub track_dirty_pages: bool,
 }

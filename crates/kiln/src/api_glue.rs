@@ -122,9 +122,10 @@ impl VmControl for KilnVm {
     }
 
     fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
-        if p.snapshot_type == SnapshotType::Diff {
+        let diff = p.snapshot_type == SnapshotType::Diff;
+        if diff && !self.handle.dirty_log_enabled() {
             return Err(ApiError::Invalid(
-                "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
+                kiln_vmm::dirty::DIFF_NEEDS_TRACKING.into(),
             ));
         }
         let config = self.config().clone();
@@ -134,19 +135,19 @@ impl VmControl for KilnVm {
                     .into(),
             )
         })?;
-        let stats = self
-            .handle
-            .snapshot(
-                config,
-                Path::new(&p.snapshot_path),
-                Path::new(&p.mem_file_path),
-            )
-            .map_err(ApiError::Invalid)?;
+        let (state, mem) = (Path::new(&p.snapshot_path), Path::new(&p.mem_file_path));
+        let stats = if diff {
+            self.handle.snapshot_diff(config, state, mem)
+        } else {
+            self.handle.snapshot(config, state, mem)
+        }
+        .map_err(ApiError::Invalid)?;
         log::info!(
-            "snapshot {} + {}: {} MiB of memory written in {:?}",
+            "{} snapshot {} + {}: {} KiB of memory written in {:?}",
+            if diff { "diff" } else { "full" },
             p.snapshot_path,
             p.mem_file_path,
-            stats.mem_bytes_written >> 20,
+            stats.mem_bytes_written >> 10,
             stats.elapsed
         );
         Ok(())

@@ -1,13 +1,16 @@
-//! `kiln bench snapshot`: snapshot create time, and restore latency (exec
-//! → VMM restored, exec → first answer from the guest over vsock) for each
-//! memory backend: the file mapped privately, userfaultfd served by
-//! `kiln uffd-handler`, and the same with a recorded working set prefetched.
+//! `kiln bench snapshot`: snapshot create time (full, and diff), and
+//! restore latency (exec → VMM restored, exec → first answer from the guest
+//! over vsock) for each memory backend: the file mapped privately,
+//! userfaultfd served by `kiln uffd-handler`, and the same with a recorded
+//! working set prefetched.
 //!
 //! One VM is booted from a Firecracker config with a vsock echo server in
-//! the guest, paused and snapshotted through the API; then the snapshot is
-//! restored `runs` times per backend, each restore answering one vsock
-//! round trip. The first Uffd restore records the working set (the pages
-//! touched up to that first answer) that the prefetch runs use.
+//! the guest and dirty-page tracking on, paused and snapshotted (full)
+//! through the API; it then runs for a second answering one vsock round
+//! trip, and a diff snapshot is taken. The full snapshot is then restored
+//! `runs` times per backend, each restore answering one vsock round trip.
+//! The first Uffd restore records the working set (the pages touched up to
+//! that first answer) that the prefetch runs use.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -106,7 +109,7 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
             "initrd_path": initrd,
             "boot_args": format!("{} -- kiln-agent vsock-echo {VSOCK_PORT}", args.cmdline),
         },
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem, "track_dirty_pages": true },
         "vsock": { "guest_cid": 3, "uds_path": uds },
     });
     let cfg = dir.join("vm.json");
@@ -147,18 +150,25 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
     let memf = dir.join("mem");
     let body = serde_json::json!({ "snapshot_path": state, "mem_file_path": memf }).to_string();
     let create = api(&sock, "PUT", "/snapshot/create", &body);
+    let diff = create
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e:#}"))
+        .and_then(|_| diff_snapshot(&sock, &uds, dir));
     kill(vm);
     let create = create?;
-    let on_disk = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&memf)?.blocks() * 512
-    };
+    let (diff_create, diff_bytes) = diff?;
     println!(
         "pause {:.2} ms; snapshot create (full) {:.2} ms; memory file {} MiB, {} MiB on disk",
         ms(pause),
         ms(create),
         args.mem,
-        on_disk >> 20
+        allocated(&memf)? >> 20
+    );
+    println!(
+        "snapshot create (diff, after 1 s of an idle guest and one vsock round trip) {:.2} ms; \
+         {} KiB written",
+        ms(diff_create),
+        diff_bytes >> 10
     );
 
     let ws = dir.join("ws");
@@ -334,6 +344,31 @@ fn prefetch_time(summary: &str) -> Option<f64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Bytes of `path` on disk (holes excluded).
+fn allocated(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+/// Resumes the VM just snapshotted, lets it run for a second with one vsock
+/// round trip (device writes), pauses it and takes a diff snapshot: its
+/// create time and the bytes of memory it wrote.
+fn diff_snapshot(sock: &Path, uds: &Path, dir: &Path) -> Result<(Duration, u64)> {
+    api(sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
+    vsock_ping(uds, Instant::now() + STEP_TIMEOUT)?;
+    std::thread::sleep(Duration::from_secs(1));
+    api(sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let memf = dir.join("diff.mem");
+    let body = serde_json::json!({
+        "snapshot_path": dir.join("diff.state"),
+        "mem_file_path": memf,
+        "snapshot_type": "Diff",
+    })
+    .to_string();
+    let t = api(sock, "PUT", "/snapshot/create", &body)?;
+    Ok((t, allocated(&memf)?))
 }
 
 /// Parses Rust's `Debug` form of a `Duration` ("1.5ms", "830µs", "2.1s").

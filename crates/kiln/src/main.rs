@@ -62,12 +62,15 @@ enum Command {
     Pause(snapshot_cmd::SockArgs),
     /// Resume a paused VM.
     Resume(snapshot_cmd::SockArgs),
-    /// Pause a running VM and write a full snapshot of it.
+    /// Pause a running VM and write a (full or diff) snapshot of it.
     Snapshot(snapshot_cmd::SnapshotArgs),
     /// Serve a restored VM's memory from a memory file over userfaultfd
     /// (the page-fault handler of Firecracker's Uffd memory backend), with
     /// optional working-set recording and prefetch.
     UffdHandler(uffd_cmd::UffdHandlerArgs),
+    /// Apply a diff snapshot's memory file onto the memory file of the
+    /// snapshot before it (like Firecracker's rebase-snap).
+    SnapshotRebase(snapshot_cmd::RebaseArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -235,6 +238,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Resume(args) => snapshot_cmd::set_state(args, false),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
+        Command::SnapshotRebase(args) => snapshot_cmd::rebase(args),
     }
 }
 

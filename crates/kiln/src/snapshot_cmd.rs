@@ -36,9 +36,6 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
         (MemBackendType::File, path) => MemBackend::File(path.into()),
         (MemBackendType::Uffd, sock) => MemBackend::Uffd(sock.into()),
     };
-    if p.track_dirty_pages || p.enable_diff_snapshots {
-        anyhow::bail!("dirty page tracking (diff snapshots) is not supported by Kiln yet");
-    }
     if p.clock_realtime {
         anyhow::bail!("clock_realtime is not supported by Kiln yet");
     }
@@ -61,6 +58,9 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
     }
+    // As in Firecracker, the load request decides whether the restored VM
+    // tracks dirty pages (for its own diff snapshots), not the snapshot.
+    res.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
     if let Some(v) = &p.vsock_override {
         let vsock = res
             .vsock
@@ -138,6 +138,9 @@ pub struct RestoreArgs {
     /// Use another Unix socket path for the vsock device.
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<String>,
+    /// Track dirty pages, so diff snapshots of the restored VM can be taken.
+    #[arg(long)]
+    track_dirty_pages: bool,
 }
 
 /// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
@@ -167,6 +170,7 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
         vsock_override: args
             .vsock_override
             .map(|uds_path| VsockOverride { uds_path }),
+        track_dirty_pages: args.track_dirty_pages,
         ..Default::default()
     };
     if let Some(sock) = &args.api_sock {
@@ -233,6 +237,11 @@ pub struct SnapshotArgs {
     /// Where the memory file goes.
     #[arg(long, value_name = "PATH")]
     mem_file: PathBuf,
+    /// `full`: every page. `diff`: only the pages written since the last
+    /// snapshot (the VM must track dirty pages; apply the memory file onto
+    /// the previous one with `kiln snapshot-rebase`).
+    #[arg(long = "type", value_name = "full|diff", default_value = "full", value_parser = ["full", "diff"])]
+    kind: String,
     /// Resume the VM afterwards (by default it stays paused, as after
     /// Firecracker's snapshot).
     #[arg(long)]
@@ -271,6 +280,7 @@ pub fn snapshot(args: SnapshotArgs) -> Result<i32> {
     let body = serde_json::json!({
         "snapshot_path": args.snapshot,
         "mem_file_path": args.mem_file,
+        "snapshot_type": if args.kind == "diff" { "Diff" } else { "Full" },
     });
     let t = Instant::now();
     let made = call(&args.sock, "PUT", "/snapshot/create", &body.to_string());
@@ -279,9 +289,38 @@ pub fn snapshot(args: SnapshotArgs) -> Result<i32> {
     }
     made?;
     eprintln!(
-        "kiln: snapshot {} + {} in {:.1} ms",
+        "kiln: {} snapshot {} + {} in {:.1} ms",
+        args.kind,
         args.snapshot.display(),
         args.mem_file.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(0)
+}
+
+/// Options of `kiln snapshot-rebase`.
+#[derive(Args, Debug)]
+pub struct RebaseArgs {
+    /// The memory file of the snapshot the diff was taken after (full, or
+    /// already rebased); it is updated in place.
+    #[arg(long, value_name = "FILE")]
+    base_mem: PathBuf,
+    /// The diff snapshot's memory file.
+    #[arg(long, value_name = "FILE")]
+    diff_mem: PathBuf,
+}
+
+/// `kiln snapshot-rebase`: applies a diff snapshot's memory file onto the
+/// memory file before it, which then restores with the diff's state file.
+pub fn rebase(args: RebaseArgs) -> Result<i32> {
+    let t = Instant::now();
+    let copied = kiln_vmm::memory_file::rebase(&args.base_mem, &args.diff_mem)
+        .map_err(|e| anyhow::anyhow!("snapshot-rebase: {e}"))?;
+    eprintln!(
+        "kiln: {} KiB of {} applied onto {} in {:.1} ms",
+        copied >> 10,
+        args.diff_mem.display(),
+        args.base_mem.display(),
         t.elapsed().as_secs_f64() * 1e3
     );
     Ok(0)

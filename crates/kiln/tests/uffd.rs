@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{section, Batch};
 use kiln_vmm::uffd_handler::WS_HEADER;
 use kiln_vmm::MemBackend;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 fn cases() -> Vec<(&'static str, String)> {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
@@ -213,7 +213,8 @@ fn wait_for(p: &Path) {
 fn the_handler_process_serves_another_process() {
     let dir = std::env::temp_dir().join(format!("kiln-uffd-proc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 10)]).unwrap();
+    let src =
+        kiln_vmm::kiln_devices::GuestMem::from_ranges(&[(GuestAddress(0), 256 << 10)]).unwrap();
     src.write_slice(b"served", GuestAddress(3 << 12)).unwrap();
     let file = dir.join("mem");
     let (layout, _) = kiln_vmm::memory_file::save_full(&src, &file).unwrap();

@@ -27,9 +27,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use kiln_devices::GuestMem;
 use kiln_snapshot::state::MemoryLayout;
 use serde::{Deserialize, Serialize};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::memory_file::PAGE;
@@ -409,13 +410,13 @@ impl std::fmt::Display for MemBackend {
 /// userfaultfd; returns both and the regions as a handler sees them.
 fn registered_memory(
     layout: &MemoryLayout,
-) -> Result<(GuestMemoryMmap, Uffd, Vec<UffdRegion>), UffdError> {
+) -> Result<(GuestMem, Uffd, Vec<UffdRegion>), UffdError> {
     let ranges: Vec<(vm_memory::GuestAddress, usize)> = layout
         .regions
         .iter()
         .map(|r| (vm_memory::GuestAddress(r.guest_addr), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges)
+    let mem = GuestMem::from_ranges(&ranges)
         .map_err(|e| io_err("allocating guest memory")(io::Error::other(e.to_string())))?;
     let uffd = Uffd::create().map_err(io_err(
         "userfaultfd (needs CAP_SYS_PTRACE, vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)",
@@ -654,7 +655,7 @@ pub fn receive(stream: &UnixStream) -> Result<(Uffd, Vec<UffdRegion>), UffdError
 pub fn guest_memory(
     backend: &MemBackend,
     layout: &MemoryLayout,
-) -> Result<(GuestMemoryMmap, Option<HandlerLink>), UffdError> {
+) -> Result<(GuestMem, Option<HandlerLink>), UffdError> {
     match backend {
         MemBackend::File(_) => Err(UffdError::Protocol("not a userfaultfd backend".into())),
         MemBackend::Uffd(sock) => {

@@ -63,7 +63,7 @@ fn tmp(name: &str) -> PathBuf {
 /// A sparse memory file of two regions (like a guest above 3 GiB, scaled
 /// down) with data on low page 5 and high page 7 (file page 64 + 7).
 fn memory_file(name: &str) -> (PathBuf, MemoryLayout) {
-    let mem = GuestMemoryMmap::from_ranges(&[
+    let mem = kiln_devices::GuestMem::from_ranges(&[
         (GuestAddress(0), 64 * PAGE),
         (GuestAddress(0x1_0000_0000), 32 * PAGE),
     ])
@@ -78,7 +78,7 @@ fn memory_file(name: &str) -> (PathBuf, MemoryLayout) {
 }
 
 /// Registered memory, or None when this host refuses userfaultfd.
-fn registered(layout: &MemoryLayout) -> Option<(GuestMemoryMmap, Uffd, Vec<UffdRegion>)> {
+fn registered(layout: &MemoryLayout) -> Option<(kiln_devices::GuestMem, Uffd, Vec<UffdRegion>)> {
     match registered_memory(layout) {
         Ok(r) => Some(r),
         Err(UffdError::Io { source, .. })
@@ -122,7 +122,7 @@ fn start_handler(
     (link, ready, handler)
 }
 
-fn read(mem: &GuestMemoryMmap, addr: u64, n: usize) -> Vec<u8> {
+fn read(mem: &kiln_devices::GuestMem, addr: u64, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
     mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
     buf

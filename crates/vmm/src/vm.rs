@@ -1,6 +1,7 @@
 //! The VM: KVM objects, guest memory, legacy devices, vCPU threads and the
 //! VMM's event loop.
 
+use kiln_devices::GuestMem;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,7 @@ use kiln_devices::virtio::VirtioDevice;
 use kiln_devices::{Bus, EventFdTrigger};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -140,7 +141,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuFd>,
     _vm: Arc<VmFd>,
     _kvm: Arc<Kvm>,
-    _mem: GuestMemoryMmap,
+    _mem: GuestMem,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
@@ -174,11 +175,9 @@ impl Vmm {
 
         let (kvm_fd, vm) = create_vm()?;
         let mem_bytes = config.mem_mib << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| {
-            VmmError::Memory {
-                mib: config.mem_mib,
-                detail: e.to_string(),
-            }
+        let mem = GuestMem::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| VmmError::Memory {
+            mib: config.mem_mib,
+            detail: e.to_string(),
         })?;
         register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
 
@@ -253,7 +252,7 @@ impl Vmm {
         config: VmConfig,
         kvm_fd: Kvm,
         vm: VmFd,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         devs: Devices,
         vcpus: Vec<VcpuFd>,
     ) -> Self {
@@ -551,7 +550,7 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
 /// `log_dirty`.
 pub(crate) fn register_memory(
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_mib: u64,
     log_dirty: bool,
 ) -> Result<()> {
@@ -565,7 +564,7 @@ pub(crate) fn register_memory(
 pub(crate) fn build_devices(
     config: &VmConfig,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     console: Box<dyn Write + Send>,
     start: Instant,
 ) -> Result<Devices> {
