@@ -31,6 +31,8 @@ pub struct KilnVm {
     /// A disk uses the io_uring engine (its requests complete out of order,
     /// which snapshots cannot capture yet).
     uring_disks: bool,
+    /// Set once the VM was migrated away: the VMM ends after the answer.
+    migrated: std::sync::atomic::AtomicBool,
 }
 
 impl KilnVm {
@@ -48,6 +50,7 @@ impl KilnVm {
                 .disks
                 .iter()
                 .any(|d| d.engine == kiln_vmm::kiln_devices::virtio::block::BlockEngine::IoUring),
+            migrated: false.into(),
         }
     }
 
@@ -165,7 +168,45 @@ impl VmControl for KilnVm {
         Ok(())
     }
 
+    fn migrate(
+        &self,
+        p: &kiln_api::migrate::MigrateParams,
+    ) -> Result<kiln_api::migrate::MigrationReport, ApiError> {
+        if self.uring_disks {
+            return Err(ApiError::Invalid(
+                "Migrating microVMs with Async (io_uring) drives is not supported by Kiln yet"
+                    .into(),
+            ));
+        }
+        let config = self.config().clone().ok_or_else(|| {
+            ApiError::Invalid(
+                "This microVM cannot be migrated: start it with `kiln vmm` (API or --config-file)"
+                    .into(),
+            )
+        })?;
+        let report = crate::migrate_cmd::send(&self.handle, &config, p).map_err(|e| {
+            eprintln!("kiln: {e}");
+            ApiError::Invalid(e)
+        })?;
+        self.migrated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(report)
+    }
+
+    fn after_response(&self) {
+        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.handle.end_migrated() {
+                log::error!("{e}");
+            }
+        }
+    }
+
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
+        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::Invalid(
+                "The microVM was migrated: it runs at the destination now".into(),
+            ));
+        }
         let t0 = std::time::Instant::now();
         let (result, latency) = match state {
             VmState::Paused => (

@@ -5,6 +5,7 @@ mod bench;
 mod cli_lab;
 mod logger;
 mod metrics;
+mod migrate_cmd;
 mod snapshot_cmd;
 mod term;
 mod vmm_cmd;
@@ -63,6 +64,9 @@ enum Command {
     Resume(snapshot_cmd::SockArgs),
     /// Pause a running VM and write a full snapshot of it.
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Live migration: `receive` waits for a VM, `send` asks a running VM
+    /// (over its API socket) to move there.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -228,6 +232,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Pause(args) => snapshot_cmd::set_state(args, true),
         Command::Resume(args) => snapshot_cmd::set_state(args, false),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::Migrate(args) => migrate_cmd::migrate(args, start),
     }
 }
 
@@ -512,6 +517,10 @@ pub fn exit_status(reason: ExitReason) -> i32 {
         ExitReason::VcpuError(e) => {
             eprintln!("kiln: vCPU error: {e}");
             EXIT_VCPU_ERROR
+        }
+        ExitReason::Migrated => {
+            eprintln!("kiln: the microVM was migrated; it runs at the destination now");
+            0
         }
     }
 }

@@ -41,7 +41,25 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
     let state: MicrovmState = kiln_snapshot::read_file(std::path::Path::new(&p.snapshot_path))?;
     let mut res = VmResources::from_json(&state.config)
         .map_err(|e| anyhow::anyhow!("the snapshot's configuration is unusable: {e}"))?;
-    for o in &p.network_overrides {
+    apply_overrides(&mut res, &p.network_overrides, p.vsock_override.as_ref())?;
+    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
+    Ok(Restore {
+        state,
+        config,
+        res,
+        mem,
+        resume: p.resume_vm,
+    })
+}
+
+/// Points a saved configuration at other TAP devices and another vsock
+/// socket (restore and migration).
+pub fn apply_overrides(
+    res: &mut VmResources,
+    network_overrides: &[NetworkOverride],
+    vsock_override: Option<&VsockOverride>,
+) -> Result<()> {
+    for o in network_overrides {
         let iface = res
             .network_interfaces
             .iter_mut()
@@ -54,21 +72,14 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
     }
-    if let Some(v) = &p.vsock_override {
+    if let Some(v) = vsock_override {
         let vsock = res
             .vsock
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("vsock override: the snapshot has no vsock device"))?;
         vsock.uds_path = v.uds_path.clone();
     }
-    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-    Ok(Restore {
-        state,
-        config,
-        res,
-        mem,
-        resume: p.resume_vm,
-    })
+    Ok(())
 }
 
 /// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
@@ -113,19 +124,7 @@ pub struct RestoreArgs {
 
 /// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
 pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
-    let network_overrides = args
-        .net_overrides
-        .iter()
-        .map(|o| {
-            let (iface_id, tap) = o
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
-            Ok(NetworkOverride {
-                iface_id: iface_id.into(),
-                host_dev_name: tap.into(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let network_overrides = parse_net_overrides(&args.net_overrides)?;
     let params = SnapshotLoadParams {
         snapshot_path: args.snapshot.display().to_string(),
         mem_file_path: Some(args.mem_file.display().to_string()),
@@ -162,8 +161,23 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     Ok(crate::exit_status(reason))
 }
 
+/// `--net-override IFACE_ID=TAP` options.
+pub fn parse_net_overrides(opts: &[String]) -> Result<Vec<NetworkOverride>> {
+    opts.iter()
+        .map(|o| {
+            let (iface_id, tap) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
+            Ok(NetworkOverride {
+                iface_id: iface_id.into(),
+                host_dev_name: tap.into(),
+            })
+        })
+        .collect()
+}
+
 /// `kiln restore`'s API never boots anything: the VM runs already.
-struct NoStarter;
+pub(crate) struct NoStarter;
 
 impl kiln_api::Starter for NoStarter {
     fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {

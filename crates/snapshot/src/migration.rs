@@ -181,6 +181,12 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), MigrationError> {
     }
 }
 
+/// Sends a `Pages` message for `data` at `offset` without copying it into
+/// a [`Message`] first.
+pub fn send_pages(w: &mut impl Write, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+    frame(w, PAGES, &[&offset.to_le_bytes(), data])
+}
+
 /// Receives one message (blocking). A clean close before a message starts
 /// is reported as [`MigrationError::Disconnected`] too: in this protocol
 /// the peer never just hangs up.
