@@ -147,8 +147,9 @@ fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), MigrationE
 
 fn disconnect_or_io(e: io::Error) -> MigrationError {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof
-        | io::ErrorKind::BrokenPipe
+        // read_exact's "failed to fill whole buffer" says nothing more.
+        io::ErrorKind::UnexpectedEof => MigrationError::Disconnected(String::new()),
+        io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted => MigrationError::Disconnected(format!(": {e}")),
         _ => MigrationError::Io(e),
