@@ -202,7 +202,7 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
     stats("exec→restored (ms)", to_restored);
     stats("exec→first vsock answer (ms)", to_answer);
     println!("prefetch (userfaultfd working set): not implemented yet");
-    println!("live migration: not implemented yet");
+    println!("live migration: see `kiln bench migrate`");
     println!("firecracker comparison: no firecracker binary here");
     Ok(0)
 }
