@@ -45,8 +45,16 @@ EOF
     )
 }
 
+/// A destination's handshake answer (Hello) as a printf(1) format.
+fn hello_printf() -> String {
+    let mut bytes = Vec::new();
+    wire::send(&mut bytes, &wire::hello()).unwrap();
+    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
+}
+
 fn cases() -> Vec<(&'static str, String)> {
     let h = helpers();
+    let hello = hello_printf();
     vec![
         (
             "moves",
@@ -102,6 +110,22 @@ sleep 3; wait_counts src.log $((before+3))
 echo '== counts'; echo "before=$before after=$(counts src.log | tail -1)"
 echo '== src-log'; grep -i 'migration' src.log | head -3
 echo '== alive'; kiln api --sock $D/src.sock GET /
+# A fake destination (nc) answers the handshake, takes 4 MB of pages and
+# hangs up in the middle of round 0.
+cat > $D/fake.sh <<'EOF'
+#!/bin/sh
+printf '{hello}'
+head -c 4000000 > /dev/null
+EOF
+chmod +x $D/fake.sh
+nc -l -p 47555 -e $D/fake.sh & PN=$!
+sleep 1
+kiln migrate send --sock $D/src.sock --to tcp:127.0.0.1:47555 > mid.log 2>&1; echo "mid-status=$?"
+wait $PN
+echo '== mid'; cat mid.log
+before=$(counts src.log | tail -1)
+sleep 2; wait_counts src.log $((before+3))
+echo "before=$before after=$(counts src.log | tail -1)"
 kill $PS; wait $PS
 echo '== end'
 "#
@@ -144,7 +168,8 @@ fn counts(text: &str) -> Vec<u64> {
 fn value(text: &str, key: &str) -> u64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(key))
-        .and_then(|n| n.trim().parse().ok())
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in: {text}"))
 }
 
@@ -225,6 +250,26 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     assert!(section(&o, "alive").contains(r#""state":"Running""#), "{o}");
     // The source VMM said so too.
     assert!(section(&o, "src-log").contains("keeps running here"), "{o}");
+}
+
+#[test]
+fn a_destination_hanging_up_mid_round_leaves_the_source_running() {
+    let out = BATCH.get("killed");
+    let o = out.output.replace('\r', "");
+    let mid = section(&o, "mid");
+    assert!(o.contains("mid-status=1"), "{o}");
+    assert!(mid.contains("PUT /migrate: migration to tcp:127.0.0.1:47555 failed: the migration peer disconnected"), "{o}");
+    assert!(mid.contains("the microVM keeps running here"), "{o}");
+    let before = value(mid, "before=");
+    let after: u64 = mid
+        .split("after=")
+        .nth(1)
+        .and_then(|a| a.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(
+        after >= before + 3,
+        "the source guest stopped counting: {o}"
+    );
 }
 
 #[test]
