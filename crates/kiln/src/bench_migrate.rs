@@ -25,7 +25,7 @@ const GUESTS: [(&str, &str); 2] = [
     ("idle", "while true; do sleep 1; done"),
     (
         "writing 64 MiB in a loop",
-        "while true; do dd if=/dev/zero of=/dev/shm/x bs=1M count=64 conv=notrunc 2>/dev/null; done",
+        "while true; do dd if=/dev/zero of=/dirty.bin bs=1M count=64 conv=notrunc 2>/dev/null; done",
     ),
 ];
 
@@ -155,11 +155,18 @@ fn one(
     })
     .to_string();
     let r = kiln_api::client::request_timeout(&sock, "PUT", "/migrate", Some(&body), None);
-    let _ = vm.wait();
     kill(dst);
-    let r = r.context("PUT /migrate")?;
-    if r.status != 200 {
-        bail!("PUT /migrate: {} {}", r.status_line, r.body);
-    }
+    let r = match r {
+        Ok(r) if r.status == 200 => r,
+        other => {
+            kill(vm);
+            match other {
+                Ok(r) => bail!("PUT /migrate: {} {}", r.status_line, r.body),
+                Err(e) => bail!("PUT /migrate: {e}"),
+            }
+        }
+    };
+    // The source VMM exits once the VM runs at the destination.
+    let _ = vm.wait();
     Ok(serde_json::from_str(&r.body)?)
 }

@@ -23,9 +23,9 @@ const COUNTING: &str = "printf kiln-durable > /dev/vda; sync; i=0; \
      while true; do i=$((i+1)); echo 3 > /proc/sys/vm/drop_caches; \
      echo count=$i blk=$(head -c 12 /dev/vda); sleep 0.2; done";
 
-/// A guest rewriting 64 MiB of memory (a tmpfs file) in a loop.
+/// A guest rewriting 64 MiB of memory (a file on its RAM root) in a loop.
 const DIRTYING: &str = "i=0; while true; do i=$((i+1)); \
-     dd if=/dev/zero of=/dev/shm/x bs=1M count=64 conv=notrunc 2>/dev/null; \
+     dd if=/dev/zero of=/dirty.bin bs=1M count=64 conv=notrunc 2>/dev/null; \
      echo count=$i; done";
 
 /// Shell helpers shared by the cases.
