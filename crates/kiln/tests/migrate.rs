@@ -36,7 +36,7 @@ fn helpers() -> String {
 counts() {{ grep -o 'count=[0-9]*' "$1" | sed 's/count=//'; }}
 wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done; }}
 vm_json() {{ cat > $D/vm.json <<EOF
-{{"boot-source":{{"kernel_image_path":"$KILN_KERNEL","initrd_path":"$KILN_INITRD","boot_args":"{cmdline} -- $1"}},
+{{"boot-source":{{"kernel_image_path":"$KILN_KERNEL","initrd_path":"$KILN_INITRD","boot_args":"{cmdline} -- \"$1\""}},
  "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
  "drives":[{{"drive_id":"data","path_on_host":"$D/disk.img","is_root_device":false,"is_read_only":false}}]}}
 EOF
