@@ -35,6 +35,10 @@ fn helpers() -> String {
         r#"wait_counts() {{ n=0; while [ "$(grep -c count= "$1" 2>/dev/null)" -lt "$2" ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n+1)); done; }}
 counts() {{ grep -o 'count=[0-9]*' "$1" | sed 's/count=//'; }}
 wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done; }}
+alive() {{ st=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null); [ -n "$st" ] && [ "$st" != Z ]; }}
+# wait_exit PID SECS: its exit status, or 99 (killed) if it outlives SECS.
+wait_exit() {{ n=0; while alive $1 && [ $n -lt $(($2*5)) ]; do sleep 0.2; n=$((n+1)); done; if alive $1; then kill -9 $1; wait $1; return 99; fi; wait $1; }}
+logs() {{ for f in "$@"; do echo "-- $f"; grep -v count= $f | tail -15; done; }}
 vm_json() {{ cat > $D/vm.json <<EOF
 {{"boot-source":{{"kernel_image_path":"$KILN_KERNEL","initrd_path":"$KILN_INITRD","boot_args":"{cmdline} -- \"$1\""}},
  "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
@@ -67,8 +71,8 @@ kiln vmm --api-sock $D/src.sock --config-file $D/vm.json > src.log 2>&1 & PS=$!
 wait_counts src.log 5
 kiln migrate receive --listen unix:$D/mig.sock --api-sock $D/dst.sock > dst.log 2>&1 & PD=$!
 wait_line dst.log 'waiting for a migration'
-echo '== send'; kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock 2>&1; echo send-status=$?
-wait $PS; echo "src-exit=$?"
+echo '== send'; timeout 300 kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock 2>&1; echo send-status=$?
+wait_exit $PS 20; echo "src-exit=$?"
 echo '== src-last'; counts src.log | tail -1
 wait_counts dst.log 3
 echo '== dst'; grep -E 'count=|runs here' dst.log | head -4
@@ -78,12 +82,13 @@ kiln migrate receive --listen tcp:127.0.0.1:0 > dst2.log 2>&1 & PT=$!
 wait_line dst2.log 'waiting for a migration'
 EP=$(sed -n 's/.*waiting for a migration on //p' dst2.log | head -1)
 echo "endpoint=$EP"
-kiln migrate send --sock $D/dst.sock --to "$EP" --downtime-ms 300 2>&1; echo send2-status=$?
-wait $PD; echo "dst-exit=$?"
+timeout 300 kiln migrate send --sock $D/dst.sock --to "$EP" --downtime-ms 300 2>&1; echo send2-status=$?
+wait_exit $PD 20; echo "dst-exit=$?"
 echo "dst-last=$(counts dst.log | tail -1)"
 wait_counts dst2.log 3
 grep count= dst2.log | head -2
-kill $PT; wait $PT
+kill $PT; wait_exit $PT 10
+echo '== logs'; logs src.log dst.log dst2.log
 echo '== end'
 "#
             ),
@@ -102,8 +107,8 @@ wait_line dst.log 'waiting for a migration'
 # Stopped, the destination takes nothing more; killed, it vanishes mid-stream.
 kill -STOP $PD
 kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock > send.log 2>&1 & PC=$!
-sleep 2; kill -KILL $PD; wait $PD
-wait $PC; echo "send-status=$?"
+sleep 2; kill -KILL $PD; wait_exit $PD 5
+wait_exit $PC 120; echo "send-status=$?"
 echo '== send'; cat send.log
 before=$(counts src.log | tail -1)
 sleep 3; wait_counts src.log $((before+3))
@@ -120,13 +125,14 @@ EOF
 chmod +x $D/fake.sh
 nc -l -p 47555 -e $D/fake.sh & PN=$!
 sleep 1
-kiln migrate send --sock $D/src.sock --to tcp:127.0.0.1:47555 > mid.log 2>&1; echo "mid-status=$?"
-wait $PN
+timeout 300 kiln migrate send --sock $D/src.sock --to tcp:127.0.0.1:47555 > mid.log 2>&1; echo "mid-status=$?"
+kill $PN 2>/dev/null; wait_exit $PN 5
 echo '== mid'; cat mid.log
 before=$(counts src.log | tail -1)
 sleep 2; wait_counts src.log $((before+3))
 echo "before=$before after=$(counts src.log | tail -1)"
-kill $PS; wait $PS
+kill $PS; wait_exit $PS 10
+echo '== logs'; logs src.log dst.log
 echo '== end'
 "#
             ),
@@ -142,12 +148,14 @@ kiln vmm --api-sock $D/src.sock --config-file $D/vm.json > src.log 2>&1 & PS=$!
 wait_counts src.log 3
 kiln migrate receive --listen unix:$D/mig.sock > dst.log 2>&1 & PD=$!
 wait_line dst.log 'waiting for a migration'
-echo '== send'; kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock --max-rounds 6 2>&1; echo send-status=$?
-wait $PS; echo "src-exit=$?"
+echo '== send'; timeout 600 kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock --max-rounds 6 2>&1; echo send-status=$?
+wait_exit $PS 20; echo "src-exit=$?"
 echo "src-last=$(counts src.log | tail -1)"
 wait_counts dst.log 2
 echo '== dst'; grep count= dst.log | head -2
-kill $PD; wait $PD
+kill $PD; wait_exit $PD 10
+kill -9 $PS 2>/dev/null
+echo '== logs'; logs src.log dst.log
 echo '== end'
 "#
             ),
