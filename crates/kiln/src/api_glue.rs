@@ -28,9 +28,6 @@ pub struct KilnVm {
     /// The Firecracker-shaped configuration (JSON), stored in snapshots;
     /// kept up to date by the drive and interface updates.
     config_json: Mutex<Option<String>>,
-    /// A disk uses the io_uring engine (its requests complete out of order,
-    /// which snapshots cannot capture yet).
-    uring_disks: bool,
     /// Set once the VM was migrated away: the VMM ends after the answer.
     migrated: std::sync::atomic::AtomicBool,
 }
@@ -46,10 +43,6 @@ impl KilnVm {
             drives: vmm.drives(),
             nets: vmm.nets(),
             config_json: Mutex::new(None),
-            uring_disks: config
-                .disks
-                .iter()
-                .any(|d| d.engine == kiln_vmm::kiln_devices::virtio::block::BlockEngine::IoUring),
             migrated: false.into(),
         }
     }
@@ -137,12 +130,6 @@ impl VmControl for KilnVm {
                 "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
             ));
         }
-        if self.uring_disks {
-            return Err(ApiError::Invalid(
-                "Snapshots of microVMs with Async (io_uring) drives are not supported by Kiln yet"
-                    .into(),
-            ));
-        }
         let config = self.config().clone();
         let config = config.as_deref().ok_or_else(|| {
             ApiError::Invalid(
@@ -172,12 +159,6 @@ impl VmControl for KilnVm {
         &self,
         p: &kiln_api::migrate::MigrateParams,
     ) -> Result<kiln_api::migrate::MigrationReport, ApiError> {
-        if self.uring_disks {
-            return Err(ApiError::Invalid(
-                "Migrating microVMs with Async (io_uring) drives is not supported by Kiln yet"
-                    .into(),
-            ));
-        }
         let config = self.config().clone().ok_or_else(|| {
             ApiError::Invalid(
                 "This microVM cannot be migrated: start it with `kiln vmm` (API or --config-file)"
