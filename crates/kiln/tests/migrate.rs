@@ -78,6 +78,8 @@ wait_counts dst.log 3
 echo '== dst'; grep -E 'count=|runs here' dst.log | head -4
 echo '== dst-state'; kiln api --sock $D/dst.sock GET /
 echo '== tcp'
+# The lab's loopback starts down (busybox's ip lacks what iproute2 has).
+IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; $IP link set lo up 2>/dev/null
 kiln migrate receive --listen tcp:127.0.0.1:0 > dst2.log 2>&1 & PT=$!
 wait_line dst2.log 'waiting for a migration'
 EP=$(sed -n 's/.*waiting for a migration on //p' dst2.log | head -1)
@@ -123,6 +125,7 @@ printf '{hello}'
 head -c 4000000 > /dev/null
 EOF
 chmod +x $D/fake.sh
+IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; $IP link set lo up 2>/dev/null
 nc -l -p 47555 -e $D/fake.sh & PN=$!
 sleep 1
 timeout 300 kiln migrate send --sock $D/src.sock --to tcp:127.0.0.1:47555 > mid.log 2>&1; echo "mid-status=$?"
