@@ -827,6 +827,21 @@ impl VmControl for PreBootVm {
         vm.create_snapshot(p)
     }
 
+    fn migrate(
+        &self,
+        p: &crate::migrate::MigrateParams,
+    ) -> Result<crate::migrate::MigrationReport, ApiError> {
+        // Not holding the state lock: a migration takes a while.
+        let vm = self.running()?;
+        vm.migrate(p)
+    }
+
+    fn after_response(&self) {
+        if let Ok(vm) = self.running() {
+            vm.after_response();
+        }
+    }
+
     fn load_snapshot(&self, p: &crate::snapshot::SnapshotLoadParams) -> Result<(), ApiError> {
         let mut s = self.state();
         if let Stage::Running(_) = s.stage {

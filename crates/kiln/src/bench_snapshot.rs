@@ -205,7 +205,7 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
             r.note
         );
     }
-    println!("live migration: not implemented yet");
+    println!("live migration: see `kiln bench migrate`");
     println!("firecracker comparison: no firecracker binary here");
     Ok(0)
 }

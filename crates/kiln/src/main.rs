@@ -5,6 +5,7 @@ mod bench;
 mod cli_lab;
 mod logger;
 mod metrics;
+mod migrate_cmd;
 mod snapshot_cmd;
 mod term;
 mod uffd_cmd;
@@ -71,6 +72,9 @@ enum Command {
     /// Apply a diff snapshot's memory file onto the memory file of the
     /// snapshot before it (like Firecracker's rebase-snap).
     SnapshotRebase(snapshot_cmd::RebaseArgs),
+    /// Live migration: `receive` waits for a VM, `send` asks a running VM
+    /// (over its API socket) to move there.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -239,6 +243,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
         Command::SnapshotRebase(args) => snapshot_cmd::rebase(args),
+        Command::Migrate(args) => migrate_cmd::migrate(args, start),
     }
 }
 
@@ -523,6 +528,10 @@ pub fn exit_status(reason: ExitReason) -> i32 {
         ExitReason::VcpuError(e) => {
             eprintln!("kiln: vCPU error: {e}");
             EXIT_VCPU_ERROR
+        }
+        ExitReason::Migrated => {
+            eprintln!("kiln: the microVM was migrated; it runs at the destination now");
+            0
         }
     }
 }

@@ -45,7 +45,28 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
     let state: MicrovmState = kiln_snapshot::read_file(std::path::Path::new(&p.snapshot_path))?;
     let mut res = VmResources::from_json(&state.config)
         .map_err(|e| anyhow::anyhow!("the snapshot's configuration is unusable: {e}"))?;
-    for o in &p.network_overrides {
+    apply_overrides(&mut res, &p.network_overrides, p.vsock_override.as_ref())?;
+    // As in Firecracker, the load request decides whether the restored VM
+    // tracks dirty pages (for its own diff snapshots), not the snapshot.
+    res.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
+    Ok(Restore {
+        state,
+        config,
+        res,
+        mem,
+        resume: p.resume_vm,
+    })
+}
+
+/// Points a saved configuration at other TAP devices and another vsock
+/// socket (restore and migration).
+pub fn apply_overrides(
+    res: &mut VmResources,
+    network_overrides: &[NetworkOverride],
+    vsock_override: Option<&VsockOverride>,
+) -> Result<()> {
+    for o in network_overrides {
         let iface = res
             .network_interfaces
             .iter_mut()
@@ -58,24 +79,14 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
     }
-    // As in Firecracker, the load request decides whether the restored VM
-    // tracks dirty pages (for its own diff snapshots), not the snapshot.
-    res.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
-    if let Some(v) = &p.vsock_override {
+    if let Some(v) = vsock_override {
         let vsock = res
             .vsock
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("vsock override: the snapshot has no vsock device"))?;
         vsock.uds_path = v.uds_path.clone();
     }
-    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-    Ok(Restore {
-        state,
-        config,
-        res,
-        mem,
-        resume: p.resume_vm,
-    })
+    Ok(())
 }
 
 /// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
@@ -145,19 +156,7 @@ pub struct RestoreArgs {
 
 /// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
 pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
-    let network_overrides = args
-        .net_overrides
-        .iter()
-        .map(|o| {
-            let (iface_id, tap) = o
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
-            Ok(NetworkOverride {
-                iface_id: iface_id.into(),
-                host_dev_name: tap.into(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let network_overrides = parse_net_overrides(&args.net_overrides)?;
     let params = SnapshotLoadParams {
         snapshot_path: args.snapshot.display().to_string(),
         mem_file_path: args.mem_file.as_ref().map(|m| m.display().to_string()),
@@ -208,8 +207,23 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     Ok(crate::exit_status(reason))
 }
 
+/// `--net-override IFACE_ID=TAP` options.
+pub fn parse_net_overrides(opts: &[String]) -> Result<Vec<NetworkOverride>> {
+    opts.iter()
+        .map(|o| {
+            let (iface_id, tap) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
+            Ok(NetworkOverride {
+                iface_id: iface_id.into(),
+                host_dev_name: tap.into(),
+            })
+        })
+        .collect()
+}
+
 /// `kiln restore`'s API never boots anything: the VM runs already.
-struct NoStarter;
+pub(crate) struct NoStarter;
 
 impl kiln_api::Starter for NoStarter {
     fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {

@@ -12,6 +12,7 @@ pub mod dirty;
 pub mod kvm_state;
 pub mod layout;
 pub mod memory_file;
+pub mod migration;
 pub mod mptable;
 pub mod probe;
 pub mod regs;

@@ -339,7 +339,7 @@ impl Vmm {
             vcpus.len(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
         );
-        Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+        Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus)
     }
 }
 

@@ -48,6 +48,9 @@ pub enum ExitReason {
     GuestPanic,
     /// A vCPU failed.
     VcpuError(String),
+    /// The VM was migrated away ([`VmHandle::end_migrated`]): it runs
+    /// elsewhere now.
+    Migrated,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -67,6 +70,8 @@ pub struct VmHandle {
     pub(crate) vcpus: usize,
     pub(crate) parts: Arc<crate::snapshot::VmParts>,
     pub(crate) keyboard: Arc<Mutex<I8042>>,
+    /// Ends the event loop with [`ExitReason::Migrated`].
+    migrated_evt: Arc<EventFd>,
 }
 
 impl VmHandle {
@@ -131,6 +136,15 @@ impl VmHandle {
             .unwrap_or_else(|e| e.into_inner())
             .send_ctrl_alt_del()
             .map_err(|e| format!("Cannot send Ctrl-Alt-Del: {e}"))
+    }
+
+    /// Ends [`Vmm::run`] with [`ExitReason::Migrated`] (after a migration
+    /// the destination confirmed). The vCPUs must be paused: they stop
+    /// without running guest code again.
+    pub fn end_migrated(&self) -> std::result::Result<(), String> {
+        self.migrated_evt
+            .write(1)
+            .map_err(|e| format!("ending the VM: {e}"))
     }
 }
 
@@ -244,7 +258,7 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
-        Ok(Self::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+        Self::assemble(config, kvm_fd, vm, mem, devs, vcpus)
     }
 
     /// The Vmm around built parts.
@@ -255,7 +269,8 @@ impl Vmm {
         mem: GuestMem,
         devs: Devices,
         vcpus: Vec<VcpuFd>,
-    ) -> Self {
+    ) -> Result<Self> {
+        let migrated_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?);
         let vcpu_count = vcpus.len();
         let vm = Arc::new(vm);
         let kvm_fd = Arc::new(kvm_fd);
@@ -267,7 +282,7 @@ impl Vmm {
             transports: devs.transports.clone(),
             dirty_log: config.track_dirty_pages.into(),
         });
-        Self {
+        Ok(Self {
             config,
             vcpus,
             _vm: vm,
@@ -292,8 +307,9 @@ impl Vmm {
                 vcpus: vcpu_count,
                 parts,
                 keyboard: devs.keyboard,
+                migrated_evt,
             },
-        }
+        })
     }
 
     /// The VM's counters (for the metrics).
@@ -409,6 +425,7 @@ impl Vmm {
         const PANIC: u64 = 3;
         const VCPU: u64 = 4;
         const INPUT: u64 = 5;
+        const MIGRATED: u64 = 6;
         let epoll = Epoll::new().map_err(io("epoll_create"))?;
         let add = |fd: RawFd, token: u64| {
             epoll
@@ -423,6 +440,7 @@ impl Vmm {
         add(self.power_evt.as_raw_fd(), POWER)?;
         add(self.panic_evt.as_raw_fd(), PANIC)?;
         add(self.exit_evt.as_raw_fd(), VCPU)?;
+        add(self.handle.migrated_evt.as_raw_fd(), MIGRATED)?;
         let mut input = input;
         if let Some(fd) = input {
             // Regular files and /dev/null cannot be polled: no input then.
@@ -450,6 +468,7 @@ impl Vmm {
                     RESET => return Ok(self.end(ExitReason::Reboot)),
                     POWER => return Ok(self.end(ExitReason::Poweroff)),
                     PANIC => return Ok(ExitReason::GuestPanic),
+                    MIGRATED => return Ok(ExitReason::Migrated),
                     VCPU => {
                         let r = reason.lock().expect("stop reason lock poisoned").clone();
                         return Ok(match r {
