@@ -129,15 +129,21 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
         .arg(&cfg)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("vmm.err"))?)
         .spawn()
         .context("spawning kiln vmm")?;
     let watchdog = Watchdog::start(vm.id(), STEP_TIMEOUT);
     let out = vm.stdout.take().expect("piped");
-    let ready = BufReader::new(out)
-        .lines()
-        .map_while(|l| l.ok())
-        .any(|l| l.trim_end() == GUEST_READY_MARKER);
+    // Keep reading the console after the marker: a closed pipe would end
+    // the VMM at the guest's next line.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines().map_while(|l| l.ok());
+        let ready = lines.any(|l| l.trim_end() == GUEST_READY_MARKER);
+        let _ = tx.send(ready);
+        lines.for_each(drop);
+    });
+    let ready = rx.recv().unwrap_or(false);
     watchdog.finish();
     if !ready {
         kill(vm);
@@ -145,7 +151,10 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
     }
     // Let the agent reach accept().
     std::thread::sleep(Duration::from_millis(500));
-    let pause = api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let pause = api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#).map_err(|e| {
+        let log = std::fs::read_to_string(dir.join("vmm.err")).unwrap_or_default();
+        anyhow::anyhow!("{e:#}; the VMM's stderr:\n{log}")
+    })?;
     let state = dir.join("state");
     let memf = dir.join("mem");
     let body = serde_json::json!({ "snapshot_path": state, "mem_file_path": memf }).to_string();
@@ -153,7 +162,11 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
     let diff = create
         .as_ref()
         .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|_| diff_snapshot(&sock, &uds, dir));
+        .and_then(|_| diff_snapshot(&sock, &uds, dir))
+        .map_err(|e| {
+            let log = std::fs::read_to_string(dir.join("vmm.err")).unwrap_or_default();
+            anyhow::anyhow!("{e:#}; the VMM's stderr:\n{log}")
+        });
     kill(vm);
     let create = create?;
     let (diff_create, diff_bytes) = diff?;
