@@ -184,6 +184,20 @@ fn value(text: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key} in: {text}"))
 }
 
+/// The number right after "after=" (0 if none; a shell's "Terminated" may
+/// follow it on the next line).
+fn after_value(text: &str) -> u64 {
+    text.split("after=")
+        .nth(1)
+        .map(|a| {
+            a.chars()
+                .take_while(char::is_ascii_digit)
+                .collect::<String>()
+        })
+        .and_then(|d| d.parse().ok())
+        .unwrap_or(0)
+}
+
 /// "(downtime D ms, R rounds, ...)" from `kiln migrate send`.
 fn rounds(send: &str) -> u64 {
     send.split(" rounds")
@@ -250,10 +264,7 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     assert!(send.contains("the microVM keeps running here"), "{o}");
     assert_eq!(send.trim().lines().count(), 1, "one line: {o}");
     let c = section(&o, "counts");
-    let (before, after) = (value(c, "before="), {
-        let a = c.split("after=").nth(1).unwrap_or_default();
-        a.trim().parse::<u64>().unwrap_or(0)
-    });
+    let (before, after) = (value(c, "before="), after_value(c));
     assert!(
         after >= before + 3,
         "the source guest stopped counting: {o}"
@@ -272,11 +283,7 @@ fn a_destination_hanging_up_mid_round_leaves_the_source_running() {
     assert!(mid.contains("PUT /migrate: migration to tcp:127.0.0.1:47555 failed: the migration peer disconnected"), "{o}");
     assert!(mid.contains("the microVM keeps running here"), "{o}");
     let before = value(mid, "before=");
-    let after: u64 = mid
-        .split("after=")
-        .nth(1)
-        .and_then(|a| a.trim().parse().ok())
-        .unwrap_or(0);
+    let after = after_value(mid);
     assert!(
         after >= before + 3,
         "the source guest stopped counting: {o}"
