@@ -11,12 +11,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kiln_api::migrate::{MigrateParams, MigrationReport, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS};
 use kiln_api::snapshot::VsockOverride;
-use kiln_api::{ApiServer, PreBootVm, VmResources};
+use kiln_api::VmResources;
 use kiln_vmm::migration::{self, Endpoint, SendOptions, Stream};
 use kiln_vmm::{VmHandle, Vmm};
 
-use crate::api_glue::{KilnVm, SocketGuard};
-use crate::snapshot_cmd::{apply_overrides, parse_net_overrides, NoStarter};
+use crate::snapshot_cmd::{apply_overrides, parse_net_overrides};
 
 /// Migrates the VM of `handle` as `PUT /migrate` asks (on the API thread).
 /// Returns once the destination runs it; on failure the VM runs here.
@@ -205,19 +204,7 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
         .map_err(|e| refuse(&mut stream, e))
         .map_err(|e| anyhow::anyhow!("migrate receive: {e:#}; nothing was started"))?;
 
-    let _socket = match &a.api_sock {
-        Some(path) => {
-            let api = PreBootVm::new(
-                "anonymous-instance",
-                env!("CARGO_PKG_VERSION"),
-                Box::new(NoStarter),
-            );
-            api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
-            ApiServer::bind(path)?.spawn(Arc::new(api))?;
-            Some(SocketGuard(path.clone()))
-        }
-        None => None,
-    };
+    let _socket = crate::snapshot_cmd::serve_running_api(a.api_sock.as_deref(), &vmm, &res)?;
 
     let handle = vmm.handle();
     let ack_failed = Arc::new(AtomicBool::new(false));

@@ -187,19 +187,7 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     }
     let res = r.res.clone();
     let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
-    let _socket = match &args.api_sock {
-        Some(path) => {
-            let api = PreBootVm::new(
-                "anonymous-instance",
-                env!("CARGO_PKG_VERSION"),
-                Box::new(NoStarter),
-            );
-            api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
-            ApiServer::bind(path)?.spawn(Arc::new(api))?;
-            Some(SocketGuard(path.clone()))
-        }
-        None => None,
-    };
+    let _socket = serve_running_api(args.api_sock.as_deref(), &vmm, &res)?;
     log::info!("restored in {:?}", start.elapsed());
     let stdin = crate::term::prepare_stdin();
     let reason = vmm.run(stdin)?;
@@ -338,4 +326,24 @@ pub fn rebase(args: RebaseArgs) -> Result<i32> {
         t.elapsed().as_secs_f64() * 1e3
     );
     Ok(0)
+}
+
+/// Serves the Firecracker API of an already running (restored or migrated)
+/// VM on `path`, if given; the guard removes the socket when dropped.
+pub(crate) fn serve_running_api(
+    path: Option<&std::path::Path>,
+    vmm: &Vmm,
+    res: &VmResources,
+) -> Result<Option<SocketGuard>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let api = PreBootVm::new(
+        "anonymous-instance",
+        env!("CARGO_PKG_VERSION"),
+        Box::new(NoStarter),
+    );
+    api.set_running(res.clone(), Arc::new(KilnVm::of(vmm).with_config(res)));
+    ApiServer::bind(path)?.spawn(Arc::new(api))?;
+    Ok(Some(SocketGuard(path.to_path_buf())))
 }
