@@ -22,6 +22,8 @@ mod bench_io;
 mod bench_migrate;
 #[path = "bench_snapshot.rs"]
 mod bench_snapshot;
+#[path = "bench_vm.rs"]
+mod bench_vm;
 
 /// Options of `kiln bench`.
 #[derive(Args, Debug)]

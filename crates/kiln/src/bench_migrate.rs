@@ -13,9 +13,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use kiln_api::migrate::MigrationReport;
-use kiln_lab::scripts::GUEST_READY_MARKER;
 
-use super::Watchdog;
+use super::bench_vm::BenchVm;
 
 /// Longest one boot may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -103,34 +102,9 @@ fn one(
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem },
     });
-    let cfg = dir.join("vm.json");
-    std::fs::write(&cfg, config.to_string())?;
-    let sock = dir.join("api.sock");
     let mig = dir.join("mig.sock");
-    let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&mig);
-
-    let mut vm = Command::new(exe)
-        .args(["vmm", "--api-sock"])
-        .arg(&sock)
-        .arg("--config-file")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning kiln vmm")?;
-    let watchdog = Watchdog::start(vm.id(), STEP_TIMEOUT);
-    let out = vm.stdout.take().expect("piped");
-    let ready = BufReader::new(out)
-        .lines()
-        .map_while(|l| l.ok())
-        .any(|l| l.trim_end() == GUEST_READY_MARKER);
-    watchdog.finish();
-    if !ready {
-        kill(vm);
-        bail!("the guest never printed {GUEST_READY_MARKER}");
-    }
+    let vm = BenchVm::boot(exe, dir, &config, STEP_TIMEOUT)?;
     // Let the guest's loop get going.
     std::thread::sleep(Duration::from_secs(1));
 
@@ -145,7 +119,6 @@ fn one(
     let mut line = String::new();
     BufReader::new(dst.stderr.take().expect("piped")).read_line(&mut line)?;
     if !line.contains("waiting for a migration") {
-        kill(vm);
         kill(dst);
         bail!("kiln migrate receive: {line}");
     }
@@ -154,19 +127,10 @@ fn one(
         "downtime_ms": downtime_ms,
     })
     .to_string();
-    let r = kiln_api::client::request_timeout(&sock, "PUT", "/migrate", Some(&body), None);
+    let r = vm.api("PUT", "/migrate", &body);
     kill(dst);
-    let r = match r {
-        Ok(r) if r.status == 200 => r,
-        other => {
-            kill(vm);
-            match other {
-                Ok(r) => bail!("PUT /migrate: {} {}", r.status_line, r.body),
-                Err(e) => bail!("PUT /migrate: {e}"),
-            }
-        }
-    };
+    let r = r?;
     // The source VMM exits once the VM runs at the destination.
-    let _ = vm.wait();
+    vm.wait();
     Ok(serde_json::from_str(&r.body)?)
 }

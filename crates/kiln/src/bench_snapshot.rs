@@ -12,16 +12,15 @@
 //! The first Uffd restore records the working set (the pages touched up to
 //! that first answer) that the prefetch runs use.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_lab::scripts::GUEST_READY_MARKER;
 
-use super::Watchdog;
+use super::bench_vm::BenchVm;
 
 /// Longest one step (boot, restore) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -57,13 +56,10 @@ fn vsock_ping(uds: &Path, deadline: Instant) -> Result<()> {
     }
 }
 
-fn api(sock: &Path, method: &str, uri: &str, body: &str) -> Result<Duration> {
+/// How long `f` took (an API call).
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<Duration> {
     let t = Instant::now();
-    let r = kiln_api::client::request(sock, method, uri, Some(body))
-        .with_context(|| format!("{method} {uri}"))?;
-    if !(200..300).contains(&r.status) {
-        bail!("{method} {uri}: {} {}", r.status_line, r.body);
-    }
+    f()?;
     Ok(t.elapsed())
 }
 
@@ -107,14 +103,16 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
         "boot-source": {
             "kernel_image_path": kernel,
             "initrd_path": initrd,
-            "boot_args": format!("{} -- kiln-agent vsock-echo {VSOCK_PORT}", args.cmdline),
+            // The agent echoes one connection; the loop serves the diff
+            // snapshot's round trip, then each restore's.
+            "boot_args": format!(
+                "{} -- \"while true; do kiln-agent vsock-echo {VSOCK_PORT}; done\"",
+                args.cmdline
+            ),
         },
         "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem, "track_dirty_pages": true },
         "vsock": { "guest_cid": 3, "uds_path": uds },
     });
-    let cfg = dir.join("vm.json");
-    std::fs::write(&cfg, config.to_string())?;
-    let sock = dir.join("api.sock");
     println!(
         "kiln bench snapshot: {} MiB guest, {runs} restores, kernel {}",
         args.mem,
@@ -122,54 +120,16 @@ fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32
     );
 
     // Boot, wait for init, pause, snapshot.
-    let mut vm = Command::new(exe)
-        .args(["vmm", "--api-sock"])
-        .arg(&sock)
-        .arg("--config-file")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("vmm.err"))?)
-        .spawn()
-        .context("spawning kiln vmm")?;
-    let watchdog = Watchdog::start(vm.id(), STEP_TIMEOUT);
-    let out = vm.stdout.take().expect("piped");
-    // Keep reading the console after the marker: a closed pipe would end
-    // the VMM at the guest's next line.
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(out).lines().map_while(|l| l.ok());
-        let ready = lines.any(|l| l.trim_end() == GUEST_READY_MARKER);
-        let _ = tx.send(ready);
-        lines.for_each(drop);
-    });
-    let ready = rx.recv().unwrap_or(false);
-    watchdog.finish();
-    if !ready {
-        kill(vm);
-        bail!("the guest never printed {GUEST_READY_MARKER}");
-    }
+    let vm = BenchVm::boot(exe, dir, &config, STEP_TIMEOUT)?;
     // Let the agent reach accept().
     std::thread::sleep(Duration::from_millis(500));
-    let pause = api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#).map_err(|e| {
-        let log = std::fs::read_to_string(dir.join("vmm.err")).unwrap_or_default();
-        anyhow::anyhow!("{e:#}; the VMM's stderr:\n{log}")
-    })?;
+    let pause = timed(|| vm.api("PATCH", "/vm", r#"{"state":"Paused"}"#))?;
     let state = dir.join("state");
     let memf = dir.join("mem");
     let body = serde_json::json!({ "snapshot_path": state, "mem_file_path": memf }).to_string();
-    let create = api(&sock, "PUT", "/snapshot/create", &body);
-    let diff = create
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e:#}"))
-        .and_then(|_| diff_snapshot(&sock, &uds, dir))
-        .map_err(|e| {
-            let log = std::fs::read_to_string(dir.join("vmm.err")).unwrap_or_default();
-            anyhow::anyhow!("{e:#}; the VMM's stderr:\n{log}")
-        });
-    kill(vm);
-    let create = create?;
-    let (diff_create, diff_bytes) = diff?;
+    let create = timed(|| vm.api("PUT", "/snapshot/create", &body))?;
+    let (diff_create, diff_bytes) = diff_snapshot(&vm, &uds, dir)?;
+    drop(vm);
     println!(
         "pause {:.2} ms; snapshot create (full) {:.2} ms; memory file {} MiB, {} MiB on disk",
         ms(pause),
@@ -368,11 +328,12 @@ fn allocated(path: &Path) -> Result<u64> {
 /// Resumes the VM just snapshotted, lets it run for a second with one vsock
 /// round trip (device writes), pauses it and takes a diff snapshot: its
 /// create time and the bytes of memory it wrote.
-fn diff_snapshot(sock: &Path, uds: &Path, dir: &Path) -> Result<(Duration, u64)> {
-    api(sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
-    vsock_ping(uds, Instant::now() + STEP_TIMEOUT)?;
+fn diff_snapshot(vm: &BenchVm, uds: &Path, dir: &Path) -> Result<(Duration, u64)> {
+    vm.api("PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
+    vsock_ping(uds, Instant::now() + STEP_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("{e:#}{}", vm.diagnostics()))?;
     std::thread::sleep(Duration::from_secs(1));
-    api(sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    vm.api("PATCH", "/vm", r#"{"state":"Paused"}"#)?;
     let memf = dir.join("diff.mem");
     let body = serde_json::json!({
         "snapshot_path": dir.join("diff.state"),
@@ -380,7 +341,7 @@ fn diff_snapshot(sock: &Path, uds: &Path, dir: &Path) -> Result<(Duration, u64)>
         "snapshot_type": "Diff",
     })
     .to_string();
-    let t = api(sock, "PUT", "/snapshot/create", &body)?;
+    let t = timed(|| vm.api("PUT", "/snapshot/create", &body))?;
     Ok((t, allocated(&memf)?))
 }
 
