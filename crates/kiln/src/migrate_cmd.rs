@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use kiln_api::migrate::{MigrateParams, MigrationReport, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS};
 use kiln_api::snapshot::VsockOverride;
 use kiln_api::VmResources;
-use kiln_vmm::migration::{self, Endpoint, SendOptions, Stream};
+use kiln_vmm::migration::{self, Endpoint, SendError, SendOptions, Stream};
 use kiln_vmm::{VmHandle, Vmm};
 
 use crate::snapshot_cmd::{apply_overrides, parse_net_overrides};
@@ -40,7 +40,14 @@ pub fn send(
     log::info!("migrating to {to}");
     let stats = handle
         .migrate_send(&mut stream, config, &opts)
-        .map_err(fail)?;
+        .map_err(|e| match e {
+            SendError::Failed(e) => fail(e),
+            SendError::InDoubt(e) => format!(
+                "migration to {to}: everything was sent, then {e}: the destination may be \
+                 running the microVM, so it stays paused here (resume it with PATCH /vm only \
+                 if the destination does not run it)"
+            ),
+        })?;
     log::info!(
         "migrated to {to}: {} rounds, {} MiB, {:?} in all, {:?} paused",
         stats.rounds,

@@ -162,10 +162,42 @@ echo '== end'
 "#
             ),
         ),
+        (
+            "indoubt",
+            format!(
+                r#"{h}
+D=/tmp/migi; rm -rf $D; mkdir -p $D; cd $D
+dd if=/dev/zero of=disk.img bs=1M count=16 2>/dev/null
+vm_json '{COUNTING}'
+kiln vmm --api-sock $D/src.sock --config-file $D/vm.json > src.log 2>&1 & PS=$!
+wait_counts src.log 5
+# Takes the whole migration, then hangs up instead of sending the Ack.
+ackless_destination $D/mig.sock > dst.log 2>&1 & PD=$!
+wait_line dst.log 'waiting for a migration'
+timeout 300 kiln migrate send --sock $D/src.sock --to unix:$D/mig.sock > send.log 2>&1; echo "send-status=$?"
+wait_exit $PD 10; echo "dst-status=$?"
+echo '== send'; cat send.log
+echo '== paused'; kiln api --sock $D/src.sock GET /
+before=$(counts src.log | tail -1); sleep 2
+echo "before=$before after=$(counts src.log | tail -1)"
+echo '== resumed'; kiln api --sock $D/src.sock PATCH /vm '{{"state":"Resumed"}}'
+before=$(counts src.log | tail -1)
+sleep 2; wait_counts src.log $((before+3))
+echo "before=$before after=$(counts src.log | tail -1)"
+kill $PS; wait_exit $PS 10
+echo '== logs'; logs src.log dst.log
+echo '== end'
+"#
+            ),
+        ),
     ]
 }
 
-static BATCH: Batch = Batch::new(cases, Duration::from_secs(1500));
+fn binaries() -> Vec<std::path::PathBuf> {
+    vec![common::example_bin("ackless_destination")]
+}
+
+static BATCH: Batch = Batch::with_binaries(cases, Duration::from_secs(1500), binaries);
 
 fn counts(text: &str) -> Vec<u64> {
     text.lines()
@@ -271,6 +303,44 @@ fn a_destination_killed_mid_stream_leaves_the_source_running() {
     assert!(section(&o, "alive").contains(r#""state":"Running""#), "{o}");
     // The source VMM said so too.
     assert!(section(&o, "src-log").contains("keeps running here"), "{o}");
+}
+
+/// Everything sent, then the connection gone before the destination's Ack:
+/// the destination may run the guest, so the source keeps it paused (never
+/// running twice on the same disk) until told otherwise.
+#[test]
+fn a_destination_gone_before_its_ack_leaves_the_source_paused() {
+    let out = BATCH.get("indoubt");
+    let o = out.output.replace('\r', "");
+    assert!(o.contains("send-status=1"), "{o}");
+    assert!(
+        o.contains("dst-status=0"),
+        "the destination took it all: {o}"
+    );
+    let send = section(&o, "send");
+    assert!(
+        send.contains("everything was sent, then the migration peer disconnected"),
+        "{o}"
+    );
+    assert!(
+        send.contains("the destination may be running the microVM, so it stays paused here"),
+        "{o}"
+    );
+    assert_eq!(send.trim().lines().count(), 1, "one line: {o}");
+    let paused = section(&o, "paused");
+    assert!(paused.contains(r#""state":"Paused""#), "{o}");
+    assert_eq!(
+        after_value(paused),
+        value(paused, "before="),
+        "the source guest ran on: {o}"
+    );
+    // Told to, it runs here again.
+    let resumed = section(&o, "resumed");
+    assert!(resumed.contains("HTTP/1.1 204"), "{o}");
+    assert!(
+        after_value(resumed) >= value(resumed, "before=") + 3,
+        "the source guest did not resume: {o}"
+    );
 }
 
 #[test]

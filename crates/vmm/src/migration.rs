@@ -6,9 +6,14 @@
 //! until what is left can cross the link within the downtime target (the
 //! link's speed is measured on the earlier rounds) or a round cap is hit.
 //! It then pauses the VM, sends the last dirty pages and the VM's state, and
-//! waits for the destination's `Ack`. Whatever fails before the `Ack`, the
-//! source stops logging (if it started it), resumes the guest (if it paused
-//! it) and reports one line: the guest goes on running at the source.
+//! waits for the destination's `Ack`. Whatever fails before everything is
+//! sent, or when the destination answers with an `Error`, the source stops
+//! logging (if it started it), resumes the guest (if it paused it) and
+//! reports one line: the guest goes on running at the source. If the
+//! connection fails once everything is sent but before the `Ack` arrives,
+//! the destination may or may not run the guest: the source cannot tell,
+//! so it keeps its copy paused ([`SendError::InDoubt`]) rather than risk
+//! the guest running twice on the same disks.
 //!
 //! The destination ([`receive`]) allocates anonymous memory for the layout
 //! it is sent, writes the pages into it and returns the memory with the
@@ -370,21 +375,41 @@ fn mark_device_rings(mem: &GuestMem, state: &MicrovmState, bitmaps: &mut [Vec<u6
     }
 }
 
+/// Why a migration did not complete at the source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// It failed before the destination could run the VM (or the
+    /// destination said it failed): the VM runs here again.
+    #[error("{0}")]
+    Failed(String),
+    /// Everything was sent, then the connection failed before the
+    /// destination's `Ack`: it may run the VM, so the VM stays paused here.
+    #[error("{0}")]
+    InDoubt(String),
+}
+
+impl From<String> for SendError {
+    fn from(e: String) -> Self {
+        Self::Failed(e)
+    }
+}
+
 impl VmHandle {
     /// Migrates this VM over `stream` (see the module documentation).
     /// `config` is the configuration the destination rebuilds it from. On
     /// success the VM stays paused here and the destination runs it; on
-    /// failure the VM runs here as before.
+    /// [`SendError::Failed`] the VM runs here as before; on
+    /// [`SendError::InDoubt`] it stays paused here.
     pub fn migrate_send(
         &self,
         stream: &mut Stream,
         config: &str,
         opts: &SendOptions,
-    ) -> Result<SendStats, String> {
+    ) -> Result<SendStats, SendError> {
         let was_logging = self.dirty_log_enabled();
         let mut paused_by_us = false;
         let r = self.send_all(stream, config, opts, &mut paused_by_us);
-        if let Err(e) = &r {
+        if let Err(SendError::Failed(e)) = &r {
             if !was_logging {
                 if let Err(e) = self.stop_dirty_log() {
                     log::warn!("migration: stopping the dirty log: {e}");
@@ -406,7 +431,7 @@ impl VmHandle {
         config: &str,
         opts: &SendOptions,
         paused_by_us: &mut bool,
-    ) -> Result<SendStats, String> {
+    ) -> Result<SendStats, SendError> {
         let t0 = Instant::now();
         let mem = self.guest_memory();
         let layout = memory_file::layout(mem);
@@ -425,8 +450,12 @@ impl VmHandle {
         wire::send(s, &Message::Layout(layout.clone())).map_err(describe)?;
         match wire::recv(s).map_err(describe)? {
             m @ Message::Hello { .. } => wire::check_hello(&m).map_err(describe)?,
-            Message::Error(e) => return Err(describe(MigrationError::Peer(e))),
-            _ => return Err("the destination answered the layout with something else".into()),
+            Message::Error(e) => return Err(describe(MigrationError::Peer(e)).into()),
+            _ => {
+                return Err(
+                    String::from("the destination answered the layout with something else").into(),
+                )
+            }
         }
 
         self.start_dirty_log()?;
@@ -476,10 +505,15 @@ impl VmHandle {
         let image = kiln_snapshot::encode(&state).map_err(|e| e.to_string())?;
         wire::send(s, &Message::State(image)).map_err(|e| peer_said(s, e))?;
         wire::send(s, &Message::Done).map_err(|e| peer_said(s, e))?;
-        match wire::recv(s).map_err(describe)? {
-            Message::Ack => {}
-            Message::Error(e) => return Err(describe(MigrationError::Peer(e))),
-            _ => return Err("the destination answered Done with something else".into()),
+        match wire::recv(s) {
+            Ok(Message::Ack) => {}
+            Ok(Message::Error(e)) => return Err(describe(MigrationError::Peer(e)).into()),
+            Ok(_) => {
+                return Err(SendError::InDoubt(
+                    "the destination answered Done with something else than Ack".into(),
+                ))
+            }
+            Err(e) => return Err(SendError::InDoubt(describe(e))),
         }
         stats.downtime = paused_at.elapsed();
         stats.total = t0.elapsed();
