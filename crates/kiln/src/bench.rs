@@ -180,6 +180,7 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
         api_sock: None,
         nets: vec![],
         vsock: None,
+        seccomp: Default::default(),
         guest_command: vec![],
     };
     crate::resolve_images(&mut args)?;

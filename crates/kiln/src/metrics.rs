@@ -326,14 +326,16 @@ pub fn configure(config: &MetricsConfig, instance_id: &str) -> Result<(), String
     drop(s);
     static TIMER: AtomicBool = AtomicBool::new(false);
     if !TIMER.swap(true, Ordering::SeqCst) {
-        let spawned = std::thread::Builder::new()
-            .name("kiln_metrics".into())
-            .spawn(|| loop {
+        let spawned = kiln_seccomp::spawn(
+            kiln_seccomp::ThreadKind::Metrics,
+            "kiln_metrics".into(),
+            || loop {
                 std::thread::sleep(flush_interval());
                 if let Err(e) = flush() {
                     log::debug!("periodic metrics flush: {e}");
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             log::warn!("metrics: cannot start the 60 s timer: {e}");
         }

@@ -109,6 +109,8 @@ pub struct RestoreArgs {
     /// Use another Unix socket path for the vsock device.
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<String>,
+    #[command(flatten)]
+    seccomp: crate::seccomp_cmd::SeccompArgs,
 }
 
 /// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
@@ -139,6 +141,7 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     if let Some(sock) = &args.api_sock {
         crate::api_glue::check_sock(sock)?;
     }
+    crate::seccomp_cmd::init(args.seccomp.no_seccomp, args.seccomp.seccomp_filter.as_deref())?;
     let r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
     let res = r.res.clone();
     let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;

@@ -3,6 +3,7 @@
 //! MADV_DONTNEED; deflate hands them back (they fault in again on use).
 //! Optional deflate-on-OOM and a statistics queue.
 
+use kiln_seccomp::ThreadKind;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -354,7 +355,7 @@ impl VirtioDevice for Balloon {
         let metrics = self.metrics.clone();
         let shared = self.shared.clone();
         let mut pending_stats: Option<u16> = None;
-        let worker = Worker::spawn("kiln_balloon".into(), fds, move |token, _| {
+        let worker = Worker::spawn("kiln_balloon".into(), ThreadKind::Balloon, fds, move |token, _| {
             let signal = match token {
                 0 => {
                     let _ = inflate_evt.read();

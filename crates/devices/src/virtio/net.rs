@@ -8,6 +8,7 @@
 //! reads a frame from the TAP, so when the guest has no buffers the frames stay
 //! queued in the kernel until the guest adds buffers and kicks the RX queue.
 
+use kiln_seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -619,6 +620,7 @@ impl VirtioDevice for Net {
             NetBackend::new(tap, self.metrics.clone()).with_rate_limiters(rx_limiter, tx_limiter);
         let worker = Worker::spawn(
             format!("kiln_net_{}", self.config.id),
+            ThreadKind::Net,
             fds,
             move |token, _| {
                 let used = match token {

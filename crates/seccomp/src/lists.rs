@@ -1,0 +1,377 @@
+//! The built-in allow-lists, as data: one list of [`Allow`] entries per
+//! [`ThreadKind`], built from shared groups. docs/seccomp.md explains each
+//! entry. To let a thread kind do more (say, a new migration thread kind),
+//! add a group or entries here; [`allowed`] is the only place that says
+//! what each kind may do.
+
+use kvm_bindings::*;
+use seccompiler::{SeccompCmpOp, SeccompCondition};
+
+use crate::{condition, ThreadKind};
+
+/// One allow-list entry.
+#[derive(Clone, Copy, Debug)]
+pub enum Allow {
+    /// The syscall, whatever its arguments.
+    Any(i64),
+    /// The syscall when argument `index` is one of the values.
+    ArgIn(i64, u8, &'static [u64]),
+    /// The syscall when argument `index` has none of the bits of the mask
+    /// set (mmap and mprotect without `PROT_EXEC`).
+    NoBits(i64, u8, u64),
+}
+
+impl Allow {
+    /// The syscall number and the alternative condition sets that allow
+    /// it (empty: allowed outright).
+    pub(crate) fn rules(&self) -> (i64, Vec<Vec<SeccompCondition>>) {
+        match *self {
+            Allow::Any(nr) => (nr, Vec::new()),
+            Allow::ArgIn(nr, index, values) => (
+                nr,
+                values
+                    .iter()
+                    .map(|v| vec![condition(index, SeccompCmpOp::Eq, *v)])
+                    .collect(),
+            ),
+            Allow::NoBits(nr, index, mask) => (
+                nr,
+                vec![vec![condition(index, SeccompCmpOp::MaskedEq(mask), 0)]],
+            ),
+        }
+    }
+
+    /// The syscall number.
+    pub fn syscall(&self) -> i64 {
+        match *self {
+            Allow::Any(nr) | Allow::ArgIn(nr, ..) | Allow::NoBits(nr, ..) => nr,
+        }
+    }
+}
+
+use libc::*;
+use Allow::{Any, ArgIn, NoBits};
+
+// ioctl request numbers (asm-generic/ioctl.h encoding).
+const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
+}
+const NONE: u64 = 0;
+const W: u64 = 1;
+const R: u64 = 2;
+const RW: u64 = 3;
+const KVMIO: u64 = 0xAE;
+const fn kvm_io(nr: u64) -> u64 {
+    ioc(NONE, KVMIO, nr, 0)
+}
+const fn kvm_r<T>(nr: u64) -> u64 {
+    ioc(R, KVMIO, nr, std::mem::size_of::<T>())
+}
+const fn kvm_w<T>(nr: u64) -> u64 {
+    ioc(W, KVMIO, nr, std::mem::size_of::<T>())
+}
+const fn kvm_rw<T>(nr: u64) -> u64 {
+    ioc(RW, KVMIO, nr, std::mem::size_of::<T>())
+}
+
+/// `KVM_RUN`.
+pub const KVM_RUN: u64 = kvm_io(0x80);
+const KVM_GET_MSR_INDEX_LIST: u64 = kvm_rw::<kvm_msr_list>(0x02);
+const KVM_CHECK_EXTENSION: u64 = kvm_io(0x03);
+const KVM_GET_REGS: u64 = kvm_r::<kvm_regs>(0x81);
+const KVM_GET_SREGS: u64 = kvm_r::<kvm_sregs>(0x83);
+const KVM_GET_MSRS: u64 = kvm_rw::<kvm_msrs>(0x88);
+const KVM_GET_FPU: u64 = kvm_r::<kvm_fpu>(0x8c);
+const KVM_GET_LAPIC: u64 = kvm_r::<kvm_lapic_state>(0x8e);
+const KVM_GET_CPUID2: u64 = kvm_rw::<kvm_cpuid2>(0x91);
+const KVM_GET_MP_STATE: u64 = kvm_r::<kvm_mp_state>(0x98);
+const KVM_GET_VCPU_EVENTS: u64 = kvm_r::<kvm_vcpu_events>(0x9f);
+const KVM_GET_DEBUGREGS: u64 = kvm_r::<kvm_debugregs>(0xa1);
+const KVM_GET_TSC_KHZ: u64 = kvm_io(0xa3);
+const KVM_GET_XSAVE: u64 = kvm_r::<kvm_xsave>(0xa4);
+const KVM_GET_XCRS: u64 = kvm_r::<kvm_xcrs>(0xa6);
+const KVM_KVMCLOCK_CTRL: u64 = kvm_io(0xad);
+const KVM_GET_IRQCHIP: u64 = kvm_rw::<kvm_irqchip>(0x62);
+const KVM_GET_CLOCK: u64 = kvm_r::<kvm_clock_data>(0x7c);
+const KVM_GET_PIT2: u64 = kvm_r::<kvm_pit_state2>(0x9f);
+const KVM_GET_DIRTY_LOG: u64 = kvm_w::<kvm_dirty_log>(0x42);
+const KVM_SET_USER_MEMORY_REGION: u64 = kvm_w::<kvm_userspace_memory_region>(0x46);
+
+// TAP (linux/if_tun.h): offloads and the virtio-net header size, set when
+// the guest acks its features.
+const TUNSETOFFLOAD: u64 = ioc(W, b'T' as u64, 208, 4);
+const TUNSETVNETHDRSZ: u64 = ioc(W, b'T' as u64, 216, 4);
+
+// Terminal (stdin in raw mode, restored at exit).
+const TCGETS_: u64 = 0x5401;
+const TCSETS_: u64 = 0x5402;
+
+/// userfaultfd ioctls (linux/userfaultfd.h), for the thread kind that will
+/// serve page faults of a lazily restored guest (not used yet: add
+/// [`UFFD`] to that kind's list).
+const UFFDIO: u64 = 0xAA;
+const UFFDIO_API: u64 = ioc(RW, UFFDIO, 0x3f, 24);
+const UFFDIO_REGISTER: u64 = ioc(RW, UFFDIO, 0x00, 32);
+const UFFDIO_UNREGISTER: u64 = ioc(R, UFFDIO, 0x01, 16);
+const UFFDIO_WAKE: u64 = ioc(R, UFFDIO, 0x02, 16);
+const UFFDIO_COPY: u64 = ioc(RW, UFFDIO, 0x03, 40);
+const UFFDIO_ZEROPAGE: u64 = ioc(RW, UFFDIO, 0x04, 32);
+
+/// The userfaultfd syscalls and ioctls (see [`UFFDIO_API`]).
+#[allow(dead_code)]
+pub const UFFD: &[Allow] = &[
+    Any(SYS_userfaultfd),
+    ArgIn(
+        SYS_ioctl,
+        1,
+        &[
+            UFFDIO_API,
+            UFFDIO_REGISTER,
+            UFFDIO_UNREGISTER,
+            UFFDIO_WAKE,
+            UFFDIO_COPY,
+            UFFDIO_ZEROPAGE,
+        ],
+    ),
+];
+
+const PROT_EXEC_: u64 = PROT_EXEC as u64;
+
+/// What every Kiln thread does: memory (the allocator; never executable
+/// mappings), locks and condition variables, eventfd reads and writes,
+/// epoll, logging, time, signals (the vCPU kick, returning from
+/// handlers), and ending the thread or process.
+const COMMON: &[Allow] = &[
+    Any(SYS_read),
+    Any(SYS_write),
+    Any(SYS_readv),
+    Any(SYS_writev),
+    Any(SYS_close),
+    Any(SYS_futex),
+    NoBits(SYS_mmap, 2, PROT_EXEC_),
+    NoBits(SYS_mprotect, 2, PROT_EXEC_),
+    Any(SYS_munmap),
+    Any(SYS_mremap),
+    ArgIn(SYS_madvise, 2, &[MADV_DONTNEED as u64, MADV_FREE as u64]),
+    Any(SYS_brk),
+    Any(SYS_rt_sigreturn),
+    Any(SYS_rt_sigprocmask),
+    Any(SYS_sigaltstack),
+    Any(SYS_sched_yield),
+    Any(SYS_sched_getaffinity),
+    Any(SYS_clock_gettime),
+    Any(SYS_clock_nanosleep),
+    Any(SYS_nanosleep),
+    Any(SYS_gettid),
+    Any(SYS_getpid),
+    Any(SYS_epoll_wait),
+    Any(SYS_epoll_pwait),
+    Any(SYS_epoll_ctl),
+    Any(SYS_exit),
+    Any(SYS_exit_group),
+    Any(SYS_tgkill),
+    Any(SYS_rseq),
+    Any(SYS_set_robust_list),
+    Any(SYS_statx),
+    Any(SYS_fstat),
+    Any(SYS_newfstatat),
+    Any(SYS_lseek),
+    ArgIn(SYS_fcntl, 1, &[F_GETFL as u64, F_SETFL as u64, F_GETFD as u64, F_SETFD as u64]),
+];
+
+/// Setting up a device worker's loop (its control eventfd and epoll).
+const WORKER_SETUP: &[Allow] = &[
+    Any(SYS_eventfd2),
+    Any(SYS_epoll_create1),
+    Any(SYS_dup),
+];
+
+/// Starting a thread and installing its filter: what the spawner does,
+/// and what a new thread does before its filter is in place.
+const THREAD_START: &[Allow] = &[
+    Any(SYS_clone3),
+    Any(SYS_clone),
+    ArgIn(SYS_prctl, 0, &[PR_SET_NAME as u64, PR_SET_NO_NEW_PRIVS as u64]),
+    Any(SYS_seccomp),
+];
+
+const VCPU_IOCTLS: &[u64] = &[
+    KVM_RUN,
+    // Saving a parked vCPU for a snapshot (on its own thread).
+    KVM_GET_MSR_INDEX_LIST,
+    KVM_CHECK_EXTENSION,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_GET_MSRS,
+    KVM_GET_FPU,
+    KVM_GET_LAPIC,
+    KVM_GET_CPUID2,
+    KVM_GET_MP_STATE,
+    KVM_GET_VCPU_EVENTS,
+    KVM_GET_DEBUGREGS,
+    KVM_GET_TSC_KHZ,
+    KVM_GET_XSAVE,
+    KVM_GET_XCRS,
+    KVM_KVMCLOCK_CTRL,
+    // The guest acks virtio-net features: the TAP's offloads follow.
+    TUNSETOFFLOAD,
+    TUNSETVNETHDRSZ,
+];
+
+const VCPU: &[Allow] = &[
+    ArgIn(SYS_ioctl, 1, VCPU_IOCTLS),
+    // A device activated or reset by the guest sets up or stops its worker.
+    Any(SYS_eventfd2),
+    Any(SYS_epoll_create1),
+    Any(SYS_dup),
+    Any(SYS_fsync),
+    Any(SYS_fdatasync),
+];
+
+const API_IOCTLS: &[u64] = &[
+    KVM_GET_IRQCHIP,
+    KVM_GET_CLOCK,
+    KVM_GET_PIT2,
+    KVM_GET_DIRTY_LOG,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_CHECK_EXTENSION,
+];
+
+/// The API server: its Unix socket (accept, poll), and what requests do:
+/// open files (logger, metrics, drives, snapshots, serial output), write
+/// snapshots, stat paths.
+const API: &[Allow] = &[
+    Any(SYS_accept4),
+    Any(SYS_poll),
+    Any(SYS_ppoll),
+    Any(SYS_recvfrom),
+    Any(SYS_sendto),
+    Any(SYS_recvmsg),
+    Any(SYS_sendmsg),
+    Any(SYS_shutdown),
+    ArgIn(SYS_socket, 0, &[AF_UNIX as u64]),
+    Any(SYS_openat),
+    Any(SYS_pread64),
+    Any(SYS_pwrite64),
+    Any(SYS_ftruncate),
+    Any(SYS_fallocate),
+    Any(SYS_fsync),
+    Any(SYS_fdatasync),
+    Any(SYS_unlink),
+    Any(SYS_unlinkat),
+    Any(SYS_rename),
+    Any(SYS_renameat2),
+    Any(SYS_mkdirat),
+    Any(SYS_getrandom),
+    Any(SYS_eventfd2),
+    Any(SYS_epoll_create1),
+    Any(SYS_dup),
+    ArgIn(SYS_ioctl, 1, API_IOCTLS),
+];
+
+/// The main thread's event loop, then tear-down: stdin to the serial
+/// port, the terminal restored, the API socket removed.
+const VMM: &[Allow] = &[
+    ArgIn(SYS_ioctl, 1, &[TCGETS_, TCSETS_]),
+    Any(SYS_unlink),
+    Any(SYS_unlinkat),
+    Any(SYS_poll),
+    Any(SYS_wait4),
+];
+
+/// Disk I/O: positioned reads and writes, flushes, discards.
+const BLOCK: &[Allow] = &[
+    Any(SYS_pread64),
+    Any(SYS_pwrite64),
+    Any(SYS_preadv),
+    Any(SYS_pwritev),
+    Any(SYS_fsync),
+    Any(SYS_fdatasync),
+    Any(SYS_fallocate),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+const BLOCK_IO_URING: &[Allow] = &[
+    Any(SYS_io_uring_enter),
+    Any(SYS_io_uring_register),
+    Any(SYS_io_uring_setup),
+    Any(SYS_fsync),
+    Any(SYS_fdatasync),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+const NET: &[Allow] = &[
+    ArgIn(SYS_ioctl, 1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ]),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+/// The host side of vsock: Unix sockets only.
+const VSOCK: &[Allow] = &[
+    ArgIn(SYS_socket, 0, &[AF_UNIX as u64]),
+    Any(SYS_connect),
+    Any(SYS_accept4),
+    Any(SYS_recvfrom),
+    Any(SYS_sendto),
+    Any(SYS_shutdown),
+    Any(SYS_getsockopt),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+const RNG: &[Allow] = &[
+    Any(SYS_getrandom),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+/// Giving inflated pages back to the host.
+const BALLOON: &[Allow] = &[
+    ArgIn(SYS_madvise, 2, &[MADV_DONTNEED as u64, MADV_REMOVE as u64]),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+];
+
+const METRICS: &[Allow] = &[];
+
+/// The lists a kind is made of.
+fn groups(kind: ThreadKind) -> Vec<&'static [Allow]> {
+    match kind {
+        ThreadKind::Vmm => vec![COMMON, VMM],
+        ThreadKind::Api => vec![COMMON, API],
+        ThreadKind::Vcpu => vec![COMMON, VCPU],
+        ThreadKind::Block => vec![COMMON, WORKER_SETUP, BLOCK],
+        ThreadKind::BlockIoUring => vec![COMMON, WORKER_SETUP, BLOCK_IO_URING],
+        ThreadKind::Net => vec![COMMON, WORKER_SETUP, NET],
+        ThreadKind::Vsock => vec![COMMON, WORKER_SETUP, VSOCK],
+        ThreadKind::Rng => vec![COMMON, WORKER_SETUP, RNG],
+        ThreadKind::Balloon => vec![COMMON, WORKER_SETUP, BALLOON],
+        ThreadKind::Metrics => vec![COMMON, METRICS],
+        // Everything the threads it starts may do, and starting them.
+        ThreadKind::Spawner => {
+            let mut g = vec![THREAD_START];
+            for k in SPAWNED {
+                g.extend(groups(k));
+            }
+            g
+        }
+    }
+}
+
+/// The kinds of threads started at run time (through the spawner).
+pub const SPAWNED: [ThreadKind; 7] = [
+    ThreadKind::Block,
+    ThreadKind::BlockIoUring,
+    ThreadKind::Net,
+    ThreadKind::Vsock,
+    ThreadKind::Rng,
+    ThreadKind::Balloon,
+    ThreadKind::Metrics,
+];
+
+/// The built-in allow-list of `kind`.
+pub fn allowed(kind: ThreadKind) -> Vec<Allow> {
+    groups(kind).concat()
+}
