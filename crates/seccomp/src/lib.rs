@@ -363,6 +363,12 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
     Ok(())
 }
 
+/// How many refused syscalls were trapped (trap mode; in kill mode the
+/// first one ends the process).
+pub fn faults() -> u64 {
+    trap::FAULTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The kind whose filter the calling thread runs under.
 pub fn current() -> Option<ThreadKind> {
     INSTALLED.with(Cell::get)
@@ -384,5 +390,83 @@ mod serde_json_value {
 
     pub fn parse_keys(json: &[u8]) -> Result<BTreeMap<String, Ignored>, String> {
         serde_json::from_slice(json).map_err(|e| format!("not a JSON object of filters: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_builtin_list_compiles_in_every_mode() {
+        for mode in [Mode::Kill, Mode::Trap, Mode::Log] {
+            let f = Filters::builtin(mode).unwrap();
+            for kind in ThreadKind::ALL {
+                assert!(!f.program(kind).unwrap().is_empty(), "{kind:?}");
+            }
+        }
+        assert!(!Filters::none().any());
+    }
+
+    #[test]
+    fn the_spawner_allows_what_the_threads_it_starts_need() {
+        let spawner: Vec<i64> = lists::allowed(ThreadKind::Spawner)
+            .iter()
+            .map(Allow::syscall)
+            .collect();
+        for kind in SPAWNED {
+            for a in lists::allowed(kind) {
+                assert!(spawner.contains(&a.syscall()), "{kind:?}: {a:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn kind_names_round_trip() {
+        for kind in ThreadKind::ALL {
+            assert_eq!(ThreadKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(ThreadKind::from_name("vcpus"), None);
+    }
+
+    #[test]
+    fn custom_sets_replace_named_kinds_and_refuse_unknown_ones() {
+        let json = br#"{"rng": {"default_action": "trap", "filter_action": "allow",
+            "filter": [{"syscall": "read"}, {"syscall": "ioctl", "args": [
+              {"index": 1, "type": "dword", "op": "eq", "val": 44672, "comment": "KVM_RUN"}]}]}}"#;
+        let custom = Filters::from_json(json, "f.json", Mode::Kill).unwrap();
+        let builtin = Filters::builtin(Mode::Kill).unwrap();
+        assert_ne!(
+            custom.program(ThreadKind::Rng),
+            builtin.program(ThreadKind::Rng)
+        );
+        assert_eq!(
+            custom.program(ThreadKind::Vcpu),
+            builtin.program(ThreadKind::Vcpu)
+        );
+        let e = Filters::from_json(br#"{"vcpus": {}}"#, "f.json", Mode::Kill)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("seccomp filter file f.json: unknown thread kind \"vcpus\" (known: vmm, api,"), "{e}");
+        let e = Filters::from_json(b"[1, 2]", "f.json", Mode::Kill)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a JSON object of filters"), "{e}");
+        let e = Filters::from_json(
+            br#"{"api": {"default_action": "allow", "filter_action": "allow", "filter": []}}"#,
+            "f.json",
+            Mode::Kill,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("seccomp filter file f.json: "), "{e}");
+        let e = Filters::from_json(
+            br#"{"api": {"default_action": "kill_process", "filter_action": "allow", "filter": [{"syscall": "nope"}]}}"#,
+            "f.json",
+            Mode::Kill,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("nope"), "{e}");
     }
 }

@@ -375,3 +375,49 @@ pub const SPAWNED: [ThreadKind; 7] = [
 pub fn allowed(kind: ThreadKind) -> Vec<Allow> {
     groups(kind).concat()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        // Printed by a C program including linux/kvm.h, linux/if_tun.h,
+        // linux/userfaultfd.h and sys/ioctl.h (x86_64).
+        for (ours, header, name) in [
+            (KVM_RUN, 0xae80, "KVM_RUN"),
+            (KVM_GET_REGS, 0x8090ae81, "KVM_GET_REGS"),
+            (KVM_GET_SREGS, 0x8138ae83, "KVM_GET_SREGS"),
+            (KVM_GET_MSRS, 0xc008ae88, "KVM_GET_MSRS"),
+            (KVM_GET_FPU, 0x81a0ae8c, "KVM_GET_FPU"),
+            (KVM_GET_LAPIC, 0x8400ae8e, "KVM_GET_LAPIC"),
+            (KVM_GET_CPUID2, 0xc008ae91, "KVM_GET_CPUID2"),
+            (KVM_GET_MP_STATE, 0x8004ae98, "KVM_GET_MP_STATE"),
+            (KVM_GET_VCPU_EVENTS, 0x8040ae9f, "KVM_GET_VCPU_EVENTS"),
+            (KVM_GET_DEBUGREGS, 0x8080aea1, "KVM_GET_DEBUGREGS"),
+            (KVM_GET_TSC_KHZ, 0xaea3, "KVM_GET_TSC_KHZ"),
+            (KVM_GET_XSAVE, 0x9000aea4, "KVM_GET_XSAVE"),
+            (KVM_GET_XCRS, 0x8188aea6, "KVM_GET_XCRS"),
+            (KVM_KVMCLOCK_CTRL, 0xaead, "KVM_KVMCLOCK_CTRL"),
+            (KVM_GET_IRQCHIP, 0xc208ae62, "KVM_GET_IRQCHIP"),
+            (KVM_GET_CLOCK, 0x8030ae7c, "KVM_GET_CLOCK"),
+            (KVM_GET_PIT2, 0x8070ae9f, "KVM_GET_PIT2"),
+            (KVM_GET_DIRTY_LOG, 0x4010ae42, "KVM_GET_DIRTY_LOG"),
+            (KVM_SET_USER_MEMORY_REGION, 0x4020ae46, "KVM_SET_USER_MEMORY_REGION"),
+            (KVM_GET_MSR_INDEX_LIST, 0xc004ae02, "KVM_GET_MSR_INDEX_LIST"),
+            (KVM_CHECK_EXTENSION, 0xae03, "KVM_CHECK_EXTENSION"),
+            (TUNSETOFFLOAD, 0x400454d0, "TUNSETOFFLOAD"),
+            (TUNSETVNETHDRSZ, 0x400454d8, "TUNSETVNETHDRSZ"),
+            (UFFDIO_API, 0xc018aa3f, "UFFDIO_API"),
+            (UFFDIO_REGISTER, 0xc020aa00, "UFFDIO_REGISTER"),
+            (UFFDIO_UNREGISTER, 0x8010aa01, "UFFDIO_UNREGISTER"),
+            (UFFDIO_WAKE, 0x8010aa02, "UFFDIO_WAKE"),
+            (UFFDIO_COPY, 0xc028aa03, "UFFDIO_COPY"),
+            (UFFDIO_ZEROPAGE, 0xc020aa04, "UFFDIO_ZEROPAGE"),
+            (TCGETS_, 0x5401, "TCGETS"),
+            (TCSETS_, 0x5402, "TCSETS"),
+        ] {
+            assert_eq!(ours, header, "{name}");
+        }
+    }
+}

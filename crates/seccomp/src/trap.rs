@@ -7,6 +7,7 @@
 //! nested `SIGSYS` kills the process, as in kill mode.)
 
 use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::ThreadKind;
 
@@ -19,6 +20,9 @@ thread_local! {
 pub(crate) fn set_thread_kind(kind: ThreadKind) {
     KIND.with(|k| k.set(kind.index() as u8 + 1));
 }
+
+/// Syscalls trapped so far (the metrics' `seccomp.num_faults`).
+pub(crate) static FAULTS: AtomicU64 = AtomicU64::new(0);
 
 /// Byte offset of `si_syscall` in `siginfo_t` on x86_64 (after signo,
 /// errno, code, padding and the `_call_addr` pointer of `_sigsys`).
@@ -71,6 +75,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
             .cast::<i32>()
             .read_unaligned()
     };
+    FAULTS.fetch_add(1, Ordering::Relaxed);
     let kind = KIND.with(Cell::get);
     let mut line = [0u8; 128];
     let len = report(nr, kind, &mut line);
