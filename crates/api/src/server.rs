@@ -148,9 +148,11 @@ impl ApiServer {
     /// Serves forever on a new thread named `kiln_api`.
     pub fn spawn(self, vm: Arc<dyn VmControl>) -> Result<JoinHandle<()>, ServerError> {
         // The server's seccomp filter is in place before its first request.
-        kiln_seccomp::spawn(kiln_seccomp::ThreadKind::Api, "kiln_api".into(), move || {
-            self.serve(vm.as_ref())
-        })
+        kiln_seccomp::spawn(
+            kiln_seccomp::ThreadKind::Api,
+            "kiln_api".into(),
+            move || self.serve(vm.as_ref()),
+        )
         .map_err(ServerError::Spawn)
     }
 

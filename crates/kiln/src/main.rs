@@ -454,7 +454,10 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         return cli_lab::run_in_lab(&args);
     }
     // Compiled before any VMM thread starts; bad filter files fail here.
-    seccomp_cmd::init(args.seccomp.no_seccomp, args.seccomp.seccomp_filter.as_deref())?;
+    seccomp_cmd::init(
+        args.seccomp.no_seccomp,
+        args.seccomp.seccomp_filter.as_deref(),
+    )?;
     resolve_images(&mut args)?;
     let mut cmdline = args.cmdline.clone();
     if !args.guest_command.is_empty() {

@@ -141,7 +141,10 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     if let Some(sock) = &args.api_sock {
         crate::api_glue::check_sock(sock)?;
     }
-    crate::seccomp_cmd::init(args.seccomp.no_seccomp, args.seccomp.seccomp_filter.as_deref())?;
+    crate::seccomp_cmd::init(
+        args.seccomp.no_seccomp,
+        args.seccomp.seccomp_filter.as_deref(),
+    )?;
     let r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
     let res = r.res.clone();
     let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;

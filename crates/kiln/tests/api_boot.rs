@@ -238,7 +238,13 @@ fn bad_flags_and_files_fail_with_one_line() {
     let bad = bad.to_str().unwrap();
     for (args, expect) in [
         (
-            vec!["vmm", "--api-sock", "/tmp/x.sock", "--seccomp-filter", "/nonexistent/f"],
+            vec![
+                "vmm",
+                "--api-sock",
+                "/tmp/x.sock",
+                "--seccomp-filter",
+                "/nonexistent/f",
+            ],
             "kiln: vmm: seccomp filter file /nonexistent/f: No such file or directory".to_string(),
         ),
         (

@@ -93,14 +93,20 @@ fn no_thread_kind_may_exec_ptrace_open_inet_sockets_or_map_executable_memory() {
         assert_killed(kind, libc::SYS_mmap, &MMAP_EXEC);
         assert_killed(kind, libc::SYS_mprotect, &["0", "4096", "4"]);
         // What every kind needs still works.
-        assert_eq!(assert_allowed(kind, libc::SYS_write, &["-1", "0", "0"]), libc::EBADF);
+        assert_eq!(
+            assert_allowed(kind, libc::SYS_write, &["-1", "0", "0"]),
+            libc::EBADF
+        );
         assert_eq!(assert_allowed(kind, libc::SYS_mmap, &MMAP_RW), 0);
     }
 }
 
 #[test]
 fn only_vcpus_run_guests_and_only_the_api_and_vsock_open_sockets() {
-    assert_eq!(assert_allowed("vcpu", libc::SYS_ioctl, &["-1", KVM_RUN]), libc::EBADF);
+    assert_eq!(
+        assert_allowed("vcpu", libc::SYS_ioctl, &["-1", KVM_RUN]),
+        libc::EBADF
+    );
     for kind in KINDS.iter().filter(|k| !matches!(**k, "vcpu")) {
         assert_killed(kind, libc::SYS_ioctl, &["-1", KVM_RUN]);
     }
@@ -120,7 +126,16 @@ fn files_and_io_uring_only_where_needed() {
         assert_allowed("api", libc::SYS_openat, &["-100", "0", "0"]),
         libc::EFAULT
     );
-    for kind in ["vmm", "vcpu", "block", "block_io_uring", "net", "vsock", "rng", "balloon"] {
+    for kind in [
+        "vmm",
+        "vcpu",
+        "block",
+        "block_io_uring",
+        "net",
+        "vsock",
+        "rng",
+        "balloon",
+    ] {
         assert_killed(kind, libc::SYS_openat, &["-100", "0", "0"]);
     }
     // io_uring: the io_uring block worker only.
@@ -139,7 +154,14 @@ fn files_and_io_uring_only_where_needed() {
 #[test]
 fn trap_mode_reports_the_syscall_instead_of_killing() {
     let out = Command::new(kiln_bin())
-        .args(["seccomp-probe", "rng", &libc::SYS_socket.to_string(), AF_INET, "1", "0"])
+        .args([
+            "seccomp-probe",
+            "rng",
+            &libc::SYS_socket.to_string(),
+            AF_INET,
+            "1",
+            "0",
+        ])
         .env("KILN_SECCOMP", "trap")
         .output()
         .unwrap();
@@ -222,7 +244,10 @@ fn bad_filter_files_fail_with_one_line_before_anything_starts() {
             assert!(err.contains(file), "{args:?}: {err}");
             assert!(err.contains(expect), "{args:?}: {err}");
             assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
-            assert!(!std::path::Path::new(sock).exists(), "the API socket appeared");
+            assert!(
+                !std::path::Path::new(sock).exists(),
+                "the API socket appeared"
+            );
         }
     }
     let out = Command::new(kiln_bin())
@@ -312,10 +337,20 @@ fn every_thread_of_a_running_vmm_has_a_filter() {
         assert_eq!(*mode, "2", "thread {name} has no seccomp filter: {o}");
     }
     // The guest used every device, and the API worked under its filter.
-    for line in ["4096", "uring-write-ok", "512", "net-up", "guest-done", "kiln-status=0"] {
+    for line in [
+        "4096",
+        "uring-write-ok",
+        "512",
+        "net-up",
+        "guest-done",
+        "kiln-status=0",
+    ] {
         assert!(o.lines().any(|l| l.trim() == line), "no {line:?}: {o}");
     }
-    assert!(o.contains("pause-status=0") && o.contains("resume-status=0"), "{o}");
+    assert!(
+        o.contains("pause-status=0") && o.contains("resume-status=0"),
+        "{o}"
+    );
     assert!(o.contains("flush-status=0"), "{o}");
     assert!(!o.contains("blocked syscall"), "{o}");
 }

@@ -248,7 +248,8 @@ impl Filters {
                 known.join(", ")
             )));
         }
-        let map = seccompiler::compile_from_json(json, arch()).map_err(|e| invalid(e.to_string()))?;
+        let map =
+            seccompiler::compile_from_json(json, arch()).map_err(|e| invalid(e.to_string()))?;
         let mut filters = Self::builtin(mode)?;
         for (name, program) in map {
             let kind = ThreadKind::from_name(&name).expect("checked above");
@@ -298,7 +299,9 @@ pub fn compile(allow: &[Allow], mode: Mode) -> Result<BpfProgram, String> {
     }
     let filter = SeccompFilter::new(rules, mode.action(), SeccompAction::Allow, arch())
         .map_err(|e| e.to_string())?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| e.to_string())
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 pub(crate) fn condition(index: u8, op: SeccompCmpOp, value: u64) -> SeccompCondition {
@@ -447,7 +450,12 @@ mod tests {
         let e = Filters::from_json(br#"{"vcpus": {}}"#, "f.json", Mode::Kill)
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("seccomp filter file f.json: unknown thread kind \"vcpus\" (known: vmm, api,"), "{e}");
+        assert!(
+            e.starts_with(
+                "seccomp filter file f.json: unknown thread kind \"vcpus\" (known: vmm, api,"
+            ),
+            "{e}"
+        );
         let e = Filters::from_json(b"[1, 2]", "f.json", Mode::Kill)
             .unwrap_err()
             .to_string();

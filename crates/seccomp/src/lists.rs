@@ -105,6 +105,7 @@ const TUNSETVNETHDRSZ: u64 = ioc(W, b'T' as u64, 216, 4);
 // Terminal (stdin in raw mode, restored at exit).
 const TCGETS_: u64 = 0x5401;
 const TCSETS_: u64 = 0x5402;
+const FIONBIO_: u64 = 0x5421;
 
 /// userfaultfd ioctls (linux/userfaultfd.h), for the thread kind that will
 /// serve page faults of a lazily restored guest (not used yet: add
@@ -176,14 +177,28 @@ const COMMON: &[Allow] = &[
     Any(SYS_fstat),
     Any(SYS_newfstatat),
     Any(SYS_lseek),
-    ArgIn(SYS_fcntl, 1, &[F_GETFL as u64, F_SETFL as u64, F_GETFD as u64, F_SETFD as u64]),
+    ArgIn(
+        SYS_fcntl,
+        1,
+        &[
+            F_GETFL as u64,
+            F_SETFL as u64,
+            F_GETFD as u64,
+            F_SETFD as u64,
+            F_DUPFD_CLOEXEC as u64,
+        ],
+    ),
 ];
 
-/// Setting up a device worker's loop (its control eventfd and epoll).
+/// Setting up a device worker's loop and its rate limiters (eventfds,
+/// epoll, timerfds): done by the thread that activates the device (a vCPU)
+/// and by the worker.
 const WORKER_SETUP: &[Allow] = &[
     Any(SYS_eventfd2),
     Any(SYS_epoll_create1),
-    Any(SYS_dup),
+    Any(SYS_timerfd_create),
+    Any(SYS_timerfd_settime),
+    Any(SYS_timerfd_gettime),
 ];
 
 /// Starting a thread and installing its filter: what the spawner does,
@@ -191,7 +206,11 @@ const WORKER_SETUP: &[Allow] = &[
 const THREAD_START: &[Allow] = &[
     Any(SYS_clone3),
     Any(SYS_clone),
-    ArgIn(SYS_prctl, 0, &[PR_SET_NAME as u64, PR_SET_NO_NEW_PRIVS as u64]),
+    ArgIn(
+        SYS_prctl,
+        0,
+        &[PR_SET_NAME as u64, PR_SET_NO_NEW_PRIVS as u64],
+    ),
     Any(SYS_seccomp),
 ];
 
@@ -218,17 +237,11 @@ const VCPU_IOCTLS: &[u64] = &[
     TUNSETVNETHDRSZ,
 ];
 
-const VCPU: &[Allow] = &[
-    ArgIn(SYS_ioctl, 1, VCPU_IOCTLS),
-    // A device activated or reset by the guest sets up or stops its worker.
-    Any(SYS_eventfd2),
-    Any(SYS_epoll_create1),
-    Any(SYS_dup),
-    Any(SYS_fsync),
-    Any(SYS_fdatasync),
-];
+const VCPU: &[Allow] = &[ArgIn(SYS_ioctl, 1, VCPU_IOCTLS)];
 
 const API_IOCTLS: &[u64] = &[
+    // set_nonblocking on accepted connections.
+    FIONBIO_,
     KVM_GET_IRQCHIP,
     KVM_GET_CLOCK,
     KVM_GET_PIT2,
@@ -263,9 +276,6 @@ const API: &[Allow] = &[
     Any(SYS_renameat2),
     Any(SYS_mkdirat),
     Any(SYS_getrandom),
-    Any(SYS_eventfd2),
-    Any(SYS_epoll_create1),
-    Any(SYS_dup),
     ArgIn(SYS_ioctl, 1, API_IOCTLS),
 ];
 
@@ -288,8 +298,6 @@ const BLOCK: &[Allow] = &[
     Any(SYS_fsync),
     Any(SYS_fdatasync),
     Any(SYS_fallocate),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
 ];
 
 const BLOCK_IO_URING: &[Allow] = &[
@@ -298,15 +306,9 @@ const BLOCK_IO_URING: &[Allow] = &[
     Any(SYS_io_uring_setup),
     Any(SYS_fsync),
     Any(SYS_fdatasync),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
 ];
 
-const NET: &[Allow] = &[
-    ArgIn(SYS_ioctl, 1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ]),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
-];
+const NET: &[Allow] = &[ArgIn(SYS_ioctl, 1, &[TUNSETOFFLOAD, TUNSETVNETHDRSZ])];
 
 /// The host side of vsock: Unix sockets only.
 const VSOCK: &[Allow] = &[
@@ -317,22 +319,16 @@ const VSOCK: &[Allow] = &[
     Any(SYS_sendto),
     Any(SYS_shutdown),
     Any(SYS_getsockopt),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
 ];
 
-const RNG: &[Allow] = &[
-    Any(SYS_getrandom),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
-];
+const RNG: &[Allow] = &[Any(SYS_getrandom)];
 
 /// Giving inflated pages back to the host.
-const BALLOON: &[Allow] = &[
-    ArgIn(SYS_madvise, 2, &[MADV_DONTNEED as u64, MADV_REMOVE as u64]),
-    Any(SYS_timerfd_create),
-    Any(SYS_timerfd_settime),
-];
+const BALLOON: &[Allow] = &[ArgIn(
+    SYS_madvise,
+    2,
+    &[MADV_DONTNEED as u64, MADV_REMOVE as u64],
+)];
 
 const METRICS: &[Allow] = &[];
 
@@ -341,7 +337,9 @@ fn groups(kind: ThreadKind) -> Vec<&'static [Allow]> {
     match kind {
         ThreadKind::Vmm => vec![COMMON, VMM],
         ThreadKind::Api => vec![COMMON, API],
-        ThreadKind::Vcpu => vec![COMMON, VCPU],
+        // A device the guest activates gets its worker's eventfds, epoll
+        // and timers here (the thread itself comes from the spawner).
+        ThreadKind::Vcpu => vec![COMMON, WORKER_SETUP, VCPU],
         ThreadKind::Block => vec![COMMON, WORKER_SETUP, BLOCK],
         ThreadKind::BlockIoUring => vec![COMMON, WORKER_SETUP, BLOCK_IO_URING],
         ThreadKind::Net => vec![COMMON, WORKER_SETUP, NET],
@@ -403,7 +401,11 @@ mod tests {
             (KVM_GET_CLOCK, 0x8030ae7c, "KVM_GET_CLOCK"),
             (KVM_GET_PIT2, 0x8070ae9f, "KVM_GET_PIT2"),
             (KVM_GET_DIRTY_LOG, 0x4010ae42, "KVM_GET_DIRTY_LOG"),
-            (KVM_SET_USER_MEMORY_REGION, 0x4020ae46, "KVM_SET_USER_MEMORY_REGION"),
+            (
+                KVM_SET_USER_MEMORY_REGION,
+                0x4020ae46,
+                "KVM_SET_USER_MEMORY_REGION",
+            ),
             (KVM_GET_MSR_INDEX_LIST, 0xc004ae02, "KVM_GET_MSR_INDEX_LIST"),
             (KVM_CHECK_EXTENSION, 0xae03, "KVM_CHECK_EXTENSION"),
             (TUNSETOFFLOAD, 0x400454d0, "TUNSETOFFLOAD"),
@@ -416,6 +418,7 @@ mod tests {
             (UFFDIO_ZEROPAGE, 0xc020aa04, "UFFDIO_ZEROPAGE"),
             (TCGETS_, 0x5401, "TCGETS"),
             (TCSETS_, 0x5402, "TCSETS"),
+            (FIONBIO_, 0x5421, "FIONBIO"),
         ] {
             assert_eq!(ours, header, "{name}");
         }

@@ -577,8 +577,10 @@ impl VirtioDevice for Block {
                 // The ring is set up on the worker thread, under its filter:
                 // only that thread may create and drive io_uring instances.
                 let setup = move || -> std::io::Result<(Vec<_>, Handler)> {
-                    let mut engine = uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH)
-                        .map_err(|e| std::io::Error::new(e.kind(), format!("io_uring engine: {e}")))?;
+                    let mut engine =
+                        uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH).map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("io_uring engine: {e}"))
+                        })?;
                     let fds = vec![(engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN)];
                     // The engine is moved into the handler: when the worker
                     // stops (reset, drop) the handler is dropped on the

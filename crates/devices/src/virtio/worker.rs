@@ -6,8 +6,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use kiln_seccomp::ThreadKind;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 const CONTROL_TOKEN: u64 = u64::MAX;
@@ -53,7 +53,8 @@ pub type Handler = Box<dyn FnMut(u64, EventSet) -> Next>;
 
 /// What [`Worker::spawn_with`] runs on the new thread before its loop:
 /// more fds to wait on, and the handler.
-pub type Setup = Box<dyn FnOnce() -> std::io::Result<(Vec<(RawFd, u64, EventSet)>, Handler)> + Send>;
+pub type Setup =
+    Box<dyn FnOnce() -> std::io::Result<(Vec<(RawFd, u64, EventSet)>, Handler)> + Send>;
 
 impl Worker {
     /// Spawns thread `name`, under `kind`'s seccomp filter, that waits on
@@ -155,7 +156,9 @@ impl Worker {
             }
             Err(_) => {
                 let _ = handle.join();
-                return Err(std::io::Error::other("the worker thread ended while starting"));
+                return Err(std::io::Error::other(
+                    "the worker thread ended while starting",
+                ));
             }
         }
         Ok(Self {
