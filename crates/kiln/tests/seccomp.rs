@@ -92,6 +92,8 @@ fn no_thread_kind_may_exec_ptrace_open_inet_sockets_or_map_executable_memory() {
         assert_killed(kind, libc::SYS_socket, &[AF_INET, SOCK_STREAM, "0"]);
         assert_killed(kind, libc::SYS_mmap, &MMAP_EXEC);
         assert_killed(kind, libc::SYS_mprotect, &["0", "4096", "4"]);
+        // Signals only to threads of its own process.
+        assert_killed(kind, libc::SYS_tgkill, &["1", "1", "0"]);
         // What every kind needs still works.
         assert_eq!(
             assert_allowed(kind, libc::SYS_write, &["-1", "0", "0"]),
@@ -146,9 +148,10 @@ fn files_and_io_uring_only_where_needed() {
     for kind in ["vcpu", "block", "api", "vmm", "net"] {
         assert_killed(kind, libc::SYS_io_uring_setup, &["0", "0"]);
     }
-    // Giving memory back: madvise(MADV_REMOVE) on the balloon only.
-    assert_allowed("balloon", libc::SYS_madvise, &["0", "0", "9"]);
-    assert_killed("vcpu", libc::SYS_madvise, &["0", "0", "9"]);
+    // madvise: only the advice values the allocator and the balloon use
+    // (not MADV_REMOVE, which punches holes in files).
+    assert_allowed("balloon", libc::SYS_madvise, &["0", "0", "4"]);
+    assert_killed("balloon", libc::SYS_madvise, &["0", "0", "9"]);
 }
 
 #[test]
