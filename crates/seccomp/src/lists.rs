@@ -280,6 +280,7 @@ const API: &[Allow] = &[
     Any(SYS_unlink),
     Any(SYS_unlinkat),
     Any(SYS_rename),
+    Any(SYS_renameat),
     Any(SYS_renameat2),
     Any(SYS_mkdirat),
     Any(SYS_getrandom),
