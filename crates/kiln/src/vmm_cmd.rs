@@ -331,6 +331,7 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
             uds_path: PathBuf::from(&v.uds_path),
         }),
         balloon,
+        track_dirty_pages: res.machine_config.track_dirty_pages,
     };
     config.validate()?;
     Ok(config)

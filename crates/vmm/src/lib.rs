@@ -8,6 +8,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cpuid;
+pub mod dirty;
 pub mod kvm_state;
 pub mod layout;
 pub mod memory_file;
@@ -56,6 +57,9 @@ pub struct VmConfig {
     pub vsock: Option<kiln_devices::virtio::vsock::VsockConfig>,
     /// Attach a virtio-balloon device.
     pub balloon: Option<kiln_devices::virtio::balloon::BalloonConfig>,
+    /// Log the pages the guest writes from boot on (diff snapshots, live
+    /// migration); Firecracker's `track_dirty_pages`.
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -71,6 +75,7 @@ impl VmConfig {
             rng: false,
             rng_rate_limiter: None,
             balloon: None,
+            track_dirty_pages: false,
             nets: Vec::new(),
             vsock: None,
         }

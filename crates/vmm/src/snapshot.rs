@@ -37,6 +37,8 @@ pub(crate) struct VmParts {
     pub(crate) mem: GuestMemoryMmap,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
+    /// Whether KVM logs dirty pages (see [`crate::dirty`]).
+    pub(crate) dirty_log: std::sync::atomic::AtomicBool,
 }
 
 impl VmParts {
@@ -93,6 +95,22 @@ impl VmHandle {
         mem_path: &Path,
     ) -> Result<SnapshotStats, String> {
         let t0 = Instant::now();
+        let mut state = self.capture_state(config)?;
+        let (memory, written) =
+            memory_file::save_full(&self.parts.mem, mem_path).map_err(|e| e.to_string())?;
+        state.memory = memory;
+        kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+        Ok(SnapshotStats {
+            mem_bytes_written: written,
+            elapsed: t0.elapsed(),
+        })
+    }
+
+    /// Saves everything of the paused VM but its memory's contents: vCPUs,
+    /// VM-wide KVM state, devices and the memory layout. The devices stay
+    /// paused (they were paused with the vCPUs); guest memory does not
+    /// change until [`VmHandle::resume`].
+    pub fn capture_state(&self, config: &str) -> Result<MicrovmState, String> {
         if !self.is_paused() || !self.pause.wait_parked(self.vcpus, STEP_TIMEOUT) {
             return Err("the microVM must be paused to create a snapshot".into());
         }
@@ -101,43 +119,39 @@ impl VmHandle {
         let vm = kvm_state::save_vm(&parts.vm).map_err(|e| e.to_string())?;
 
         // The devices were paused with the vCPUs (VmHandle::pause); make
-        // sure, then save them and the memory they no longer touch.
+        // sure, then save them.
         parts.pause_devices()?;
-        let result = (|| {
-            let mut devices = Vec::new();
-            let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
+        let mut devices = Vec::new();
+        let serial = parts.serial.lock().map_err(|_| "serial lock poisoned")?;
+        devices.push(DeviceState {
+            kind: SERIAL.into(),
+            id: String::new(),
+            base: kiln_devices::serial::COM1_PORT,
+            data: encode_part(SERIAL, &serial.save_state())?,
+        });
+        drop(serial);
+        for (base, t) in &parts.transports {
+            let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
             devices.push(DeviceState {
-                kind: SERIAL.into(),
-                id: String::new(),
-                base: kiln_devices::serial::COM1_PORT,
-                data: encode_part(SERIAL, &serial.save_state())?,
+                kind: VIRTIO_MMIO.into(),
+                id: t.device().name(),
+                base: *base,
+                data: encode_part(VIRTIO_MMIO, &t.save_state())?,
             });
-            drop(serial);
-            for (base, t) in &parts.transports {
-                let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
-                devices.push(DeviceState {
-                    kind: VIRTIO_MMIO.into(),
-                    id: t.device().name(),
-                    base: *base,
-                    data: encode_part(VIRTIO_MMIO, &t.save_state())?,
-                });
-            }
-            let (memory, written) =
-                memory_file::save_full(&parts.mem, mem_path).map_err(|e| e.to_string())?;
-            let state = MicrovmState {
-                config: config.to_string(),
-                memory,
-                vm,
-                vcpus,
-                devices,
-            };
-            kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
-            Ok::<u64, String>(written)
-        })();
-        Ok(SnapshotStats {
-            mem_bytes_written: result?,
-            elapsed: t0.elapsed(),
+        }
+        Ok(MicrovmState {
+            config: config.to_string(),
+            memory: memory_file::layout(&parts.mem),
+            vm,
+            vcpus,
+            devices,
         })
+    }
+
+    /// The VM's guest memory (read while paused, or while running for a
+    /// migration's pre-copy rounds together with the dirty log).
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.parts.mem
     }
 
     /// Has each parked vCPU thread save its vCPU.
@@ -200,31 +214,7 @@ impl Vmm {
         console: Box<dyn Write + Send>,
         start: Instant,
     ) -> Result<Self, VmmError> {
-        config.validate()?;
-        let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
-        let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)
-            .iter()
-            .map(|(a, l)| (a.0, *l as u64))
-            .collect();
-        let have: Vec<(u64, u64)> = state
-            .memory
-            .regions
-            .iter()
-            .map(|r| (r.guest_addr, r.size))
-            .collect();
-        if want != have {
-            return Err(bad(format!(
-                "its memory layout {have:x?} does not match a {} MiB machine",
-                config.mem_mib
-            )));
-        }
-        if state.vcpus.len() != config.vcpus as usize {
-            return Err(bad(format!(
-                "it has {} vCPUs, the configuration {}",
-                state.vcpus.len(),
-                config.vcpus
-            )));
-        }
+        check_restorable(&config, state)?;
         // KILN_RESTORE_COPY=1 copies memory up front instead of mapping it
         // (for comparing the two while a restore problem is investigated).
         let mem = if std::env::var_os("KILN_RESTORE_COPY").is_some_and(|v| v == "1") {
@@ -233,8 +223,36 @@ impl Vmm {
             memory_file::map_private(mem_path, &state.memory)
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
+        log::info!("guest memory mapped from {}", mem_path.display());
+        Self::restore_with_memory(config, state, mem, console, start)
+    }
+
+    /// Rebuilds a VM from `state` on guest memory the caller has filled (a
+    /// migration's destination) or will fill on demand (userfaultfd).
+    /// `mem` must have the layout `state.memory` describes.
+    pub fn restore_with_memory(
+        config: VmConfig,
+        state: &MicrovmState,
+        mem: GuestMemoryMmap,
+        console: Box<dyn Write + Send>,
+        start: Instant,
+    ) -> Result<Self, VmmError> {
+        check_restorable(&config, state)?;
+        let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
+        let given: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let want: Vec<(u64, u64)> = state
+            .memory
+            .regions
+            .iter()
+            .map(|r| (r.guest_addr, r.size))
+            .collect();
+        if given != want {
+            return Err(bad(format!(
+                "guest memory {given:x?} does not have the saved layout {want:x?}"
+            )));
+        }
         let (kvm_fd, vm) = create_vm()?;
-        register_memory(&vm, &mem, config.mem_mib)?;
+        register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
 
         kvm_state::restore_vm(&vm, &state.vm).map_err(|e| bad(e.to_string()))?;
@@ -293,11 +311,40 @@ impl Vmm {
             )));
         }
         log::info!(
-            "restored {} vCPUs, {} MiB of memory mapped from {}",
+            "restored {} vCPUs, {} MiB of memory",
             vcpus.len(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
-            mem_path.display()
         );
         Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
     }
+}
+
+/// Whether `state` can be restored on a machine built from `config`.
+fn check_restorable(config: &VmConfig, state: &MicrovmState) -> Result<(), VmmError> {
+    config.validate()?;
+    let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
+    let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)
+        .iter()
+        .map(|(a, l)| (a.0, *l as u64))
+        .collect();
+    let have: Vec<(u64, u64)> = state
+        .memory
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if want != have {
+        return Err(bad(format!(
+            "its memory layout {have:x?} does not match a {} MiB machine",
+            config.mem_mib
+        )));
+    }
+    if state.vcpus.len() != config.vcpus as usize {
+        return Err(bad(format!(
+            "it has {} vCPUs, the configuration {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    Ok(())
 }

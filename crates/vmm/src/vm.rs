@@ -22,9 +22,7 @@ use kiln_devices::virtio::rng::Rng;
 use kiln_devices::virtio::vsock::Vsock;
 use kiln_devices::virtio::VirtioDevice;
 use kiln_devices::{Bus, EventFdTrigger};
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -182,7 +180,7 @@ impl Vmm {
                 detail: e.to_string(),
             }
         })?;
-        register_memory(&vm, &mem, config.mem_mib)?;
+        register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
 
         // Guest image and boot tables.
         let kernel = boot::load_kernel(&mem, &config.kernel)?;
@@ -268,6 +266,7 @@ impl Vmm {
             mem: mem.clone(),
             serial: devs.serial.clone(),
             transports: devs.transports.clone(),
+            dirty_log: config.track_dirty_pages.into(),
         });
         Self {
             config,
@@ -568,28 +567,18 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
     Ok((kvm_fd, vm))
 }
 
-/// Registers every region of `mem` with KVM.
-pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, mem_mib: u64) -> Result<()> {
-    for (slot, region) in mem.iter().enumerate() {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmmError::Memory {
-                mib: mem_mib,
-                detail: e.to_string(),
-            })?;
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: `host` is the start of a live mapping of `region.len()` bytes
-        // owned by `mem`, which the Vmm keeps alive for as long as the VM.
-        unsafe { vm.set_user_memory_region(r) }.map_err(kvm("KVM_SET_USER_MEMORY_REGION"))?;
-    }
-
-    Ok(())
+/// Registers every region of `mem` with KVM, logging dirty pages if
+/// `log_dirty`.
+pub(crate) fn register_memory(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mem_mib: u64,
+    log_dirty: bool,
+) -> Result<()> {
+    crate::dirty::set_slots(vm, mem, log_dirty).map_err(|detail| VmmError::Memory {
+        mib: mem_mib,
+        detail,
+    })
 }
 
 /// Builds the legacy and virtio devices of `config` on `vm`.
