@@ -384,6 +384,11 @@ impl Vmm {
                 Ok(t) => t,
                 Err(e) => {
                     stop.store(true, Ordering::Release);
+                    self.handle
+                        .threads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
                     self.handle.pause.resume();
                     stop_threads(threads);
                     return Err(VmmError::Io {
