@@ -290,6 +290,8 @@ const API: &[Allow] = &[
 /// The main thread's event loop, then tear-down: stdin to the serial
 /// port, the terminal restored, the API socket removed.
 const VMM: &[Allow] = &[
+    // The event loop's epoll is made once it runs.
+    Any(SYS_epoll_create1),
     ArgIn(SYS_ioctl, 1, &[TCGETS_, TCSETS_]),
     Any(SYS_unlink),
     Any(SYS_unlinkat),
