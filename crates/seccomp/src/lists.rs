@@ -320,6 +320,8 @@ const NET: &[Allow] = &[];
 /// The host side of vsock: Unix sockets only.
 const VSOCK: &[Allow] = &[
     ArgIn(SYS_socket, 0, &[AF_UNIX as u64]),
+    // Accepted host connections are made non-blocking.
+    ArgIn(SYS_ioctl, 1, &[FIONBIO_]),
     Any(SYS_connect),
     Any(SYS_accept4),
     Any(SYS_recvfrom),
