@@ -854,9 +854,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::client::ClientResponse;
-    use crate::server::serve_connection;
-    use crate::DEFAULT_MAX_PAYLOAD;
 
     /// A running VM with a balloon at 0 MiB.
     struct Running;
@@ -911,30 +908,9 @@ mod tests {
         )
     }
 
-    /// Sends one request on its own connection.
-    fn req(vm: &PreBootVm, method: &str, uri: &str, body: Option<&str>) -> ClientResponse {
-        let mut input = format!("{method} {uri} HTTP/1.1\r\nConnection: close\r\n");
-        if let Some(b) = body {
-            input.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
-        } else {
-            input.push_str("\r\n");
-        }
-        let mut out = Vec::new();
-        serve_connection(input.as_bytes(), &mut out, vm, DEFAULT_MAX_PAYLOAD);
-        let out = String::from_utf8(out).unwrap();
-        let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        ClientResponse {
-            status_line: head.lines().next().unwrap().to_string(),
-            status: head[9..12].parse().unwrap(),
-            body: body.to_string(),
-        }
-    }
-
-    fn fault(r: &ClientResponse) -> String {
-        assert_eq!(r.status, 400, "{r:?}");
-        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        v["fault_message"].as_str().unwrap().to_string()
-    }
+    use crate::server::serve_connection;
+    use crate::tests_endpoints::{fault, req};
+    use crate::DEFAULT_MAX_PAYLOAD;
 
     const BOOT: &str = r#"{"kernel_image_path":"/k","boot_args":"console=ttyS0"}"#;
 

@@ -60,7 +60,8 @@ impl Starter for Recorder {
     }
 }
 
-fn req(vm: &PreBootVm, method: &str, uri: &str, body: Option<&str>) -> ClientResponse {
+/// Sends one request on its own connection (shared with preboot.rs's tests).
+pub(crate) fn req(vm: &PreBootVm, method: &str, uri: &str, body: Option<&str>) -> ClientResponse {
     let mut input = format!("{method} {uri} HTTP/1.1\r\n");
     match body {
         Some(b) => input.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len())),
@@ -77,7 +78,8 @@ fn req(vm: &PreBootVm, method: &str, uri: &str, body: Option<&str>) -> ClientRes
     }
 }
 
-fn fault(r: &ClientResponse) -> String {
+/// The fault message of a 400 answer.
+pub(crate) fn fault(r: &ClientResponse) -> String {
     assert_eq!(r.status, 400, "{r:?}");
     let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
     v["fault_message"].as_str().unwrap().to_string()

@@ -88,7 +88,7 @@ pub enum KeyboardError {
 }
 
 /// One byte waiting in the output buffer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct OutByte {
     value: u8,
     aux: bool,
@@ -97,7 +97,7 @@ struct OutByte {
 
 /// Where the data byte of a controller write command (written to port
 /// 0x60 next) goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum CtlArg {
     CommandByte,
     Ram,
@@ -108,7 +108,7 @@ enum CtlArg {
 }
 
 /// A keyboard command waiting for its argument byte.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum KbdArg {
     Leds,
     Typematic,
@@ -116,7 +116,7 @@ enum KbdArg {
 }
 
 /// The PS/2 keyboard's state.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Keyboard {
     scanning: bool,
     set: u8,
@@ -508,6 +508,61 @@ impl I8042 {
     }
 }
 
+/// The controller's and keyboard's state, as saved in a snapshot: the
+/// bytes the guest has not read, the command byte, the output port, a
+/// command waiting for its data byte, and the keyboard's settings.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    out: Vec<OutByte>,
+    last: u8,
+    command_byte: u8,
+    output_port: u8,
+    cmd_flag: bool,
+    pending: Option<CtlArg>,
+    kbd: Keyboard,
+}
+
+impl I8042 {
+    /// The state to save.
+    pub fn save_state(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            out: self.out.iter().copied().collect(),
+            last: self.last,
+            command_byte: self.command_byte,
+            output_port: self.output_port,
+            cmd_flag: self.cmd_flag,
+            pending: self.pending,
+            kbd: self.kbd.clone(),
+        }
+    }
+
+    /// Loads saved state, keeping this controller's reset and interrupt
+    /// lines. No interrupt is raised: one pending at snapshot time is in the
+    /// saved interrupt controller state.
+    pub fn restore_state(&mut self, snap: &I8042Snapshot) -> Result<(), String> {
+        if snap.out.len() > BUFFER_SIZE {
+            return Err(format!(
+                "i8042: {} bytes waiting exceed the {BUFFER_SIZE}-byte buffer",
+                snap.out.len()
+            ));
+        }
+        if !(1..=3).contains(&snap.kbd.set) {
+            return Err(format!(
+                "i8042: scan code set {} is not 1, 2 or 3",
+                snap.kbd.set
+            ));
+        }
+        self.out = snap.out.iter().copied().collect();
+        self.last = snap.last;
+        self.command_byte = snap.command_byte;
+        self.output_port = snap.output_port;
+        self.cmd_flag = snap.cmd_flag;
+        self.pending = snap.pending;
+        self.kbd = snap.kbd.clone();
+        Ok(())
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let v = match (data.len(), offset) {
@@ -793,5 +848,71 @@ mod tests {
         r.dev.read(2, &mut wide[..1]);
         assert_eq!(wide[0], 0xff);
         r.drain();
+    }
+
+    #[test]
+    fn state_survives_save_and_restore() {
+        let mut a = rig();
+        // Scan code set 1, LEDs on, translation off, and a command waiting
+        // for its data byte, with two bytes unread.
+        a.data(0xf0);
+        a.data(0x01);
+        a.data(0xed);
+        a.data(0x05);
+        a.cmd(0x60);
+        a.data(CB_KBD_INT | CB_SYS);
+        assert_eq!(a.drain(), vec![KBD_ACK, KBD_ACK, KBD_ACK, KBD_ACK]);
+        a.data(0xee); // echo
+        a.cmd(0xd0); // output port (ahead of the echo)
+        a.cmd(0xd2); // the next data byte goes to the keyboard buffer
+        let snap = a.dev.save_state();
+
+        // Into a fresh controller.
+        let mut b = rig();
+        b.dev.restore_state(&snap).unwrap();
+        assert_eq!(b.dev.save_state(), snap);
+        assert_eq!(b.irqs(), 0, "restoring raises no interrupt");
+        assert_eq!(b.dev.command_byte(), CB_KBD_INT | CB_SYS);
+        assert_eq!(
+            b.status() & STS_CMD,
+            STS_CMD,
+            "the last write was a command"
+        );
+        b.data(0x42); // the pending 0xD2 takes it
+        assert_eq!(b.drain(), vec![OUTPORT_INITIAL, KBD_ECHO, 0x42]);
+        // The keyboard kept set 1 (untranslated): Ctrl-Alt-Del in set 1.
+        b.dev.send_ctrl_alt_del().unwrap();
+        assert_eq!(
+            b.drain(),
+            vec![0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]
+        );
+        b.data(0xf0);
+        b.data(0x00);
+        assert_eq!(b.drain(), vec![KBD_ACK, KBD_ACK, 0x01]);
+        // The restored controller keeps its own lines.
+        b.cmd(0xfe);
+        assert_eq!((a.resets(), b.resets()), (0, 1));
+    }
+
+    #[test]
+    fn impossible_saved_state_is_refused() {
+        let mut r = rig();
+        let good = r.dev.save_state();
+        let mut too_much = good.clone();
+        too_much.out = vec![
+            OutByte {
+                value: 0,
+                aux: false,
+                timeout: false
+            };
+            BUFFER_SIZE + 1
+        ];
+        let err = r.dev.restore_state(&too_much).unwrap_err();
+        assert!(err.contains("buffer"), "{err}");
+        let mut bad_set = good.clone();
+        bad_set.kbd.set = 7;
+        let err = r.dev.restore_state(&bad_set).unwrap_err();
+        assert!(err.contains("scan code set 7"), "{err}");
+        assert_eq!(r.dev.save_state(), good, "a refused state changes nothing");
     }
 }

@@ -28,9 +28,6 @@ pub struct KilnVm {
     /// The Firecracker-shaped configuration (JSON), stored in snapshots;
     /// kept up to date by the drive and interface updates.
     config_json: Mutex<Option<String>>,
-    /// A disk uses the io_uring engine (its requests complete out of order,
-    /// which snapshots cannot capture yet).
-    uring_disks: bool,
 }
 
 impl KilnVm {
@@ -44,10 +41,6 @@ impl KilnVm {
             drives: vmm.drives(),
             nets: vmm.nets(),
             config_json: Mutex::new(None),
-            uring_disks: config
-                .disks
-                .iter()
-                .any(|d| d.engine == kiln_vmm::kiln_devices::virtio::block::BlockEngine::IoUring),
         }
     }
 
@@ -132,12 +125,6 @@ impl VmControl for KilnVm {
         if p.snapshot_type == SnapshotType::Diff {
             return Err(ApiError::Invalid(
                 "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
-            ));
-        }
-        if self.uring_disks {
-            return Err(ApiError::Invalid(
-                "Snapshots of microVMs with Async (io_uring) drives are not supported by Kiln yet"
-                    .into(),
             ));
         }
         let config = self.config().clone();

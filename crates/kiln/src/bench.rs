@@ -246,6 +246,9 @@ struct Sample {
     to_marker: Duration,
     overhead_kib: u64,
     guest_kib: u64,
+    /// The overhead by kind of mapping, KiB.
+    parts: Vec<(&'static str, u64)>,
+    threads: u64,
 }
 
 fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
@@ -292,6 +295,26 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
         o[o.len() / 2],
         o[o.len() - 1]
     );
+    let median = samples
+        .iter()
+        .find(|s| s.overhead_kib == o[o.len() / 2])
+        .expect("the median is a sample");
+    let parts: Vec<String> = median
+        .parts
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    println!(
+        "  of which (median run, KiB): {}; {} threads",
+        parts.join(", "),
+        median.threads
+    );
+    if median.parts.iter().any(|&(k, v)| k == "libs" && v > 0) {
+        println!(
+            "  (a dynamically linked kiln: the C library's mapped pages count; \
+             `cargo build-static -p kiln` builds the static binary Kiln ships)"
+        );
+    }
     match std::env::var_os("KILN_FIRECRACKER") {
         Some(fc) => println!(
             "firecracker comparison: KILN_FIRECRACKER={} is set, but side-by-side runs are not implemented yet",
@@ -405,8 +428,11 @@ fn one_boot(
         }
         if to_marker.is_none() && line.trim_end() == GUEST_READY_MARKER {
             to_marker = Some(start.elapsed());
-            sample_mem =
-                Some(std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default());
+            let read = |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}"));
+            sample_mem = Some((
+                read("smaps").unwrap_or_default(),
+                read("status").unwrap_or_default(),
+            ));
         }
     }
     let status = child.wait()?;
@@ -423,12 +449,68 @@ fn one_boot(
     if !status.success() {
         bail!("kiln run failed ({status}): {errtext}");
     }
-    let (overhead_kib, guest_kib) = rss_split(&sample_mem.unwrap_or_default(), &ranges);
+    let (smaps, status) = sample_mem.unwrap_or_default();
+    let (overhead_kib, guest_kib) = rss_split(&smaps, &ranges);
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
     Ok(Sample {
         to_marker,
         overhead_kib,
         guest_kib,
+        parts: rss_kinds(&smaps, &ranges, exe),
+        threads,
     })
+}
+
+/// The RSS in `smaps` outside guest memory by kind of mapping, KiB: the
+/// binary `exe` (code, then data), other files (shared libraries), the
+/// heap, the main stack, anonymous memory (thread stacks, malloc arenas,
+/// buffers) and the rest (vDSO, ...).
+pub fn rss_kinds(
+    smaps: &str,
+    guest: &[(u64, u64)],
+    exe: &std::path::Path,
+) -> Vec<(&'static str, u64)> {
+    const KINDS: [&str; 7] = ["text", "data", "libs", "heap", "stack", "anon", "other"];
+    let exe = exe.to_string_lossy();
+    let mut kib = [0u64; KINDS.len()];
+    let mut current: Option<usize> = None;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if let Some((a, b)) = first.split_once('-') {
+            if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+                let perms = words.next().unwrap_or("");
+                let path = words.nth(3).unwrap_or("");
+                current = if guest.iter().any(|(s, e)| a < *e && *s < b) {
+                    None
+                } else {
+                    Some(match path {
+                        p if p == exe && perms.contains('x') => 0,
+                        p if p == exe => 1,
+                        "[heap]" => 3,
+                        "[stack]" => 4,
+                        "" => 5,
+                        p if p.starts_with('/') => 2,
+                        _ => 6,
+                    })
+                };
+                continue;
+            }
+        }
+        if let (Some(k), Some(v)) = (current, line.strip_prefix("Rss:")) {
+            kib[k] += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    KINDS.into_iter().zip(kib).collect()
 }
 
 /// Splits the RSS in `smaps` into (not guest memory, guest memory) KiB.
@@ -458,7 +540,7 @@ pub fn rss_split(smaps: &str, guest: &[(u64, u64)]) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::rss_split;
+    use super::{rss_kinds, rss_split};
 
     #[test]
     fn smaps_split_by_guest_ranges() {
@@ -474,5 +556,13 @@ Rss:                 132 kB
 ";
         let (other, guest) = rss_split(smaps, &[(0x7f00_0000_0000, 0x7f00_1000_0000)]);
         assert_eq!((other, guest), (432, 20000));
+        let kinds = rss_kinds(
+            smaps,
+            &[(0x7f00_0000_0000, 0x7f00_1000_0000)],
+            std::path::Path::new("/kiln"),
+        );
+        assert_eq!(kinds[0], ("text", 300));
+        assert_eq!(kinds[5], ("anon", 132));
+        assert_eq!(kinds.iter().map(|k| k.1).sum::<u64>(), 432);
     }
 }

@@ -75,6 +75,23 @@ fn value<'a>(text: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// What the SDK client printed of its pre-boot calls (every run makes
+/// them); returns why it says the pre-boot stop was refused.
+fn assert_preboot_calls(o: &str) -> &str {
+    assert_eq!(
+        value(o, "fc-client: instance"),
+        Some("fc-sdk-vm state NotStarted app kiln"),
+        "{o}"
+    );
+    assert_eq!(
+        value(o, "fc-client: machine"),
+        Some("1 vcpu 256 MiB"),
+        "{o}"
+    );
+    assert!(o.contains("fc-client: drive set\n"), "{o}");
+    value(o, "fc-client: pre-boot stop refused:").unwrap_or_else(|| panic!("{o}"))
+}
+
 /// Kernel console lines that show the keyboard was found through ACPI at
 /// GSI 1 (IO-APIC pin 1; Linux numbers the IRQ itself, e.g. 25, as a
 /// hardware-reduced ACPI machine has no legacy IRQ range) and the guest
@@ -124,21 +141,7 @@ fn sdk_client_boots_pauses_and_stops_kiln() {
         Some(env!("CARGO_PKG_VERSION")),
         "{o}"
     );
-    assert_eq!(
-        value(&o, "fc-client: instance"),
-        Some("fc-sdk-vm state NotStarted app kiln"),
-        "{o}"
-    );
-    assert!(
-        value(&o, "fc-client: pre-boot stop refused:").is_some(),
-        "{o}"
-    );
-    assert_eq!(
-        value(&o, "fc-client: machine"),
-        Some("1 vcpu 256 MiB"),
-        "{o}"
-    );
-    assert!(o.contains("fc-client: drive set\n"), "{o}");
+    assert_preboot_calls(&o);
     assert_eq!(value(&o, "fc-client: after start"), Some("Running"), "{o}");
     assert_eq!(
         value(&o, "fc-client: pause"),
@@ -286,23 +289,9 @@ fn sdk_client_configures_kiln_before_boot() {
         .unwrap();
     let o = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{o}");
-    assert_eq!(
-        value(&o, "fc-client: instance"),
-        Some("fc-sdk-vm state NotStarted app kiln"),
-        "{o}"
-    );
+    let refused = assert_preboot_calls(&o);
     // The library cannot decode a fault into its empty response: the 400.
-    assert!(
-        value(&o, "fc-client: pre-boot stop refused:")
-            .is_some_and(|e| e.contains("fault") || e.contains("map")),
-        "{o}"
-    );
-    assert_eq!(
-        value(&o, "fc-client: machine"),
-        Some("1 vcpu 256 MiB"),
-        "{o}"
-    );
-    assert!(o.contains("fc-client: drive set\n"), "{o}");
+    assert!(refused.contains("fault") || refused.contains("map"), "{o}");
     assert!(o.contains("fc-client: pre-boot done\n"), "{o}");
     // Dropping the SDK's instance sends SIGTERM.
     assert_eq!(value(&o, "fc-client: vmm exit status"), Some("143"), "{o}");

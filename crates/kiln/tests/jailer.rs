@@ -94,10 +94,15 @@ impl Scratch {
 
     /// `kiln jailer --id ID --exec-file kiln --chroot-base-dir BASE --parent-cgroup P` + extra.
     fn jailer(&self, id: &str, extra: &[&str]) -> Command {
+        self.jailer_exec(id, &kiln(), extra)
+    }
+
+    /// [`Scratch::jailer`] jailing `exec` instead of kiln.
+    fn jailer_exec(&self, id: &str, exec: &Path, extra: &[&str]) -> Command {
         let mut c = Command::new(kiln());
         c.arg("jailer")
             .args(["--id", id, "--exec-file"])
-            .arg(kiln())
+            .arg(exec)
             .arg("--chroot-base-dir")
             .arg(&self.base)
             .args(["--parent-cgroup", &self.parent])
@@ -416,22 +421,8 @@ fn bad_input_is_refused_and_leaves_nothing() {
         &mut with_cg(&"a".repeat(65), &[]),
         "1 to 64 letters",
     );
-    let mut missing = Command::new(kiln());
-    missing
-        .args([
-            "jailer",
-            "--id",
-            "x1",
-            "--exec-file",
-            "/no/such/kiln",
-            "--uid",
-            "1234",
-            "--gid",
-            "1234",
-        ])
-        .arg("--chroot-base-dir")
-        .arg(&s.base)
-        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg]);
+    let mut missing = s.jailer_exec("x1", Path::new("/no/such/kiln"), &ok);
+    missing.args(["--cgroup", &cg]);
     refused(&s, "missing exec file", &mut missing, "/no/such/kiln");
     let mut root = s.jailer("x2", &["--uid", "0", "--gid", "0", "--cgroup", &cg]);
     refused(&s, "uid 0", &mut root, "--allow-root");
@@ -490,14 +481,14 @@ fn bad_input_is_refused_and_leaves_nothing() {
     let script = script_dir.join("script");
     fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut late = Command::new(kiln());
-    late.args(["jailer", "--id", "x8", "--exec-file"])
-        .arg(&script)
-        .arg("--chroot-base-dir")
-        .arg(&s.base)
-        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg])
-        .args(ok);
-    let out = late.output().unwrap();
+    let jail_script = |id: &str, extra: &[&str]| {
+        s.jailer_exec(id, &script, &ok)
+            .args(["--cgroup", &cg])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = jail_script("x8", &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("exec /script"), "{err}");
@@ -505,15 +496,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 
     // The same in a new PID namespace: the failing child is PID 1 there; the
     // parent waits for it and for the cleanup, and exits with its status.
-    let out = Command::new(kiln())
-        .args(["jailer", "--id", "x9", "--new-pid-ns", "--exec-file"])
-        .arg(&script)
-        .arg("--chroot-base-dir")
-        .arg(&s.base)
-        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg])
-        .args(ok)
-        .output()
-        .unwrap();
+    let out = jail_script("x9", &["--new-pid-ns"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
@@ -522,15 +505,7 @@ fn bad_input_is_refused_and_leaves_nothing() {
 
     // Daemonized: the jailer's first process has already exited 0 when the
     // exec fails; the cleaner still removes everything.
-    let out = Command::new(kiln())
-        .args(["jailer", "--id", "x10", "--daemonize", "--exec-file"])
-        .arg(&script)
-        .arg("--chroot-base-dir")
-        .arg(&s.base)
-        .args(["--parent-cgroup", &s.parent, "--cgroup", &cg])
-        .args(ok)
-        .output()
-        .unwrap();
+    let out = jail_script("x10", &["--daemonize"]);
     assert!(
         out.status.success(),
         "{}",

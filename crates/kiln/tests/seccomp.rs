@@ -112,6 +112,14 @@ fn only_vcpus_run_guests_and_only_the_api_and_vsock_open_sockets() {
     for kind in KINDS.iter().filter(|k| !matches!(**k, "vcpu")) {
         assert_killed(kind, libc::SYS_ioctl, &["-1", KVM_RUN]);
     }
+    // Non-blocking accepted sockets (ioctl FIONBIO) on the API and vsock.
+    for kind in ["api", "vsock"] {
+        assert_eq!(
+            assert_allowed(kind, libc::SYS_ioctl, &["-1", "0x5421"]),
+            libc::EBADF
+        );
+    }
+    assert_killed("vcpu", libc::SYS_ioctl, &["-1", "0x5421"]);
     for kind in ["api", "vsock"] {
         let errno = assert_allowed(kind, libc::SYS_socket, &[AF_UNIX, SOCK_STREAM, "0"]);
         assert_eq!(errno, 0, "{kind}");

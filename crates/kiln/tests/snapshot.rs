@@ -1,5 +1,5 @@
-//! Snapshots: a guest counting on its console, with a virtio-blk disk and a
-//! vsock listener, is paused, snapshotted, killed, and restored in new
+//! Snapshots: a guest counting on its console, with two virtio-blk disks
+//! (sync and io_uring engines), a balloon and a vsock listener, is paused, snapshotted, killed, and restored in new
 //! processes (`kiln restore`, `PUT /snapshot/load`, ten clones at once).
 //! Runs natively or in the lab (see common/mod.rs); the error paths that
 //! need no guest run here directly.
@@ -11,12 +11,19 @@ use std::time::Duration;
 use common::{section, Batch};
 
 /// The guest: an echo server on vsock port 5000 in the background, a
-/// string written and synced to /dev/vda, then a loop printing a counter
-/// and what the disk holds (page cache dropped, so it is read again).
+/// string written and synced to /dev/vda (sync engine) and one to /dev/vdb
+/// (io_uring engine), a background loop keeping /dev/vdb busy (writes,
+/// flushes, uncached reads: requests are in flight when the snapshot is
+/// taken) and printing io=N per round, then a loop printing a counter and
+/// what the disks hold (page cache dropped, so they are read again).
 fn guest_command() -> &'static str {
-    "kiln-agent vsock-echo 5000 & printf kiln-durable > /dev/vda; sync; i=0; \
-     while true; do i=$((i+1)); echo 3 > /proc/sys/vm/drop_caches; \
-     echo count=$i blk=$(head -c 12 /dev/vda); sleep 0.2; done"
+    "kiln-agent vsock-echo 5000 & printf kiln-durable > /dev/vda; \
+     printf uring-durable > /dev/vdb; sync; \
+     (j=0; while true; do j=$((j+1)); \
+     dd if=/dev/zero of=/dev/vdb bs=64k seek=16 count=16 conv=fsync 2>/dev/null; \
+     dd if=/dev/vdb of=/dev/null bs=64k skip=32 count=64 2>/dev/null; echo io=$j; done) & \
+     i=0; while true; do i=$((i+1)); echo 3 > /proc/sys/vm/drop_caches; \
+     echo count=$i blk=$(head -c 12 /dev/vda) ur=$(head -c 13 /dev/vdb); sleep 0.2; done"
 }
 
 fn cases() -> Vec<(&'static str, String)> {
@@ -35,15 +42,19 @@ fn cases() -> Vec<(&'static str, String)> {
                 r#"{wait_counts}; {counts}
 D=/tmp/snap; rm -rf $D; mkdir -p $D; cd $D
 dd if=/dev/zero of=disk.img bs=1M count=16 2>/dev/null
+dd if=/dev/zero of=uring.img bs=1M count=16 2>/dev/null
 cat > vm.json <<'EOF'
-{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- {guest}"}},
+{{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- \"{guest}\""}},
  "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
- "drives":[{{"drive_id":"data","path_on_host":"/tmp/snap/disk.img","is_root_device":false,"is_read_only":false}}],
+ "drives":[{{"drive_id":"data","path_on_host":"/tmp/snap/disk.img","is_root_device":false,"is_read_only":false}},
+  {{"drive_id":"uring","path_on_host":"/tmp/snap/uring.img","is_root_device":false,"is_read_only":false,"io_engine":"Async"}}],
+ "balloon":{{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":1}},
  "vsock":{{"guest_cid":3,"uds_path":"/tmp/snap/v.sock"}}}}
 EOF
 sed -i "s|@K@|$KILN_KERNEL|; s|@I@|$KILN_INITRD|" vm.json
 kiln vmm --api-sock $D/api.sock --config-file $D/vm.json > run1.log 2>&1 & P1=$!
 wait_counts run1.log 10
+echo '== balloon-set'; {api} $D/api.sock PATCH /balloon '{{"amount_mib":20}}'
 echo '== pause'; kiln pause --sock $D/api.sock; echo pause-status=$?
 echo '== create'; {api} $D/api.sock PUT /snapshot/create '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
 echo '== last'; counts run1.log | tail -1
@@ -56,14 +67,16 @@ echo '== restore'
 kiln restore --snapshot state --mem-file mem > run2.log 2>&1 & P2=$!
 wait_counts run2.log 3
 echo '== vsock'; $KILN_AGENT uds-send $D/v.sock 5000 1048576
+n=0; while ! grep -q '^io=' run2.log && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
 kill $P2; wait $P2
-echo '== run2'; grep count= run2.log | head -3; grep -i error run2.log | head -3
+echo '== run2'; grep count= run2.log | head -3; grep '^io=' run2.log | head -1; grep -i error run2.log | head -3
 echo '== load'
 kiln vmm --api-sock $D/api2.sock > run3.log 2>&1 & P3=$!
 n=0; until [ -S $D/api2.sock ] || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
 {api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_backend":{{"backend_type":"File","backend_path":"/tmp/snap/mem"}},"resume_vm":true}}'
 wait_counts run3.log 3
 echo '== state'; {api} $D/api2.sock GET /
+echo '== balloon'; {api} $D/api2.sock GET /balloon
 echo '== again'; {api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
 kill $P3; wait $P3
 echo '== run3'; grep count= run3.log | head -3
@@ -160,6 +173,12 @@ fn snapshot_restore_continues_the_guest() {
     let run2 = section(&o, "run2");
     assert_eq!(first_count(run2), last + 1, "{o}");
     assert!(run2.contains("blk=kiln-durable"), "{o}");
+    // The io_uring disk: its data is intact, and the I/O that was in
+    // flight when the snapshot was taken went on (a request lost or
+    // answered twice would hang the loop or fail it).
+    assert!(run2.contains("ur=uring-durable"), "{o}");
+    assert!(run2.lines().any(|l| l.starts_with("io=")), "{o}");
+    assert!(!run2.contains("I/O error"), "{o}");
     // "sent N SUM recv N SUM (...)": all bytes echoed back unchanged.
     let vsock = section(&o, "vsock");
     let f: Vec<&str> = vsock
@@ -175,6 +194,12 @@ fn snapshot_restore_continues_the_guest() {
     let run3 = section(&o, "run3");
     assert_eq!(first_count(run3), last + 1, "{o}");
     assert!(section(&o, "state").contains(r#""state":"Running""#), "{o}");
+    // The balloon target set after boot came back with the snapshot.
+    assert!(
+        section(&o, "balloon-set").starts_with("HTTP/1.1 204"),
+        "{o}"
+    );
+    assert!(section(&o, "balloon").contains(r#""amount_mib":20"#), "{o}");
     let again = section(&o, "again");
     assert!(again.starts_with("HTTP/1.1 400"), "{o}");
     assert!(again.contains("fault_message"), "{o}");

@@ -28,8 +28,9 @@ use sha2::{Digest, Sha256};
 
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"KILNSNAP";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes and reads. 2: virtio devices keep
+/// their own state (the balloon's) besides the transport's registers.
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 32;
 

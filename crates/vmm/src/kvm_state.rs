@@ -12,6 +12,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use std::sync::OnceLock;
 
 /// A KVM state ioctl failed.
 #[derive(Debug, thiserror::Error)]
@@ -31,16 +32,32 @@ fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 
 /// The MSRs worth saving on this host: KVM's list of MSRs it can save,
 /// reduced to those a read actually succeeds for (some are listed but
-/// refuse reads on some hosts).
-pub fn saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
+/// refuse reads on some hosts). The answer depends only on the host and on
+/// the CPUID every Kiln vCPU gets from it, so it is probed once per process
+/// (on the first snapshot) and shared by every vCPU after that.
+pub fn saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<&'static [u32]> {
+    static SAVEABLE: OnceLock<Vec<u32>> = OnceLock::new();
+    if let Some(list) = SAVEABLE.get() {
+        return Ok(list);
+    }
+    // Two vCPUs may probe at once; both find the same list.
+    let probed = probe_saveable_msrs(kvm_fd, vcpu)?;
+    Ok(SAVEABLE.get_or_init(|| probed))
+}
+
+/// [`saveable_msrs`] without the cache: reads KVM's whole list in as few
+/// KVM_GET_MSRS calls as it can, skipping each MSR a read stops at.
+fn probe_saveable_msrs(kvm_fd: &Kvm, vcpu: &VcpuFd) -> Result<Vec<u32>> {
     let list = kvm_fd
         .get_msr_index_list()
         .map_err(kvm("KVM_GET_MSR_INDEX_LIST"))?;
     let mut usable = Vec::with_capacity(list.as_slice().len());
-    for &index in list.as_slice() {
-        if read_msrs(vcpu, &[index])?.len() == 1 {
-            usable.push(index);
-        }
+    let mut rest = list.as_slice();
+    while !rest.is_empty() {
+        // KVM reads in order and stops at the first MSR it refuses.
+        let n = read_msrs(vcpu, rest)?.len();
+        usable.extend_from_slice(&rest[..n]);
+        rest = rest.get(n + 1..).unwrap_or_default();
     }
     Ok(usable)
 }
@@ -266,7 +283,12 @@ mod tests {
 
         let indices = saveable_msrs(&kvm_fd, &vcpu).unwrap();
         assert!(indices.contains(&0x174), "SYSENTER_CS is saveable");
-        let vcpu_state = save_vcpu(&vcpu, &indices).unwrap();
+        // The cached list is the probed one, and each MSR in it reads alone.
+        assert_eq!(indices, probe_saveable_msrs(&kvm_fd, &vcpu).unwrap());
+        for &index in indices {
+            assert_eq!(read_msrs(&vcpu, &[index]).unwrap().len(), 1, "{index:#x}");
+        }
+        let vcpu_state = save_vcpu(&vcpu, indices).unwrap();
         let vm_state = save_vm(&vm).unwrap();
         assert_eq!(vcpu_state.regs.rip, 0x1234_5678);
 
@@ -291,7 +313,7 @@ mod tests {
         assert_eq!(back.as_slice()[0].data, 0x42);
         assert_eq!(vm2.get_pit2().unwrap().channels[0].count, 0x1234);
         // Saving the restored machine gives the same vCPU registers.
-        let again = save_vcpu(&vcpu2, &indices).unwrap();
+        let again = save_vcpu(&vcpu2, indices).unwrap();
         assert_eq!(again.regs.rip, vcpu_state.regs.rip);
         assert_eq!(again.lapic.regs, vcpu_state.lapic.regs);
     }

@@ -18,6 +18,7 @@ use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kiln_devices::i8042::I8042Snapshot;
 use kiln_devices::serial::{Serial, SerialSnapshot};
 use kiln_devices::virtio::mmio::{MmioState, MmioTransport};
 use kiln_snapshot::state::{DeviceState, MicrovmState, VcpuState};
@@ -69,6 +70,7 @@ impl VmParts {
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 const SERIAL: &str = "serial";
+const I8042: &str = "i8042";
 const VIRTIO_MMIO: &str = "virtio-mmio";
 
 fn encode_part<T: serde::Serialize>(what: &str, v: &T) -> Result<Vec<u8>, String> {
@@ -130,6 +132,14 @@ impl VmHandle {
             data: encode_part(SERIAL, &serial.save_state())?,
         });
         drop(serial);
+        let keyboard = self.keyboard.lock().map_err(|_| "i8042 lock poisoned")?;
+        devices.push(DeviceState {
+            kind: I8042.into(),
+            id: String::new(),
+            base: kiln_devices::i8042::I8042_PORT,
+            data: encode_part(I8042, &keyboard.save_state())?,
+        });
+        drop(keyboard);
         for (base, t) in &parts.transports {
             let t = t.lock().map_err(|_| "virtio transport lock poisoned")?;
             devices.push(DeviceState {
@@ -200,7 +210,7 @@ fn save_one(kvm: &Kvm, index: u8, vcpu: &mut VcpuFd) -> Result<VcpuState, String
     vcpu.set_kvm_immediate_exit(0);
     r?;
     let msrs = kvm_state::saveable_msrs(kvm, vcpu).map_err(|e| e.to_string())?;
-    kvm_state::save_vcpu(vcpu, &msrs).map_err(|e| e.to_string())
+    kvm_state::save_vcpu(vcpu, msrs).map_err(|e| e.to_string())
 }
 
 impl Vmm {
@@ -275,6 +285,15 @@ impl Vmm {
                     devs.serial
                         .lock()
                         .map_err(|_| bad("serial lock poisoned".into()))?
+                        .restore_state(&s)
+                        .map_err(bad)?;
+                }
+                I8042 => {
+                    let s: I8042Snapshot = kiln_snapshot::from_bytes(&d.data)
+                        .map_err(|e| bad(format!("i8042: {e}")))?;
+                    devs.keyboard
+                        .lock()
+                        .map_err(|_| bad("i8042 lock poisoned".into()))?
                         .restore_state(&s)
                         .map_err(bad)?;
                 }

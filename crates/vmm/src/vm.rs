@@ -65,7 +65,7 @@ pub struct VmHandle {
     threads: Arc<Mutex<Vec<libc::pthread_t>>>,
     pub(crate) vcpus: usize,
     pub(crate) parts: Arc<crate::snapshot::VmParts>,
-    keyboard: Arc<Mutex<I8042>>,
+    pub(crate) keyboard: Arc<Mutex<I8042>>,
 }
 
 impl VmHandle {

@@ -143,6 +143,17 @@ impl BalloonHandle {
     }
 }
 
+/// What a snapshot keeps of a balloon beyond its configuration: the target
+/// and statistics interval as last set (through the API after boot), the
+/// size the guest last reported and its last statistics.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BalloonSnapshot {
+    target_pages: u32,
+    actual_pages: u32,
+    stats_interval_s: u32,
+    stats: Vec<(u16, u64)>,
+}
+
 /// The balloon device.
 pub struct Balloon {
     config: BalloonConfig,
@@ -177,6 +188,13 @@ impl Balloon {
     /// A handle for changing the target and reading statistics.
     pub fn handle(&self) -> BalloonHandle {
         BalloonHandle(self.shared.clone())
+    }
+}
+
+fn on_off(interval_s: u32) -> String {
+    match interval_s {
+        0 => "off".into(),
+        s => format!("every {s} s"),
     }
 }
 
@@ -429,6 +447,35 @@ impl VirtioDevice for Balloon {
         Ok(())
     }
 
+    fn save_state(&self) -> Option<super::DeviceSnapshot> {
+        let sh = &self.shared;
+        Some(super::DeviceSnapshot::Balloon(BalloonSnapshot {
+            target_pages: sh.target_pages.load(Ordering::SeqCst),
+            actual_pages: sh.actual_pages.load(Ordering::SeqCst),
+            stats_interval_s: sh.stats_interval_s.load(Ordering::SeqCst),
+            stats: sh.stats.lock().expect("balloon lock").clone(),
+        }))
+    }
+
+    fn restore_state(&mut self, state: &super::DeviceSnapshot) -> Result<(), String> {
+        let super::DeviceSnapshot::Balloon(s) = state;
+        // The statistics queue exists or not by configuration.
+        if (s.stats_interval_s == 0) != (self.config.stats_interval_s == 0) {
+            return Err(format!(
+                "balloon: the snapshot has statistics {}, the configuration {}",
+                on_off(s.stats_interval_s),
+                on_off(self.config.stats_interval_s)
+            ));
+        }
+        let sh = &self.shared;
+        sh.target_pages.store(s.target_pages, Ordering::SeqCst);
+        sh.actual_pages.store(s.actual_pages, Ordering::SeqCst);
+        sh.stats_interval_s
+            .store(s.stats_interval_s, Ordering::SeqCst);
+        *sh.stats.lock().expect("balloon lock") = s.stats.clone();
+        Ok(())
+    }
+
     fn reset(&mut self) {
         self.worker = None;
         *self.shared.interrupt.lock().expect("balloon lock") = None;
@@ -524,5 +571,49 @@ mod tests {
         h.set_target_mib(16);
         b.read_config(0, &mut cfg);
         assert_eq!(u32::from_le_bytes(cfg[..4].try_into().unwrap()), 16 * 256);
+    }
+
+    #[test]
+    fn target_and_stats_set_after_boot_survive_save_and_restore() {
+        let config = BalloonConfig {
+            target_mib: 8,
+            stats_interval_s: 5,
+            ..Default::default()
+        };
+        let mut a = Balloon::new(config.clone());
+        let h = a.handle();
+        h.set_target_mib(48);
+        h.set_stats_interval_s(2).unwrap();
+        a.write_config(4, &(3 * 256u32).to_le_bytes()); // the guest gave 3 MiB
+        *a.shared.stats.lock().unwrap() = vec![(tags::MEMFREE, 7 << 20)];
+        let saved = a.save_state().expect("a balloon keeps state");
+
+        // A balloon built from the configuration starts at the old values...
+        let mut b = Balloon::new(config);
+        let hb = b.handle();
+        assert_eq!((hb.stats().target_mib, hb.stats_interval_s()), (8, 5));
+        // ...and takes the saved ones.
+        b.restore_state(&saved).unwrap();
+        let st = hb.stats();
+        assert_eq!((st.target_mib, st.actual_mib), (48, 3));
+        assert_eq!(st.get(tags::MEMFREE), Some(7 << 20));
+        assert_eq!(hb.stats_interval_s(), 2);
+        let mut cfg = [0u8; 8];
+        b.read_config(0, &mut cfg);
+        assert_eq!(u32::from_le_bytes(cfg[..4].try_into().unwrap()), 48 * 256);
+        assert_eq!(b.save_state(), Some(saved.clone()));
+
+        // Statistics on in the snapshot, off in the configuration: refused,
+        // nothing changed.
+        let mut c = Balloon::new(BalloonConfig {
+            target_mib: 1,
+            ..Default::default()
+        });
+        let err = c.restore_state(&saved).unwrap_err();
+        assert!(
+            err.contains("statistics every 2 s, the configuration off"),
+            "{err}"
+        );
+        assert_eq!(c.handle().stats().target_mib, 1);
     }
 }

@@ -574,6 +574,7 @@ impl VirtioDevice for Block {
                 Next::Continue
             }),
             BlockEngine::IoUring => {
+<<<<<<< HEAD
                 // The ring is set up on the worker thread, under its filter:
                 // only that thread may create and drive io_uring instances.
                 let setup = move || -> std::io::Result<(Vec<_>, Handler)> {
@@ -596,6 +597,35 @@ impl VirtioDevice for Block {
                             _ => {
                                 let _ = evt.read();
                             }
+=======
+                let mut engine = uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("io_uring engine: {e}")))
+                    .map_err(io_err)?;
+                fds.push((engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN));
+                // The engine is moved into the handler: when the worker stops
+                // (reset, drop) the handler is dropped on the worker thread,
+                // and the engine's Drop waits for the requests in flight.
+                Worker::spawn_quiescing(name, fds, move |token, _| {
+                    match token {
+                        // Pausing: complete what is in flight, take nothing new.
+                        super::worker::QUIESCE => {
+                            match engine.complete_in_flight(&mut backend, &mut queue) {
+                                Ok(true) => interrupt.signal_used(),
+                                Ok(false) => {}
+                                Err(e) => log::error!(
+                                    "block: waiting for io_uring requests before pausing: {e}"
+                                ),
+                            }
+                            return Next::Continue;
+                        }
+                        TOKEN_LIMITER => limiter.event_handler(),
+                        TOKEN_COMPLETION => engine.clear_notification(),
+                        // Requests in flight keep their own handle on the
+                        // old file and complete on it.
+                        TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
+                        _ => {
+                            let _ = evt.read();
+>>>>>>> main
                         }
                         let mut used = engine.process_completions(&mut backend, &mut queue);
                         used |= engine.drain_queue(&mut backend, &mut queue, Some(&mut limiter));
@@ -1308,6 +1338,47 @@ mod tests {
         }
     }
 
+    /// Before a pause, the io_uring engine completes every request it has in
+    /// flight, popping no new one: the used ring then holds every chain taken.
+    #[test]
+    fn block_io_uring_completes_in_flight_requests() {
+        let (mut be, path) = backend(&vec![7u8; BLOCKS * BLOCK], false, BlockEngine::IoUring);
+        let mut bq = BigQueue::new();
+        for i in 0..BLOCKS {
+            let sector = (i * BLOCK) as u64 / SECTOR_SIZE;
+            let kind = [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT][i % 2];
+            let data = if i % 2 == 0 {
+                Buf::W(BLOCK as u32)
+            } else {
+                Buf::R(pattern(i))
+            };
+            bq.push(&[Buf::R(header(kind, sector)), data, Buf::W(1)]);
+        }
+        let mut queue = bq.queue();
+        let mut eng = uring::IoUringEngine::new(bq.mem.clone(), 32).unwrap();
+        eng.drain_queue(&mut be, &mut queue, None);
+        let taken = usize::from(bq.used_idx()) + eng.in_flight();
+        assert_eq!(taken, 32, "the ring took its depth");
+        eng.complete_in_flight(&mut be, &mut queue).unwrap();
+        assert_eq!(eng.in_flight(), 0);
+        assert_eq!(
+            usize::from(bq.used_idx()),
+            taken,
+            "each taken chain is used"
+        );
+        assert_eq!(queue.next_avail(), bq.used_idx(), "nothing new was popped");
+        // Heads are 3 * i: reads (even i) return the data and the status.
+        let want = |h: u16| {
+            if (h / 3).is_multiple_of(2) {
+                BLOCK as u32 + 1
+            } else {
+                1
+            }
+        };
+        assert!(bq.used().iter().all(|&(h, len)| len == want(h)));
+        std::fs::remove_file(path).unwrap();
+    }
+
     /// Through the device and its worker thread: requests complete and
     /// raise the interrupt; a reset with requests in flight returns only
     /// when nothing can write to guest memory any more.
@@ -1337,10 +1408,24 @@ mod tests {
             }
             kick.write(1).unwrap();
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while usize::from(bq.used_idx()) < BLOCKS / 2 {
-                assert!(std::time::Instant::now() < deadline, "{engine}: timed out");
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+            let wait_used = |bq: &BigQueue, n: usize| {
+                while usize::from(bq.used_idx()) < n {
+                    assert!(std::time::Instant::now() < deadline, "{engine}: timed out");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            };
+            // Nothing completes, nothing writes guest memory, for 100 ms.
+            let still = |bq: &BigQueue, when: &str| {
+                let idx = bq.used_idx();
+                let before = bq.read(0, 8 << 20);
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                assert_eq!(bq.used_idx(), idx, "{engine}: a completion {when}");
+                assert!(
+                    bq.read(0, 8 << 20) == before,
+                    "{engine}: guest memory written {when}"
+                );
+            };
+            wait_used(&bq, BLOCKS / 2);
             let mut pfd = libc::pollfd {
                 fd: irq.as_raw_fd(),
                 events: libc::POLLIN,
@@ -1351,25 +1436,42 @@ mod tests {
             assert_eq!(n, 1, "{engine}: interrupt raised");
             assert!(bq.used().iter().all(|u| u.1 == 1), "{engine}");
 
-            // Reads kicked and reset at once: some may be in flight.
-            for i in 0..BLOCKS / 2 {
-                let sector = (i * BLOCK) as u64 / SECTOR_SIZE;
-                bq.push(&[
-                    Buf::R(header(VIRTIO_BLK_T_IN, sector)),
-                    Buf::W(BLOCK as u32),
-                    Buf::W(1),
-                ]);
+            // (head, data buffer) of each read.
+            let reads = |bq: &mut BigQueue| {
+                let r: Vec<(u16, u64)> = (0..BLOCKS / 4)
+                    .map(|i| {
+                        let sector = (i * BLOCK) as u64 / SECTOR_SIZE;
+                        let (head, a) = bq.push(&[
+                            Buf::R(header(VIRTIO_BLK_T_IN, sector)),
+                            Buf::W(BLOCK as u32),
+                            Buf::W(1),
+                        ]);
+                        (head, a[1])
+                    })
+                    .collect();
+                kick.write(1).unwrap();
+                r
+            };
+            // Reads kicked and paused at once: each read the device did is in
+            // the used ring when the pause returns, and nothing (not even the
+            // kernel's io_uring) writes guest memory while it is paused.
+            let paused_reads = reads(&mut bq);
+            let worker = dev.worker().expect("active");
+            assert!(worker.pause(std::time::Duration::from_secs(5)), "{engine}");
+            let used: Vec<u16> = bq.used().iter().map(|u| u.0).collect();
+            for (i, (head, data)) in paused_reads.iter().enumerate() {
+                if bq.read(*data, BLOCK) == pattern(i) {
+                    assert!(used.contains(head), "{engine}: read {i} done, not used");
+                }
             }
-            kick.write(1).unwrap();
+            still(&bq, "while paused");
+            worker.resume();
+            wait_used(&bq, BLOCKS / 2 + BLOCKS / 4);
+
+            // Reads kicked and reset at once: some may be in flight.
+            reads(&mut bq);
             dev.reset();
-            let idx = bq.used_idx();
-            let before = bq.read(0, 8 << 20);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            assert_eq!(bq.used_idx(), idx, "{engine}: no completion after reset");
-            assert!(
-                bq.read(0, 8 << 20) == before,
-                "{engine}: guest memory unchanged after reset"
-            );
+            still(&bq, "after reset");
             drop(dev);
             std::fs::remove_file(path).unwrap();
         }

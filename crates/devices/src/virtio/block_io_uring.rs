@@ -15,6 +15,10 @@
 //! answered synchronously by [`BlockBackend::process`], exactly as in the
 //! sync engine. The rate limiter admits each request before it is submitted.
 //!
+//! Before the device worker pauses (pause, snapshot) it completes every
+//! request in flight ([`IoUringEngine::complete_in_flight`]), so a paused
+//! disk has no request outstanding and its used ring is in order.
+//!
 //! Dropping the engine (device reset, worker exit) waits for every in-flight
 //! request to complete and discards the completions, so nothing touches
 //! guest memory (buffers, status bytes, used ring) after the worker is gone.
@@ -257,6 +261,24 @@ impl IoUringEngine {
                 self.submit();
             }
         }
+    }
+
+    /// Waits for every request in flight and completes it (status byte, used
+    /// ring) without popping new ones: afterwards the used ring accounts for
+    /// every chain the engine took, as a paused device for a snapshot must
+    /// (restore resumes each queue at its used index). Returns whether any
+    /// chain was added to the used ring.
+    pub fn complete_in_flight(
+        &mut self,
+        backend: &mut BlockBackend,
+        queue: &mut Queue,
+    ) -> io::Result<bool> {
+        let mut used = false;
+        while self.in_flight() > 0 {
+            self.wait_for_completion()?;
+            used |= self.process_completions(backend, queue);
+        }
+        Ok(used)
     }
 
     /// Blocks until at least one request completes (or none is in flight).

@@ -322,6 +322,8 @@ pub struct MmioState {
     pub activated: bool,
     /// Each queue's registers.
     pub queues: Vec<QueueRegs>,
+    /// The device's own state, if it keeps any.
+    pub device: Option<super::DeviceSnapshot>,
 }
 
 /// One queue's driver-written registers.
@@ -376,6 +378,7 @@ impl MmioTransport {
                     used: q.used_ring(),
                 })
                 .collect(),
+            device: self.device.save_state(),
         }
     }
 
@@ -398,6 +401,9 @@ impl MmioTransport {
                 st.queues.len(),
                 self.queues.len()
             ));
+        }
+        if let Some(d) = &st.device {
+            self.device.restore_state(d)?;
         }
         for (q, r) in self.queues.iter_mut().zip(&st.queues) {
             q.set_size(r.size);
@@ -614,9 +620,15 @@ mod tests {
         let (mut c, activated, _, _) = transport_on(mem.clone());
         assert!(c.restore_state(&other).unwrap_err().contains("type 2"));
         assert_eq!(*activated.lock().unwrap(), None);
-        let mut other = st;
+        let mut other = st.clone();
         other.queues.pop();
         assert!(c.restore_state(&other).unwrap_err().contains("queues"));
+        // So is device state for a device that keeps none.
+        let mut other = st;
+        other.device = crate::virtio::balloon::Balloon::new(Default::default()).save_state();
+        let err = c.restore_state(&other).unwrap_err();
+        assert!(err.contains("state this device does not keep"), "{err}");
+        assert_eq!(*activated.lock().unwrap(), None);
     }
 
     #[test]

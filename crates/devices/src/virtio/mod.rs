@@ -143,6 +143,13 @@ impl DeviceMetrics {
     }
 }
 
+/// A device's own state in a snapshot (see [`VirtioDevice::save_state`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DeviceSnapshot {
+    /// The balloon's target, reported size and statistics settings.
+    Balloon(balloon::BalloonSnapshot),
+}
+
 /// A virtio device model.
 pub trait VirtioDevice: Send {
     /// Short name for logs (e.g. "block rootfs").
@@ -168,6 +175,19 @@ pub trait VirtioDevice: Send {
     /// Called once the device was activated again from a snapshot, in a new
     /// VMM: what the guest's driver knew of the old backend is stale.
     fn restored(&mut self) {}
+    /// State of the device's own a snapshot keeps besides the transport's
+    /// registers and guest memory (most devices have none).
+    fn save_state(&self) -> Option<DeviceSnapshot> {
+        None
+    }
+    /// Loads what [`Self::save_state`] gave, before the device is activated
+    /// again.
+    fn restore_state(&mut self, _state: &DeviceSnapshot) -> Result<(), String> {
+        Err(format!(
+            "{}: the snapshot has state this device does not keep",
+            self.name()
+        ))
+    }
     /// The worker thread, while the device is active (to pause it for a
     /// snapshot).
     fn worker(&self) -> Option<&worker::Worker>;

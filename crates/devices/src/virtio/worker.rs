@@ -11,6 +11,10 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 const CONTROL_TOKEN: u64 = u64::MAX;
+/// The token a worker spawned with [`Worker::spawn_quiescing`] passes its
+/// handler before it pauses: finish the work in flight (complete it to the
+/// guest), start nothing new.
+pub const QUIESCE: u64 = u64::MAX - 1;
 
 /// What the control eventfd asks of the thread.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -66,6 +70,36 @@ impl Worker {
         kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
         handler: F,
+<<<<<<< HEAD
+=======
+    ) -> std::io::Result<Self>
+    where
+        F: FnMut(u64, EventSet) -> Next + Send + 'static,
+    {
+        Self::spawn_inner(name, fds, handler, false)
+    }
+
+    /// [`Worker::spawn`] for a device that has work in flight between
+    /// events (asynchronous I/O): before pausing, the thread calls
+    /// `handler(QUIESCE, EventSet::empty())`, which must complete that work,
+    /// so a paused device has every request it took in the used ring.
+    pub fn spawn_quiescing<F>(
+        name: String,
+        fds: Vec<(RawFd, u64, EventSet)>,
+        handler: F,
+    ) -> std::io::Result<Self>
+    where
+        F: FnMut(u64, EventSet) -> Next + Send + 'static,
+    {
+        Self::spawn_inner(name, fds, handler, true)
+    }
+
+    fn spawn_inner<F>(
+        name: String,
+        fds: Vec<(RawFd, u64, EventSet)>,
+        mut handler: F,
+        quiesce: bool,
+>>>>>>> main
     ) -> std::io::Result<Self>
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
@@ -104,6 +138,7 @@ impl Worker {
         });
         let thread_control = control.clone();
         let thread_kick = kick.try_clone()?;
+<<<<<<< HEAD
         let (ready_tx, ready) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         let thread_name = name.clone();
         let handle = kiln_seccomp::spawn(kind, thread_name, move || {
@@ -137,6 +172,34 @@ impl Worker {
                     if ev.data() == CONTROL_TOKEN {
                         let _ = thread_kick.read();
                         if !obey(&thread_control) {
+=======
+        let handle = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 16];
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => {
+                            log::error!("{name}: epoll_wait: {e}");
+                            return;
+                        }
+                    };
+                    for ev in &events[..n] {
+                        if ev.data() == CONTROL_TOKEN {
+                            let _ = thread_kick.read();
+                            if quiesce && *thread_control.lock() == Mode::Pause {
+                                handler(QUIESCE, EventSet::empty());
+                            }
+                            if !obey(&thread_control) {
+                                return;
+                            }
+                            continue;
+                        }
+                        if let Next::Stop = handler(ev.data(), ev.event_set()) {
+                            log::error!("{name}: worker stopped");
+>>>>>>> main
                             return;
                         }
                         continue;
@@ -283,5 +346,42 @@ mod tests {
             !w.pause(Duration::from_millis(10)),
             "a stopped worker cannot pause"
         );
+    }
+
+    #[test]
+    fn a_quiescing_worker_finishes_its_work_before_it_pauses() {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        // Work "in flight": taken by an event, finished only on QUIESCE.
+        let (taken, finished) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (t, f, e) = (taken.clone(), finished.clone(), evt.try_clone().unwrap());
+        let w = Worker::spawn_quiescing(
+            "test_quiesce".into(),
+            vec![(evt.as_raw_fd(), 1, EventSet::IN)],
+            move |token, _| {
+                if token == QUIESCE {
+                    f.store(t.load(Ordering::SeqCst), Ordering::SeqCst);
+                } else {
+                    t.fetch_add(e.read().unwrap_or(0), Ordering::SeqCst);
+                }
+                Next::Continue
+            },
+        )
+        .unwrap();
+        evt.write(4).unwrap();
+        for _ in 0..200 {
+            if taken.load(Ordering::SeqCst) == 4 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(finished.load(Ordering::SeqCst), 0);
+        assert!(w.pause(Duration::from_secs(2)));
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            4,
+            "paused with work in flight"
+        );
+        assert!(w.pause(Duration::from_secs(2)), "pausing again is fine");
+        w.resume();
     }
 }
