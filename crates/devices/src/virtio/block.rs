@@ -574,7 +574,6 @@ impl VirtioDevice for Block {
                 Next::Continue
             }),
             BlockEngine::IoUring => {
-<<<<<<< HEAD
                 // The ring is set up on the worker thread, under its filter:
                 // only that thread may create and drive io_uring instances.
                 let setup = move || -> std::io::Result<(Vec<_>, Handler)> {
@@ -589,6 +588,17 @@ impl VirtioDevice for Block {
                     // requests in flight.
                     let handler = move |token, _| {
                         match token {
+                            // Pausing: complete what is in flight, take nothing new.
+                            super::worker::QUIESCE => {
+                                match engine.complete_in_flight(&mut backend, &mut queue) {
+                                    Ok(true) => interrupt.signal_used(),
+                                    Ok(false) => {}
+                                    Err(e) => log::error!(
+                                        "block: waiting for io_uring requests before pausing: {e}"
+                                    ),
+                                }
+                                return Next::Continue;
+                            }
                             TOKEN_LIMITER => limiter.event_handler(),
                             TOKEN_COMPLETION => engine.clear_notification(),
                             // Requests in flight keep their own handle on the
@@ -597,35 +607,6 @@ impl VirtioDevice for Block {
                             _ => {
                                 let _ = evt.read();
                             }
-=======
-                let mut engine = uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("io_uring engine: {e}")))
-                    .map_err(io_err)?;
-                fds.push((engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN));
-                // The engine is moved into the handler: when the worker stops
-                // (reset, drop) the handler is dropped on the worker thread,
-                // and the engine's Drop waits for the requests in flight.
-                Worker::spawn_quiescing(name, fds, move |token, _| {
-                    match token {
-                        // Pausing: complete what is in flight, take nothing new.
-                        super::worker::QUIESCE => {
-                            match engine.complete_in_flight(&mut backend, &mut queue) {
-                                Ok(true) => interrupt.signal_used(),
-                                Ok(false) => {}
-                                Err(e) => log::error!(
-                                    "block: waiting for io_uring requests before pausing: {e}"
-                                ),
-                            }
-                            return Next::Continue;
-                        }
-                        TOKEN_LIMITER => limiter.event_handler(),
-                        TOKEN_COMPLETION => engine.clear_notification(),
-                        // Requests in flight keep their own handle on the
-                        // old file and complete on it.
-                        TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
-                        _ => {
-                            let _ = evt.read();
->>>>>>> main
                         }
                         let mut used = engine.process_completions(&mut backend, &mut queue);
                         used |= engine.drain_queue(&mut backend, &mut queue, Some(&mut limiter));
@@ -636,7 +617,7 @@ impl VirtioDevice for Block {
                     };
                     Ok((fds, Box::new(handler) as Handler))
                 };
-                Worker::spawn_with(name, ThreadKind::BlockIoUring, fds, Box::new(setup))
+                Worker::spawn_with(name, ThreadKind::BlockIoUring, fds, Box::new(setup), true)
             }
         }
         .map_err(|source| ActivateError::Io {

@@ -70,36 +70,6 @@ impl Worker {
         kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
         handler: F,
-<<<<<<< HEAD
-=======
-    ) -> std::io::Result<Self>
-    where
-        F: FnMut(u64, EventSet) -> Next + Send + 'static,
-    {
-        Self::spawn_inner(name, fds, handler, false)
-    }
-
-    /// [`Worker::spawn`] for a device that has work in flight between
-    /// events (asynchronous I/O): before pausing, the thread calls
-    /// `handler(QUIESCE, EventSet::empty())`, which must complete that work,
-    /// so a paused device has every request it took in the used ring.
-    pub fn spawn_quiescing<F>(
-        name: String,
-        fds: Vec<(RawFd, u64, EventSet)>,
-        handler: F,
-    ) -> std::io::Result<Self>
-    where
-        F: FnMut(u64, EventSet) -> Next + Send + 'static,
-    {
-        Self::spawn_inner(name, fds, handler, true)
-    }
-
-    fn spawn_inner<F>(
-        name: String,
-        fds: Vec<(RawFd, u64, EventSet)>,
-        mut handler: F,
-        quiesce: bool,
->>>>>>> main
     ) -> std::io::Result<Self>
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
@@ -109,18 +79,43 @@ impl Worker {
             kind,
             fds,
             Box::new(move || Ok((Vec::new(), Box::new(handler) as Handler))),
+            false,
+        )
+    }
+
+    /// [`Worker::spawn`] for a device that has work in flight between
+    /// events (asynchronous I/O): before pausing, the thread calls
+    /// `handler(QUIESCE, EventSet::empty())`, which must complete that work,
+    /// so a paused device has every request it took in the used ring.
+    pub fn spawn_quiescing<F>(
+        name: String,
+        kind: ThreadKind,
+        fds: Vec<(RawFd, u64, EventSet)>,
+        handler: F,
+    ) -> std::io::Result<Self>
+    where
+        F: FnMut(u64, EventSet) -> Next + Send + 'static,
+    {
+        Self::spawn_with(
+            name,
+            kind,
+            fds,
+            Box::new(move || Ok((Vec::new(), Box::new(handler) as Handler))),
+            true,
         )
     }
 
     /// [`Worker::spawn`] with the handler made by `setup` on the new thread,
     /// under its filter (a backend whose set-up needs syscalls only that
     /// thread may make, such as io_uring's). An error of `setup` is
-    /// returned here and the thread ends.
+    /// returned here and the thread ends. `quiesce`: see
+    /// [`Worker::spawn_quiescing`].
     pub fn spawn_with(
         name: String,
         kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
         setup: Setup,
+        quiesce: bool,
     ) -> std::io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
@@ -138,7 +133,6 @@ impl Worker {
         });
         let thread_control = control.clone();
         let thread_kick = kick.try_clone()?;
-<<<<<<< HEAD
         let (ready_tx, ready) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
         let thread_name = name.clone();
         let handle = kiln_seccomp::spawn(kind, thread_name, move || {
@@ -171,35 +165,10 @@ impl Worker {
                 for ev in &events[..n] {
                     if ev.data() == CONTROL_TOKEN {
                         let _ = thread_kick.read();
+                        if quiesce && *thread_control.lock() == Mode::Pause {
+                            handler(QUIESCE, EventSet::empty());
+                        }
                         if !obey(&thread_control) {
-=======
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let mut events = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("{name}: epoll_wait: {e}");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        if ev.data() == CONTROL_TOKEN {
-                            let _ = thread_kick.read();
-                            if quiesce && *thread_control.lock() == Mode::Pause {
-                                handler(QUIESCE, EventSet::empty());
-                            }
-                            if !obey(&thread_control) {
-                                return;
-                            }
-                            continue;
-                        }
-                        if let Next::Stop = handler(ev.data(), ev.event_set()) {
-                            log::error!("{name}: worker stopped");
->>>>>>> main
                             return;
                         }
                         continue;
@@ -356,6 +325,7 @@ mod tests {
         let (t, f, e) = (taken.clone(), finished.clone(), evt.try_clone().unwrap());
         let w = Worker::spawn_quiescing(
             "test_quiesce".into(),
+            ThreadKind::Rng,
             vec![(evt.as_raw_fd(), 1, EventSet::IN)],
             move |token, _| {
                 if token == QUIESCE {
