@@ -27,8 +27,19 @@ pub fn request(
     uri: &str,
     body: Option<&str>,
 ) -> io::Result<ClientResponse> {
+    request_timeout(sock, method, uri, body, Some(Duration::from_secs(30)))
+}
+
+/// [`request`], waiting at most `timeout` (`None`: forever) for the answer.
+pub fn request_timeout(
+    sock: &Path,
+    method: &str,
+    uri: &str,
+    body: Option<&str>,
+    timeout: Option<Duration>,
+) -> io::Result<ClientResponse> {
     let mut stream = UnixStream::connect(sock)?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_read_timeout(timeout)?;
     let mut req = format!("{method} {uri} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(b) = body {
         req.push_str(&format!(

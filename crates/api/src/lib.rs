@@ -9,6 +9,7 @@ pub mod client;
 pub mod fuzz_harness;
 pub mod http;
 pub mod metrics;
+pub mod migrate;
 pub mod models;
 pub mod preboot;
 pub mod router;
@@ -117,6 +118,16 @@ pub trait VmControl: Send + Sync {
     fn load_snapshot(&self, _p: &snapshot::SnapshotLoadParams) -> Result<(), ApiError> {
         Err(ApiError::Invalid(preboot::AFTER_START.into()))
     }
+    /// `PUT /migrate` (Kiln extension): migrates the running VM, returning
+    /// once the destination runs it. Default: not possible.
+    fn migrate(&self, _p: &migrate::MigrateParams) -> Result<migrate::MigrationReport, ApiError> {
+        Err(ApiError::Invalid(
+            "This microVM cannot be migrated (start it with `kiln vmm`)".into(),
+        ))
+    }
+    /// Called by the server once a response has been handed to the
+    /// connection (after a migration, the VMM exits from here).
+    fn after_response(&self) {}
 }
 
 #[cfg(test)]

@@ -52,7 +52,8 @@ pub struct MachineConfig {
     /// Simultaneous multithreading: not supported (must be false).
     #[serde(default)]
     pub smt: bool,
-    /// Accepted for compatibility; Kiln does not track dirty pages.
+    /// Log the pages the guest and the devices write (needed for diff
+    /// snapshots).
     #[serde(default)]
     pub track_dirty_pages: bool,
 }
@@ -826,6 +827,21 @@ impl VmControl for PreBootVm {
         vm.create_snapshot(p)
     }
 
+    fn migrate(
+        &self,
+        p: &crate::migrate::MigrateParams,
+    ) -> Result<crate::migrate::MigrationReport, ApiError> {
+        // Not holding the state lock: a migration takes a while.
+        let vm = self.running()?;
+        vm.migrate(p)
+    }
+
+    fn after_response(&self) {
+        if let Ok(vm) = self.running() {
+            vm.after_response();
+        }
+    }
+
     fn load_snapshot(&self, p: &crate::snapshot::SnapshotLoadParams) -> Result<(), ApiError> {
         let mut s = self.state();
         if let Stage::Running(_) = s.stage {
@@ -838,7 +854,7 @@ impl VmControl for PreBootVm {
                 "Loading a microVM snapshot is not allowed after configuring boot-specific resources.",
             ));
         }
-        p.memory_file().map_err(invalid)?;
+        p.memory_backend().map_err(invalid)?;
         let (running, res) = self
             .starter
             .restore(p)

@@ -160,6 +160,13 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
             Ok(p) => result(vm.load_snapshot(&p)),
             Err(resp) => resp,
         },
+        ("PUT", "/migrate") => match parse_body::<crate::migrate::MigrateParams>(req) {
+            Ok(p) => match vm.migrate(&p) {
+                Ok(report) => Response::json(&report),
+                Err(e) => fault(e),
+            },
+            Err(resp) => resp,
+        },
         ("PUT", "/actions") => match parse_body::<Action>(req) {
             Ok(Action {
                 action_type: ActionType::InstanceStart,

@@ -533,6 +533,7 @@ impl Conn {
                     }
                     self.request_started = (!self.parser.is_idle()).then_some(now);
                     self.respond(|o| resp.encode(o, !req.keep_alive), now);
+                    vm.after_response();
                     if budget == 0 && self.phase == Phase::Open && !self.parser.is_idle() {
                         // The rest next turn (reading waits until then).
                         self.more = true;
@@ -618,6 +619,7 @@ pub fn serve_connection(
             log::debug!("api: cannot write the response: {e}");
             return;
         }
+        vm.after_response();
         if close {
             return;
         }

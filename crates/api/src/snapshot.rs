@@ -98,25 +98,17 @@ pub struct SnapshotLoadParams {
 }
 
 impl SnapshotLoadParams {
-    /// The memory file to map, checking the rules Firecracker applies to
-    /// the two `mem_*` fields; other backends get a clear refusal.
-    pub fn memory_file(&self) -> Result<&str, String> {
+    /// The memory backend and its path (the memory file, or the Unix socket
+    /// of a `Uffd` page-fault handler), checking the rules Firecracker
+    /// applies to the two `mem_*` fields.
+    pub fn memory_backend(&self) -> Result<(MemBackendType, &str), String> {
         match (&self.mem_file_path, &self.mem_backend) {
             (Some(_), Some(_)) => {
                 Err("only one of mem_file_path and mem_backend may be given".into())
             }
             (None, None) => Err("one of mem_file_path or mem_backend is required".into()),
-            (Some(p), None) => Ok(p),
-            (
-                None,
-                Some(MemBackend {
-                    backend_type: MemBackendType::File,
-                    backend_path,
-                }),
-            ) => Ok(backend_path),
-            (None, Some(MemBackend { .. })) => {
-                Err("the Uffd memory backend is not supported by Kiln yet; use File".into())
-            }
+            (Some(p), None) => Ok((MemBackendType::File, p)),
+            (None, Some(b)) => Ok((b.backend_type, &b.backend_path)),
         }
     }
 }
@@ -141,18 +133,18 @@ mod tests {
                 "resume_vm":true,"network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}]}"#,
         )
         .unwrap();
-        assert_eq!(l.memory_file().unwrap(), "m");
+        assert_eq!(l.memory_backend().unwrap(), (MemBackendType::File, "m"));
         assert!(l.resume_vm);
         let both = SnapshotLoadParams {
             mem_file_path: Some("m".into()),
             ..l.clone()
         };
-        assert!(both.memory_file().unwrap_err().contains("only one"));
+        assert!(both.memory_backend().unwrap_err().contains("only one"));
         let none = SnapshotLoadParams {
             mem_backend: None,
             ..l.clone()
         };
-        assert!(none.memory_file().unwrap_err().contains("required"));
+        assert!(none.memory_backend().unwrap_err().contains("required"));
         let uffd = SnapshotLoadParams {
             mem_backend: Some(MemBackend {
                 backend_type: MemBackendType::Uffd,
@@ -160,7 +152,10 @@ mod tests {
             }),
             ..l
         };
-        assert!(uffd.memory_file().unwrap_err().contains("Uffd"));
+        assert_eq!(
+            uffd.memory_backend().unwrap(),
+            (MemBackendType::Uffd, "/sock")
+        );
         assert!(
             serde_json::from_str::<SnapshotLoadParams>(r#"{"snapshot_path":"s","x":1}"#).is_err()
         );

@@ -235,3 +235,83 @@ fn every_spec_endpoint_gets_a_clear_answer() {
         );
     }
 }
+
+/// A running VM that "migrates" and counts the responses it was told of.
+struct Migrating {
+    responded: Arc<Mutex<Vec<bool>>>,
+    migrated: Mutex<bool>,
+}
+
+impl VmControl for Migrating {
+    fn instance_info(&self) -> InstanceInfo {
+        Running {
+            interval: Mutex::new(0),
+        }
+        .instance_info()
+    }
+    fn balloon(&self) -> Result<Balloon, ApiError> {
+        Err(ApiError::NoBalloon)
+    }
+    fn update_balloon(&self, _: &BalloonUpdate) -> Result<(), ApiError> {
+        Err(ApiError::NoBalloon)
+    }
+    fn balloon_stats(&self) -> Result<BalloonStats, ApiError> {
+        Err(ApiError::NoBalloon)
+    }
+    fn migrate(&self, p: &migrate::MigrateParams) -> Result<migrate::MigrationReport, ApiError> {
+        if p.destination.starts_with("unix:/gone") {
+            return Err(ApiError::Invalid("the migration peer disconnected".into()));
+        }
+        *self.migrated.lock().unwrap() = true;
+        Ok(migrate::MigrationReport {
+            rounds: p.max_rounds,
+            bytes_sent: 4096,
+            final_bytes: 0,
+            total_ms: 1.5,
+            downtime_ms: p.downtime_ms as f64,
+        })
+    }
+    fn after_response(&self) {
+        self.responded
+            .lock()
+            .unwrap()
+            .push(*self.migrated.lock().unwrap());
+    }
+}
+
+#[test]
+fn migrate_answers_with_the_figures_then_tells_the_vm() {
+    let (v, _) = new_vm();
+    let body = r#"{"destination":"unix:/m.sock"}"#;
+    let m = fault(&req(&v, "PUT", "/migrate", Some(body)));
+    assert!(m.contains("not supported before starting"), "{m}");
+
+    let responded = Arc::new(Mutex::new(Vec::new()));
+    v.set_running(
+        VmResources::default(),
+        Arc::new(Migrating {
+            responded: responded.clone(),
+            migrated: Mutex::new(false),
+        }),
+    );
+    let m = fault(&req(&v, "PUT", "/migrate", Some(r#"{"to":"x"}"#)));
+    assert!(m.contains("unknown field `to`"), "{m}");
+    let m = fault(&req(
+        &v,
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination":"unix:/gone"}"#),
+    ));
+    assert!(m.contains("disconnected"), "{m}");
+    let r = req(
+        &v,
+        "PUT",
+        "/migrate",
+        Some(r#"{"destination":"tcp:h:1","downtime_ms":7,"max_rounds":2}"#),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    let rep: migrate::MigrationReport = serde_json::from_str(&r.body).unwrap();
+    assert_eq!((rep.rounds, rep.downtime_ms), (2, 7.0));
+    // Told after each response, the last one after the successful migration.
+    assert_eq!(*responded.lock().unwrap(), vec![false, false, true]);
+}

@@ -25,6 +25,7 @@
 //! rest            guest memory image, copied at guest address 0
 //! ```
 
+use crate::GuestMem;
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
@@ -35,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::virtio::block::{self, Block, BlockConfig};
@@ -124,7 +125,7 @@ impl QueueLayout {
 /// Guest memory and queues decoded from a fuzz input.
 pub struct Setup {
     /// The guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// The queues, ready to use.
     pub queues: Vec<Queue>,
     /// Their layouts.
@@ -143,7 +144,7 @@ pub fn setup(data: &[u8], nq: usize) -> Option<Setup> {
     }
     let flags = data[0];
     let image = &data[hdr..];
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).ok()?;
     mem.write_slice(&image[..image.len().min(MEM_SIZE)], GuestAddress(0))
         .ok()?;
     let mut queues = Vec::new();
@@ -201,7 +202,7 @@ fn overlaps(a: (u64, u64), b: (u64, u64)) -> bool {
 
 /// Indirect descriptor tables reachable from `head` (walking the direct
 /// descriptors as `virtio-queue` does).
-fn indirect_tables(mem: &GuestMemoryMmap, l: &QueueLayout, head: u16, out: &mut Vec<(u64, u64)>) {
+fn indirect_tables(mem: &GuestMem, l: &QueueLayout, head: u16, out: &mut Vec<(u64, u64)>) {
     let mut idx = head;
     for _ in 0..l.size {
         if idx >= l.size {
@@ -278,7 +279,7 @@ impl Snapshot {
 
     /// Checks the used ring of queue `qi`; returns the (head, len) pairs the
     /// device added (empty when the checks do not apply).
-    pub fn check_used(&self, mem: &GuestMemoryMmap, qi: usize) -> Vec<(u16, u32)> {
+    pub fn check_used(&self, mem: &GuestMem, qi: usize) -> Vec<(u16, u32)> {
         if self.self_modifying {
             return Vec::new();
         }
@@ -642,7 +643,7 @@ pub fn mmio_run(data: &[u8]) -> u64 {
     let rest = &data[2..];
     let ops_len = (n * MMIO_OP_LEN).min(rest.len() / MMIO_OP_LEN * MMIO_OP_LEN);
     let (ops, image) = rest.split_at(ops_len);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     mem.write_slice(&image[..image.len().min(MEM_SIZE)], GuestAddress(0))
         .unwrap();
     let state = Arc::new(Mutex::new(SyncRngState::default()));

@@ -8,6 +8,7 @@
 pub mod boot_timer;
 pub mod bus;
 pub mod cmos;
+pub mod dirty;
 pub mod i8042;
 pub mod power;
 pub mod pvpanic;
@@ -19,6 +20,26 @@ pub mod virtio;
 pub mod fuzz_harness;
 
 pub use bus::{Bus, BusDevice, BusError};
+
+/// Guest memory as the VMM and every device see it: mmap'd regions, each
+/// with a dirty-page bitmap (one bit per 4 KiB page) that vm-memory sets on
+/// every write made through its `Bytes`/`VolatileSlice` API. Together with
+/// KVM's dirty log (vCPU writes) it tells diff snapshots and live migration
+/// which pages changed. Use this alias, never `vm_memory::GuestMemoryMmap`
+/// (whose default `()` bitmap tracks nothing).
+pub type GuestMem = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// One region of [`GuestMem`].
+pub type GuestRegion = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// The bitmap slice carried by views into [`GuestMem`].
+pub type GuestBitmapSlice<'a> = vm_memory::bitmap::BS<'a, vm_memory::bitmap::AtomicBitmap>;
+
+/// A virtqueue chain reader over [`GuestMem`].
+pub type ChainReader<'a> = virtio_queue::Reader<'a, GuestBitmapSlice<'a>>;
+
+/// A virtqueue chain writer over [`GuestMem`] (its writes mark pages dirty).
+pub type ChainWriter<'a> = virtio_queue::Writer<'a, GuestBitmapSlice<'a>>;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -28,6 +28,8 @@ pub struct KilnVm {
     /// The Firecracker-shaped configuration (JSON), stored in snapshots;
     /// kept up to date by the drive and interface updates.
     config_json: Mutex<Option<String>>,
+    /// Set once the VM was migrated away: the VMM ends after the answer.
+    migrated: std::sync::atomic::AtomicBool,
 }
 
 impl KilnVm {
@@ -41,6 +43,7 @@ impl KilnVm {
             drives: vmm.drives(),
             nets: vmm.nets(),
             config_json: Mutex::new(None),
+            migrated: false.into(),
         }
     }
 
@@ -122,9 +125,10 @@ impl VmControl for KilnVm {
     }
 
     fn create_snapshot(&self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
-        if p.snapshot_type == SnapshotType::Diff {
+        let diff = p.snapshot_type == SnapshotType::Diff;
+        if diff && !self.handle.dirty_log_enabled() {
             return Err(ApiError::Invalid(
-                "Diff snapshots are not supported by Kiln yet: create a Full snapshot".into(),
+                kiln_vmm::dirty::DIFF_NEEDS_TRACKING.into(),
             ));
         }
         let config = self.config().clone();
@@ -134,25 +138,57 @@ impl VmControl for KilnVm {
                     .into(),
             )
         })?;
-        let stats = self
-            .handle
-            .snapshot(
-                config,
-                Path::new(&p.snapshot_path),
-                Path::new(&p.mem_file_path),
-            )
-            .map_err(ApiError::Invalid)?;
+        let (state, mem) = (Path::new(&p.snapshot_path), Path::new(&p.mem_file_path));
+        let stats = if diff {
+            self.handle.snapshot_diff(config, state, mem)
+        } else {
+            self.handle.snapshot(config, state, mem)
+        }
+        .map_err(ApiError::Invalid)?;
         log::info!(
-            "snapshot {} + {}: {} MiB of memory written in {:?}",
+            "{} snapshot {} + {}: {} KiB of memory written in {:?}",
+            if diff { "diff" } else { "full" },
             p.snapshot_path,
             p.mem_file_path,
-            stats.mem_bytes_written >> 20,
+            stats.mem_bytes_written >> 10,
             stats.elapsed
         );
         Ok(())
     }
 
+    fn migrate(
+        &self,
+        p: &kiln_api::migrate::MigrateParams,
+    ) -> Result<kiln_api::migrate::MigrationReport, ApiError> {
+        let config = self.config().clone().ok_or_else(|| {
+            ApiError::Invalid(
+                "This microVM cannot be migrated: start it with `kiln vmm` (API or --config-file)"
+                    .into(),
+            )
+        })?;
+        let report = crate::migrate_cmd::send(&self.handle, &config, p).map_err(|e| {
+            eprintln!("kiln: {e}");
+            ApiError::Invalid(e)
+        })?;
+        self.migrated
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(report)
+    }
+
+    fn after_response(&self) {
+        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Err(e) = self.handle.end_migrated() {
+                log::error!("{e}");
+            }
+        }
+    }
+
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
+        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::Invalid(
+                "The microVM was migrated: it runs at the destination now".into(),
+            ));
+        }
         let t0 = std::time::Instant::now();
         let (result, latency) = match state {
             VmState::Paused => (

@@ -18,8 +18,12 @@ mod bench_api;
 mod bench_flood;
 #[path = "bench_io.rs"]
 mod bench_io;
+#[path = "bench_migrate.rs"]
+mod bench_migrate;
 #[path = "bench_snapshot.rs"]
 mod bench_snapshot;
+#[path = "bench_vm.rs"]
+mod bench_vm;
 
 /// Options of `kiln bench`.
 #[derive(Args, Debug)]
@@ -102,6 +106,18 @@ enum BenchKind {
         #[arg(long, default_value_t = 256)]
         mem: u64,
     },
+    /// Live migration total time and downtime, idle and memory-writing guest.
+    Migrate {
+        /// Migrations per guest.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 256)]
+        mem: u64,
+        /// Downtime target, milliseconds.
+        #[arg(long, default_value_t = kiln_api::migrate::DEFAULT_DOWNTIME_MS)]
+        downtime_ms: u64,
+    },
 }
 
 /// When this host's KVM cannot run guests natively (and we are not in the
@@ -150,6 +166,17 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
                 return Ok(status);
             }
             bench_snapshot::bench_snapshot(runs, mem)
+        }
+        BenchKind::Migrate {
+            runs,
+            mem,
+            downtime_ms,
+        } => {
+            let args = format!("migrate --runs {runs} --mem {mem} --downtime-ms {downtime_ms}");
+            if let Some(status) = in_lab(&args)? {
+                return Ok(status);
+            }
+            bench_migrate::bench_migrate(runs, mem, downtime_ms)
         }
         BenchKind::Io {
             runs,

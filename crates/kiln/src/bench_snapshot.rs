@@ -1,20 +1,26 @@
-//! `kiln bench snapshot`: snapshot create time, and restore latency (exec
-//! → VMM restored, exec → first answer from the guest over vsock).
+//! `kiln bench snapshot`: snapshot create time (full, and diff), and
+//! restore latency (exec → VMM restored, exec → first answer from the guest
+//! over vsock) for each memory backend: the file mapped privately,
+//! userfaultfd served by `kiln uffd-handler`, and the same with a recorded
+//! working set prefetched.
 //!
 //! One VM is booted from a Firecracker config with a vsock echo server in
-//! the guest, paused and snapshotted through the API; then the snapshot is
-//! restored `runs` times, each restore answering one vsock round trip.
+//! the guest and dirty-page tracking on, paused and snapshotted (full)
+//! through the API; it then runs for a second answering one vsock round
+//! trip, and a diff snapshot is taken. The full snapshot is then restored
+//! `runs` times per backend, each restore answering one vsock round trip.
+//! The first Uffd restore records the working set (the pages touched up to
+//! that first answer) that the prefetch runs use.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use kiln_lab::scripts::GUEST_READY_MARKER;
 
-use super::Watchdog;
+use super::bench_vm::BenchVm;
 
 /// Longest one step (boot, restore) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -50,13 +56,10 @@ fn vsock_ping(uds: &Path, deadline: Instant) -> Result<()> {
     }
 }
 
-fn api(sock: &Path, method: &str, uri: &str, body: &str) -> Result<Duration> {
+/// How long `f` took (an API call).
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<Duration> {
     let t = Instant::now();
-    let r = kiln_api::client::request(sock, method, uri, Some(body))
-        .with_context(|| format!("{method} {uri}"))?;
-    if !(200..300).contains(&r.status) {
-        bail!("{method} {uri}: {} {}", r.status_line, r.body);
-    }
+    f()?;
     Ok(t.elapsed())
 }
 
@@ -90,7 +93,7 @@ pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     result
 }
 
-fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
+fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
     let (kernel, initrd) = (
         args.kernel.as_ref().expect("resolved"),
         args.initrd.as_ref().expect("resolved"),
@@ -100,14 +103,16 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
         "boot-source": {
             "kernel_image_path": kernel,
             "initrd_path": initrd,
-            "boot_args": format!("{} -- kiln-agent vsock-echo {VSOCK_PORT}", args.cmdline),
+            // The agent echoes one connection; the loop serves the diff
+            // snapshot's round trip, then each restore's.
+            "boot_args": format!(
+                "{} -- \"while true; do kiln-agent vsock-echo {VSOCK_PORT}; done\"",
+                args.cmdline
+            ),
         },
-        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem },
+        "machine-config": { "vcpu_count": 1, "mem_size_mib": args.mem, "track_dirty_pages": true },
         "vsock": { "guest_cid": 3, "uds_path": uds },
     });
-    let cfg = dir.join("vm.json");
-    std::fs::write(&cfg, config.to_string())?;
-    let sock = dir.join("api.sock");
     println!(
         "kiln bench snapshot: {} MiB guest, {runs} restores, kernel {}",
         args.mem,
@@ -115,58 +120,140 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
     );
 
     // Boot, wait for init, pause, snapshot.
-    let mut vm = Command::new(exe)
-        .args(["vmm", "--api-sock"])
-        .arg(&sock)
-        .arg("--config-file")
-        .arg(&cfg)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("spawning kiln vmm")?;
-    let watchdog = Watchdog::start(vm.id(), STEP_TIMEOUT);
-    let out = vm.stdout.take().expect("piped");
-    let ready = BufReader::new(out)
-        .lines()
-        .map_while(|l| l.ok())
-        .any(|l| l.trim_end() == GUEST_READY_MARKER);
-    watchdog.finish();
-    if !ready {
-        kill(vm);
-        bail!("the guest never printed {GUEST_READY_MARKER}");
-    }
+    let vm = BenchVm::boot(exe, dir, &config, STEP_TIMEOUT)?;
     // Let the agent reach accept().
     std::thread::sleep(Duration::from_millis(500));
-    let pause = api(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let pause = timed(|| vm.api("PATCH", "/vm", r#"{"state":"Paused"}"#))?;
     let state = dir.join("state");
     let memf = dir.join("mem");
     let body = serde_json::json!({ "snapshot_path": state, "mem_file_path": memf }).to_string();
-    let create = api(&sock, "PUT", "/snapshot/create", &body);
-    kill(vm);
-    let create = create?;
-    let on_disk = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::metadata(&memf)?.blocks() * 512
-    };
+    let create = timed(|| vm.api("PUT", "/snapshot/create", &body))?;
+    let (diff_create, diff_bytes) = diff_snapshot(&vm, &uds, dir)?;
+    drop(vm);
     println!(
         "pause {:.2} ms; snapshot create (full) {:.2} ms; memory file {} MiB, {} MiB on disk",
         ms(pause),
         ms(create),
         args.mem,
-        on_disk >> 20
+        allocated(&memf)? >> 20
+    );
+    println!(
+        "snapshot create (diff, after 1 s of an idle guest and one vsock round trip) {:.2} ms; \
+         {} KiB written",
+        ms(diff_create),
+        diff_bytes >> 10
     );
 
+    let ws = dir.join("ws");
+    let mut rows = Vec::new();
+    rows.push(variant(
+        exe,
+        dir,
+        &state,
+        runs,
+        "File (MAP_PRIVATE)",
+        |_| Ok((vec!["--mem-file".into(), memf.clone().into()], None)),
+    )?);
+    rows.push(variant(exe, dir, &state, runs, "Uffd, no prefetch", |i| {
+        // The first of these runs records the working set.
+        let record = (i == 0).then_some(("--record", ws.as_path()));
+        handler(exe, dir, &memf, record)
+    })?);
+    let ws_pages = std::fs::read_to_string(&ws)
+        .map(|t| t.lines().count().saturating_sub(1))
+        .unwrap_or(0);
+    println!("working set recorded by the first Uffd restore: {ws_pages} pages");
+    rows.push(variant(exe, dir, &state, runs, "Uffd + prefetch", |_| {
+        handler(exe, dir, &memf, Some(("--prefetch", ws.as_path())))
+    })?);
+    println!(
+        "\nrestore, median of {runs} (handler started beforehand)   exec→restored   exec→first vsock answer"
+    );
+    for r in &rows {
+        println!(
+            "  {:<46} {:>10}   {:>10.2} ms{}",
+            r.label,
+            r.restored.map_or("?".into(), |v| format!("{v:.2} ms")),
+            r.answer,
+            r.note
+        );
+    }
+    println!("live migration: see `kiln bench migrate`");
+    println!("firecracker comparison: no firecracker binary here");
+    Ok(0)
+}
+
+/// The medians of one way of restoring.
+struct Row {
+    label: &'static str,
+    restored: Option<f64>,
+    answer: f64,
+    note: String,
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied()
+}
+
+/// Starts `kiln uffd-handler` on a fresh socket (with `extra`: --record or
+/// --prefetch and its file); returns the `kiln restore` arguments to use it.
+fn handler(
+    exe: &Path,
+    dir: &Path,
+    memf: &Path,
+    extra: Option<(&str, &Path)>,
+) -> Result<(Vec<std::ffi::OsString>, Option<Child>)> {
+    let sock = dir.join("handler.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut cmd = Command::new(exe);
+    cmd.arg("uffd-handler")
+        .arg("--sock")
+        .arg(&sock)
+        .arg("--mem-file")
+        .arg(memf);
+    if let Some((flag, path)) = extra {
+        cmd.arg(flag).arg(path);
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning kiln uffd-handler")?;
+    let t = Instant::now();
+    while !sock.exists() {
+        if t.elapsed() > STEP_TIMEOUT {
+            kill(child);
+            bail!("kiln uffd-handler never listened on {}", sock.display());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    Ok((vec!["--uffd-sock".into(), sock.into()], Some(child)))
+}
+
+/// Restores the snapshot `runs` times with the memory arguments `setup`
+/// gives (and the page-fault handler it may start), timing each restore.
+fn variant(
+    exe: &Path,
+    dir: &Path,
+    state: &Path,
+    runs: usize,
+    label: &'static str,
+    mut setup: impl FnMut(usize) -> Result<(Vec<std::ffi::OsString>, Option<Child>)>,
+) -> Result<Row> {
+    println!("{label}:");
     let mut to_restored = Vec::new();
     let mut to_answer = Vec::new();
+    let mut prefetch_ms = Vec::new();
     for i in 0..runs {
         let clone_uds = dir.join(format!("c{i}.sock"));
+        let (mem_args, handler) = setup(i)?;
         let t0 = Instant::now();
         let mut c = Command::new(exe)
             .args(["--log-level", "info", "restore", "--snapshot"])
-            .arg(&state)
-            .arg("--mem-file")
-            .arg(&memf)
+            .arg(state)
+            .args(&mem_args)
             .arg("--vsock-override")
             .arg(&clone_uds)
             .stdin(Stdio::null())
@@ -182,7 +269,12 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
             let _ = e.read_to_string(&mut err);
         }
         let _ = c.wait();
-        ping.with_context(|| format!("restore {}: {err}", i + 1))?;
+        // The handler ends once its VMM is gone; its last line sums up.
+        let summary = handler.map(|h| {
+            let out = h.wait_with_output().map(|o| o.stderr).unwrap_or_default();
+            String::from_utf8_lossy(&out).trim().to_string()
+        });
+        ping.with_context(|| format!("{label}, restore {}: {err}", i + 1))?;
         // "restored in 1.234ms" from the VMM's own log.
         let restored = err
             .lines()
@@ -192,19 +284,65 @@ fn run(exe: &PathBuf, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<
             to_restored.push(ms(r));
         }
         to_answer.push(ms(answered));
+        let served = summary.as_deref().and_then(|s| s.split("; ").nth(1));
+        if let Some(p) = summary.as_deref().and_then(prefetch_time) {
+            prefetch_ms.push(p);
+        }
         println!(
-            "  restore {:>2}: exec→restored {:>8}  exec→first vsock answer {:>8.2} ms",
+            "  restore {:>2}: exec→restored {:>8}  exec→first vsock answer {:>8.2} ms{}",
             i + 1,
             restored.map_or("?".into(), |r| format!("{:.2} ms", ms(r))),
-            ms(answered)
+            ms(answered),
+            served.map(|s| format!("  ({s})")).unwrap_or_default()
         );
     }
-    stats("exec→restored (ms)", to_restored);
-    stats("exec→first vsock answer (ms)", to_answer);
-    println!("prefetch (userfaultfd working set): not implemented yet");
-    println!("live migration: not implemented yet");
-    println!("firecracker comparison: no firecracker binary here");
-    Ok(0)
+    stats("  exec→restored (ms)", to_restored.clone());
+    stats("  exec→first vsock answer (ms)", to_answer.clone());
+    Ok(Row {
+        label,
+        restored: median(to_restored),
+        answer: median(to_answer).unwrap_or(f64::NAN),
+        note: median(prefetch_ms)
+            .map(|p| format!("  (prefetch {p:.2} ms)"))
+            .unwrap_or_default(),
+    })
+}
+
+/// The prefetch time in a handler's summary ("... prefetched in 1.23 ms").
+fn prefetch_time(summary: &str) -> Option<f64> {
+    summary
+        .split("prefetched in ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Bytes of `path` on disk (holes excluded).
+fn allocated(path: &Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() * 512)
+}
+
+/// Resumes the VM just snapshotted, lets it run for a second with one vsock
+/// round trip (device writes), pauses it and takes a diff snapshot: its
+/// create time and the bytes of memory it wrote.
+fn diff_snapshot(vm: &BenchVm, uds: &Path, dir: &Path) -> Result<(Duration, u64)> {
+    vm.api("PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
+    vsock_ping(uds, Instant::now() + STEP_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("{e:#}{}", vm.diagnostics()))?;
+    std::thread::sleep(Duration::from_secs(1));
+    vm.api("PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+    let memf = dir.join("diff.mem");
+    let body = serde_json::json!({
+        "snapshot_path": dir.join("diff.state"),
+        "mem_file_path": memf,
+        "snapshot_type": "Diff",
+    })
+    .to_string();
+    let t = timed(|| vm.api("PUT", "/snapshot/create", &body))?;
+    Ok((t, allocated(&memf)?))
 }
 
 /// Parses Rust's `Debug` form of a `Duration` ("1.5ms", "830µs", "2.1s").

@@ -5,9 +5,11 @@ mod bench;
 mod cli_lab;
 mod logger;
 mod metrics;
+mod migrate_cmd;
 mod seccomp_cmd;
 mod snapshot_cmd;
 mod term;
+mod uffd_cmd;
 mod vmm_cmd;
 
 use std::path::PathBuf;
@@ -62,8 +64,18 @@ enum Command {
     Pause(snapshot_cmd::SockArgs),
     /// Resume a paused VM.
     Resume(snapshot_cmd::SockArgs),
-    /// Pause a running VM and write a full snapshot of it.
+    /// Pause a running VM and write a (full or diff) snapshot of it.
     Snapshot(snapshot_cmd::SnapshotArgs),
+    /// Serve a restored VM's memory from a memory file over userfaultfd
+    /// (the page-fault handler of Firecracker's Uffd memory backend), with
+    /// optional working-set recording and prefetch.
+    UffdHandler(uffd_cmd::UffdHandlerArgs),
+    /// Apply a diff snapshot's memory file onto the memory file of the
+    /// snapshot before it (like Firecracker's rebase-snap).
+    SnapshotRebase(snapshot_cmd::RebaseArgs),
+    /// Live migration: `receive` waits for a VM, `send` asks a running VM
+    /// (over its API socket) to move there.
+    Migrate(migrate_cmd::MigrateArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -189,6 +201,7 @@ fn main() {
         logger::init(cli.log_level.as_deref());
         cli.command
     };
+    let _ = kiln_vmm::uffd::ON_HANDLER_LOST.set(term::restore);
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         metrics::on_panic();
@@ -235,6 +248,9 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Resume(args) => snapshot_cmd::set_state(args, false),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
         Command::SeccompProbe(args) => seccomp_cmd::probe(args),
+        Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
+        Command::SnapshotRebase(args) => snapshot_cmd::rebase(args),
+        Command::Migrate(args) => migrate_cmd::migrate(args, start),
     }
 }
 
@@ -524,6 +540,10 @@ pub fn exit_status(reason: ExitReason) -> i32 {
         ExitReason::VcpuError(e) => {
             eprintln!("kiln: vCPU error: {e}");
             EXIT_VCPU_ERROR
+        }
+        ExitReason::Migrated => {
+            eprintln!("kiln: the microVM was migrated; it runs at the destination now");
+            0
         }
     }
 }

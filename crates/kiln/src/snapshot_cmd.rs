@@ -7,10 +7,13 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_api::snapshot::{NetworkOverride, SnapshotLoadParams, VsockOverride};
+use kiln_api::snapshot::{
+    MemBackend as ApiMemBackend, MemBackendType, NetworkOverride, SnapshotLoadParams, VsockOverride,
+};
 use kiln_api::{ApiServer, PreBootVm, VmResources};
 use kiln_snapshot::state::MicrovmState;
-use kiln_vmm::{VmConfig, Vmm};
+use kiln_vmm::uffd_handler::HandlerOptions;
+use kiln_vmm::{MemBackend, VmConfig, Vmm};
 
 use crate::api_glue::{KilnVm, SocketGuard};
 
@@ -20,18 +23,19 @@ pub struct Restore {
     config: VmConfig,
     /// The configuration (with overrides applied) the VM is rebuilt from.
     pub res: VmResources,
-    mem: PathBuf,
+    /// Where its memory comes from.
+    pub mem: MemBackend,
     resume: bool,
 }
 
 /// Reads the state file, applies the overrides and checks the devices'
-/// files. (The memory file is checked by `Vmm::restore`, before it builds
-/// anything.)
+/// files. (The memory file, or the page-fault handler's socket, is checked
+/// by `Vmm::restore_from`, before it builds anything.)
 pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
-    let mem = PathBuf::from(p.memory_file().map_err(anyhow::Error::msg)?);
-    if p.track_dirty_pages || p.enable_diff_snapshots {
-        anyhow::bail!("dirty page tracking (diff snapshots) is not supported by Kiln yet");
-    }
+    let mem = match p.memory_backend().map_err(anyhow::Error::msg)? {
+        (MemBackendType::File, path) => MemBackend::File(path.into()),
+        (MemBackendType::Uffd, sock) => MemBackend::Uffd(sock.into()),
+    };
     if p.clock_realtime {
         anyhow::bail!("clock_realtime is not supported by Kiln yet");
     }
@@ -41,7 +45,28 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
     let state: MicrovmState = kiln_snapshot::read_file(std::path::Path::new(&p.snapshot_path))?;
     let mut res = VmResources::from_json(&state.config)
         .map_err(|e| anyhow::anyhow!("the snapshot's configuration is unusable: {e}"))?;
-    for o in &p.network_overrides {
+    apply_overrides(&mut res, &p.network_overrides, p.vsock_override.as_ref())?;
+    // As in Firecracker, the load request decides whether the restored VM
+    // tracks dirty pages (for its own diff snapshots), not the snapshot.
+    res.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
+    Ok(Restore {
+        state,
+        config,
+        res,
+        mem,
+        resume: p.resume_vm,
+    })
+}
+
+/// Points a saved configuration at other TAP devices and another vsock
+/// socket (restore and migration).
+pub fn apply_overrides(
+    res: &mut VmResources,
+    network_overrides: &[NetworkOverride],
+    vsock_override: Option<&VsockOverride>,
+) -> Result<()> {
+    for o in network_overrides {
         let iface = res
             .network_interfaces
             .iter_mut()
@@ -54,27 +79,20 @@ pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
             })?;
         iface.host_dev_name = o.host_dev_name.clone();
     }
-    if let Some(v) = &p.vsock_override {
+    if let Some(v) = vsock_override {
         let vsock = res
             .vsock
             .as_mut()
             .ok_or_else(|| anyhow::anyhow!("vsock override: the snapshot has no vsock device"))?;
         vsock.uds_path = v.uds_path.clone();
     }
-    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-    Ok(Restore {
-        state,
-        config,
-        res,
-        mem,
-        resume: p.resume_vm,
-    })
+    Ok(())
 }
 
 /// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
 /// starts, paused unless `resume_vm` was asked.
 pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
-    let vmm = Vmm::restore(
+    let vmm = Vmm::restore_from(
         r.config,
         &r.state,
         &r.mem,
@@ -94,9 +112,31 @@ pub struct RestoreArgs {
     /// The state file (`snapshot_path` of PUT /snapshot/create).
     #[arg(long, value_name = "PATH")]
     snapshot: PathBuf,
-    /// The memory file (`mem_file_path`).
-    #[arg(long, value_name = "PATH")]
-    mem_file: PathBuf,
+    /// The memory file (`mem_file_path`), mapped privately.
+    #[arg(long, value_name = "PATH", required_unless_present = "uffd_sock")]
+    mem_file: Option<PathBuf>,
+    /// Get the memory from the page-fault handler listening on this Unix
+    /// socket (Firecracker's Uffd backend, e.g. `kiln uffd-handler`)
+    /// instead of a memory file.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["mem_file", "uffd"])]
+    uffd_sock: Option<PathBuf>,
+    /// Serve the memory file through userfaultfd, from a page-fault handler
+    /// thread in this process, instead of mapping it.
+    #[arg(long, requires = "mem_file")]
+    uffd: bool,
+    /// With --uffd: record the working set (the pages of the memory file in
+    /// first-fault order) to this file.
+    #[arg(
+        long,
+        value_name = "WS",
+        requires = "uffd",
+        conflicts_with = "prefetch"
+    )]
+    record: Option<PathBuf>,
+    /// With --uffd: copy the pages of this recorded working set in before
+    /// they are touched.
+    #[arg(long, value_name = "WS", requires = "uffd")]
+    prefetch: Option<PathBuf>,
     /// Serve the Firecracker API (runtime requests) on this socket.
     #[arg(long, value_name = "PATH")]
     api_sock: Option<PathBuf>,
@@ -111,31 +151,27 @@ pub struct RestoreArgs {
     vsock_override: Option<String>,
     #[command(flatten)]
     seccomp: crate::seccomp_cmd::SeccompArgs,
+    /// Track dirty pages, so diff snapshots of the restored VM can be taken.
+    #[arg(long)]
+    track_dirty_pages: bool,
 }
 
 /// `kiln restore`: restores a snapshot and runs it like `kiln vmm`.
 pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
-    let network_overrides = args
-        .net_overrides
-        .iter()
-        .map(|o| {
-            let (iface_id, tap) = o
-                .split_once('=')
-                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
-            Ok(NetworkOverride {
-                iface_id: iface_id.into(),
-                host_dev_name: tap.into(),
-            })
-        })
-        .collect::<Result<_>>()?;
+    let network_overrides = parse_net_overrides(&args.net_overrides)?;
     let params = SnapshotLoadParams {
         snapshot_path: args.snapshot.display().to_string(),
-        mem_file_path: Some(args.mem_file.display().to_string()),
+        mem_file_path: args.mem_file.as_ref().map(|m| m.display().to_string()),
+        mem_backend: args.uffd_sock.as_ref().map(|s| ApiMemBackend {
+            backend_type: MemBackendType::Uffd,
+            backend_path: s.display().to_string(),
+        }),
         resume_vm: !args.paused,
         network_overrides,
         vsock_override: args
             .vsock_override
             .map(|uds_path| VsockOverride { uds_path }),
+        track_dirty_pages: args.track_dirty_pages,
         ..Default::default()
     };
     if let Some(sock) = &args.api_sock {
@@ -145,22 +181,19 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
         args.seccomp.no_seccomp,
         args.seccomp.seccomp_filter.as_deref(),
     )?;
-    let r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    let mut r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    if let (true, Some(mem_file)) = (args.uffd, args.mem_file) {
+        r.mem = MemBackend::UffdThread {
+            mem_file,
+            options: HandlerOptions {
+                record: args.record,
+                prefetch: args.prefetch,
+            },
+        };
+    }
     let res = r.res.clone();
     let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
-    let _socket = match &args.api_sock {
-        Some(path) => {
-            let api = PreBootVm::new(
-                "anonymous-instance",
-                env!("CARGO_PKG_VERSION"),
-                Box::new(NoStarter),
-            );
-            api.set_running(res.clone(), Arc::new(KilnVm::of(&vmm).with_config(&res)));
-            ApiServer::bind(path)?.spawn(Arc::new(api))?;
-            Some(SocketGuard(path.clone()))
-        }
-        None => None,
-    };
+    let _socket = serve_running_api(args.api_sock.as_deref(), &vmm, &res)?;
     log::info!("restored in {:?}", start.elapsed());
     let stdin = crate::term::prepare_stdin();
     let reason = vmm.run(stdin)?;
@@ -168,8 +201,23 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     Ok(crate::exit_status(reason))
 }
 
+/// `--net-override IFACE_ID=TAP` options.
+pub fn parse_net_overrides(opts: &[String]) -> Result<Vec<NetworkOverride>> {
+    opts.iter()
+        .map(|o| {
+            let (iface_id, tap) = o
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--net-override {o:?}: expected IFACE_ID=TAP"))?;
+            Ok(NetworkOverride {
+                iface_id: iface_id.into(),
+                host_dev_name: tap.into(),
+            })
+        })
+        .collect()
+}
+
 /// `kiln restore`'s API never boots anything: the VM runs already.
-struct NoStarter;
+pub(crate) struct NoStarter;
 
 impl kiln_api::Starter for NoStarter {
     fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {
@@ -197,6 +245,11 @@ pub struct SnapshotArgs {
     /// Where the memory file goes.
     #[arg(long, value_name = "PATH")]
     mem_file: PathBuf,
+    /// `full`: every page. `diff`: only the pages written since the last
+    /// snapshot (the VM must track dirty pages; apply the memory file onto
+    /// the previous one with `kiln snapshot-rebase`).
+    #[arg(long = "type", value_name = "full|diff", default_value = "full", value_parser = ["full", "diff"])]
+    kind: String,
     /// Resume the VM afterwards (by default it stays paused, as after
     /// Firecracker's snapshot).
     #[arg(long)]
@@ -235,6 +288,7 @@ pub fn snapshot(args: SnapshotArgs) -> Result<i32> {
     let body = serde_json::json!({
         "snapshot_path": args.snapshot,
         "mem_file_path": args.mem_file,
+        "snapshot_type": if args.kind == "diff" { "Diff" } else { "Full" },
     });
     let t = Instant::now();
     let made = call(&args.sock, "PUT", "/snapshot/create", &body.to_string());
@@ -243,10 +297,59 @@ pub fn snapshot(args: SnapshotArgs) -> Result<i32> {
     }
     made?;
     eprintln!(
-        "kiln: snapshot {} + {} in {:.1} ms",
+        "kiln: {} snapshot {} + {} in {:.1} ms",
+        args.kind,
         args.snapshot.display(),
         args.mem_file.display(),
         t.elapsed().as_secs_f64() * 1e3
     );
     Ok(0)
+}
+
+/// Options of `kiln snapshot-rebase`.
+#[derive(Args, Debug)]
+pub struct RebaseArgs {
+    /// The memory file of the snapshot the diff was taken after (full, or
+    /// already rebased); it is updated in place.
+    #[arg(long, value_name = "FILE")]
+    base_mem: PathBuf,
+    /// The diff snapshot's memory file.
+    #[arg(long, value_name = "FILE")]
+    diff_mem: PathBuf,
+}
+
+/// `kiln snapshot-rebase`: applies a diff snapshot's memory file onto the
+/// memory file before it, which then restores with the diff's state file.
+pub fn rebase(args: RebaseArgs) -> Result<i32> {
+    let t = Instant::now();
+    let copied = kiln_vmm::memory_file::rebase(&args.base_mem, &args.diff_mem)
+        .map_err(|e| anyhow::anyhow!("snapshot-rebase: {e}"))?;
+    eprintln!(
+        "kiln: {} KiB of {} applied onto {} in {:.1} ms",
+        copied >> 10,
+        args.diff_mem.display(),
+        args.base_mem.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(0)
+}
+
+/// Serves the Firecracker API of an already running (restored or migrated)
+/// VM on `path`, if given; the guard removes the socket when dropped.
+pub(crate) fn serve_running_api(
+    path: Option<&std::path::Path>,
+    vmm: &Vmm,
+    res: &VmResources,
+) -> Result<Option<SocketGuard>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let api = PreBootVm::new(
+        "anonymous-instance",
+        env!("CARGO_PKG_VERSION"),
+        Box::new(NoStarter),
+    );
+    api.set_running(res.clone(), Arc::new(KilnVm::of(vmm).with_config(res)));
+    ApiServer::bind(path)?.spawn(Arc::new(api))?;
+    Ok(Some(SocketGuard(path.to_path_buf())))
 }

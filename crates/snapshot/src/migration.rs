@@ -147,8 +147,9 @@ fn frame(w: &mut impl Write, kind: u8, parts: &[&[u8]]) -> Result<(), MigrationE
 
 fn disconnect_or_io(e: io::Error) -> MigrationError {
     match e.kind() {
-        io::ErrorKind::UnexpectedEof
-        | io::ErrorKind::BrokenPipe
+        // read_exact's "failed to fill whole buffer" says nothing more.
+        io::ErrorKind::UnexpectedEof => MigrationError::Disconnected(String::new()),
+        io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionReset
         | io::ErrorKind::ConnectionAborted => MigrationError::Disconnected(format!(": {e}")),
         _ => MigrationError::Io(e),
@@ -179,6 +180,12 @@ pub fn send(w: &mut impl Write, m: &Message) -> Result<(), MigrationError> {
         Message::Ack => frame(w, ACK, &[]),
         Message::Error(e) => frame(w, ERROR, &[e.as_bytes()]),
     }
+}
+
+/// Sends a `Pages` message for `data` at `offset` without copying it into
+/// a [`Message`] first.
+pub fn send_pages(w: &mut impl Write, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
+    frame(w, PAGES, &[&offset.to_le_bytes(), data])
 }
 
 /// Receives one message (blocking). A clean close before a message starts

@@ -13,7 +13,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use kiln_devices::GuestMem;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{ACPI_START, BIOS_END, IOAPIC_ADDR, LAPIC_ADDR};
 use kiln_devices::i8042::{I8042_IRQ, I8042_PORT};
@@ -236,11 +237,7 @@ pub fn build(cpus: u8, devices: &[MmioDeviceInfo]) -> Result<Vec<(u64, Vec<u8>)>
 }
 
 /// Writes the tables into guest memory; returns the RSDP address.
-pub fn write(
-    mem: &GuestMemoryMmap,
-    cpus: u8,
-    devices: &[MmioDeviceInfo],
-) -> Result<u64, AcpiError> {
+pub fn write(mem: &GuestMem, cpus: u8, devices: &[MmioDeviceInfo]) -> Result<u64, AcpiError> {
     let tables = build(cpus, devices)?;
     for (addr, bytes) in &tables {
         mem.write_slice(bytes, GuestAddress(*addr))?;

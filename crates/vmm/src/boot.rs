@@ -1,6 +1,7 @@
 //! Loading the kernel, initrd and command line, and writing the boot
 //! information the kernel reads first (zero page, or PVH start info).
 
+use kiln_devices::GuestMem;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::layout::*;
 use crate::regs::BootProtocol;
@@ -109,7 +110,7 @@ pub fn check_kernel_file(path: &Path) -> Result<()> {
 }
 
 /// Loads `path` (ELF vmlinux, using PVH when the ELF has the note; else bzImage).
-pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry> {
+pub fn load_kernel(mem: &GuestMem, path: &Path) -> Result<KernelEntry> {
     let mut f = File::open(path).map_err(|source| BootError::KernelOpen {
         path: path.to_owned(),
         source,
@@ -147,7 +148,7 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<KernelEntry> {
 
 /// Loads the initrd at the top of low RAM; returns (address, size).
 pub fn load_initrd(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     path: &Path,
     kernel: &KernelEntry,
     mem_bytes: u64,
@@ -183,7 +184,7 @@ pub fn load_initrd(
 }
 
 /// Writes the command line.
-pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<()> {
+pub fn write_cmdline(mem: &GuestMem, cmdline: &str) -> Result<()> {
     let c =
         Cmdline::try_from(cmdline, CMDLINE_MAX).map_err(|e| BootError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &c).map_err(|e| BootError::Memory {
@@ -213,7 +214,7 @@ const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 
 /// Writes the zero page (Linux64) or the PVH start info.
-pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()> {
+pub fn write_boot_info(mem: &GuestMem, info: &BootInfo) -> Result<()> {
     let e820 = e820_map(info.mem_bytes);
     let memerr = |e: linux_loader::configurator::Error| BootError::Memory {
         what: "boot parameters",
@@ -286,7 +287,7 @@ pub fn write_boot_info(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<()> {
 }
 
 /// Checks the whole guest RAM is addressable (a sanity check for tests).
-pub fn ram_size(mem: &GuestMemoryMmap) -> u64 {
+pub fn ram_size(mem: &GuestMem) -> u64 {
     mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
 }
 
@@ -295,8 +296,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn mem(mib: u64) -> GuestMemoryMmap {
-        GuestMemoryMmap::<()>::from_ranges(&ram_ranges(mib << 20)).unwrap()
+    fn mem(mib: u64) -> GuestMem {
+        GuestMem::from_ranges(&ram_ranges(mib << 20)).unwrap()
     }
 
     #[test]

@@ -12,16 +12,20 @@ pub mod dirty;
 pub mod kvm_state;
 pub mod layout;
 pub mod memory_file;
+pub mod migration;
 pub mod mptable;
 pub mod probe;
 pub mod regs;
 mod snapshot;
 pub mod stats;
+pub mod uffd;
+pub mod uffd_handler;
 mod vcpu;
 mod vm;
 
 pub use kiln_devices;
 pub use snapshot::SnapshotStats;
+pub use uffd::MemBackend;
 pub use vcpu::VcpuStop;
 pub use vm::{ExitReason, VmHandle, Vmm};
 

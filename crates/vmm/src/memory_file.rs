@@ -4,24 +4,24 @@
 //! in the state file's [`MemoryLayout`]). A full snapshot writes every page
 //! that is not all zeros and leaves zero pages as holes, so the file is
 //! sparse. A diff snapshot writes only the pages dirtied since the previous
-//! snapshot (KVM's dirty log) into a sparse file of the same size; [`rebase`]
+//! snapshot (KVM's dirty log and the devices' writes, see [`crate::dirty`])
+//! into a sparse file of the same size; [`rebase`]
 //! copies its written extents onto the full file it was taken after.
 //!
 //! Restore maps the file privately ([`map_private`]): pages are read from
 //! the page cache on first touch and copied only when the guest writes them,
 //! so a restore costs no copy and clones of one snapshot share its pages.
 
+use kiln_devices::{GuestMem, GuestRegion};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use kiln_snapshot::state::{MemoryLayout, MemoryRegion};
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// Page size used for zero detection and dirty bitmaps.
 pub const PAGE: usize = 4096;
@@ -55,6 +55,18 @@ pub enum MemFileError {
         /// What went wrong.
         detail: String,
     },
+    /// A diff memory file is not the size of the base it is applied to.
+    #[error("{diff} is {diff_len} bytes and {base} {base_len}: a diff applies only onto the memory file of the same VM")]
+    Mismatch {
+        /// The base file.
+        base: String,
+        /// Its size.
+        base_len: u64,
+        /// The diff file.
+        diff: String,
+        /// Its size.
+        diff_len: u64,
+    },
     /// A dirty bitmap does not match the memory it describes.
     #[error("dirty bitmap for region {region} covers {bits} pages, the region has {pages}")]
     Bitmap {
@@ -77,7 +89,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> MemFileError + '_ {
 }
 
 /// Where each region of `mem` goes in a memory file: back to back.
-pub fn layout(mem: &GuestMemoryMmap) -> MemoryLayout {
+pub fn layout(mem: &GuestMem) -> MemoryLayout {
     let mut offset = 0;
     let regions = mem
         .iter()
@@ -95,7 +107,7 @@ pub fn layout(mem: &GuestMemoryMmap) -> MemoryLayout {
 }
 
 /// The host bytes of one guest region.
-fn region_bytes(r: &GuestRegionMmap) -> &[u8] {
+fn region_bytes(r: &GuestRegion) -> &[u8] {
     // SAFETY: the region maps `len()` bytes at `as_ptr()` for as long as the
     // region (borrowed here) lives. The guest may write concurrently only if
     // it is running; callers save memory with every vCPU stopped, and a
@@ -146,7 +158,7 @@ fn write_pages(
 
 /// Writes a full snapshot of `mem` to `path` (zero pages become holes).
 /// Returns the layout and the bytes written.
-pub fn save_full(mem: &GuestMemoryMmap, path: &Path) -> Result<(MemoryLayout, u64)> {
+pub fn save_full(mem: &GuestMem, path: &Path) -> Result<(MemoryLayout, u64)> {
     let layout = layout(mem);
     let f = create(path, layout.file_len())?;
     let mut written = 0;
@@ -163,11 +175,7 @@ pub fn save_full(mem: &GuestMemoryMmap, path: &Path) -> Result<(MemoryLayout, u6
 
 /// Writes a diff snapshot: only the pages set in `dirty` (one bitmap per
 /// region, bit i of word i/64 = page i, KVM's dirty-log format).
-pub fn save_diff(
-    mem: &GuestMemoryMmap,
-    path: &Path,
-    dirty: &[Vec<u64>],
-) -> Result<(MemoryLayout, u64)> {
+pub fn save_diff(mem: &GuestMem, path: &Path, dirty: &[Vec<u64>]) -> Result<(MemoryLayout, u64)> {
     let layout = layout(mem);
     let f = create(path, layout.file_len())?;
     let mut written = 0;
@@ -208,7 +216,7 @@ fn open_sized(path: &Path, layout: &MemoryLayout) -> Result<File> {
 /// Maps `path` as guest memory laid out as `layout`, privately and lazily:
 /// nothing is read until the guest touches it, and guest writes never reach
 /// the file.
-pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMem> {
     let file = open_sized(path, layout)?;
     let map_err = |detail: String| MemFileError::Map {
         path: path.display().to_string(),
@@ -217,29 +225,30 @@ pub fn map_private(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap
     let mut regions = Vec::with_capacity(layout.regions.len());
     for r in &layout.regions {
         let f = file.try_clone().map_err(io(path))?;
-        let mapping = MmapRegionBuilder::new(r.size as usize)
+        let size = r.size as usize;
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(f, r.file_offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+        let region = GuestRegion::new(mapping, GuestAddress(r.guest_addr))
             .ok_or_else(|| map_err(format!("region at {:#x} overflows", r.guest_addr)))?;
         regions.push(region);
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| map_err(e.to_string()))
+    GuestMem::from_regions(regions).map_err(|e| map_err(e.to_string()))
 }
 
 /// Reads `path` into fresh anonymous guest memory laid out as `layout`
 /// (every page copied up front; nothing shared with other restores).
-pub fn load_copy(path: &Path, layout: &MemoryLayout) -> Result<GuestMemoryMmap> {
+pub fn load_copy(path: &Path, layout: &MemoryLayout) -> Result<GuestMem> {
     let file = open_sized(path, layout)?;
     let ranges: Vec<(GuestAddress, usize)> = layout
         .regions
         .iter()
         .map(|r| (GuestAddress(r.guest_addr), r.size as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(|e| MemFileError::Map {
+    let mem = GuestMem::from_ranges(&ranges).map_err(|e| MemFileError::Map {
         path: path.display().to_string(),
         detail: e.to_string(),
     })?;
@@ -265,10 +274,11 @@ pub fn rebase(base: &Path, diff: &Path) -> Result<u64> {
     let len = d.metadata().map_err(io(diff))?.len();
     let base_len = b.metadata().map_err(io(base))?.len();
     if base_len != len {
-        return Err(MemFileError::Size {
-            path: base.display().to_string(),
-            have: base_len,
-            need: len,
+        return Err(MemFileError::Mismatch {
+            base: base.display().to_string(),
+            base_len,
+            diff: diff.display().to_string(),
+            diff_len: len,
         });
     }
     // Holes are what tells written pages from untouched ones. A filesystem
@@ -326,9 +336,9 @@ mod tests {
         dir.join(name)
     }
 
-    fn guest() -> GuestMemoryMmap {
+    fn guest() -> GuestMem {
         // Two regions, like a guest above 3 GiB (scaled down).
-        GuestMemoryMmap::from_ranges(&[
+        GuestMem::from_ranges(&[
             (GuestAddress(0), 64 * PAGE),
             (GuestAddress(0x1_0000_0000), 32 * PAGE),
         ])
@@ -413,6 +423,17 @@ mod tests {
         assert_eq!(&buf, b"TWO");
         back.read_slice(&mut buf, GuestAddress(0)).unwrap();
         assert_eq!(buf, [0, 0, 0]);
+
+        // A diff of another size (another VM) is refused, the base untouched.
+        let other = tmp("other");
+        std::fs::write(&other, b"short").unwrap();
+        let before = std::fs::read(&full).unwrap();
+        let err = rebase(&full, &other).unwrap_err().to_string();
+        assert!(
+            err.contains("is 5 bytes") && err.contains("393216"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(&full).unwrap(), before);
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! runs a counted loop and touches CR3; a nested host that emulates guests
 //! instruction by instruction (or cannot load CR3) fails the check.
 
+use kiln_devices::GuestMem;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 /// The probe's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +46,7 @@ pub fn probe() -> KvmProbe {
 
 fn run_probe(kvm: &Kvm) -> Result<Duration, String> {
     let vm = kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM: {e}"))?;
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)])
+    let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x10000)])
         .map_err(|e| format!("probe memory: {e}"))?;
     let region = mem.iter().next().ok_or("probe memory has no region")?;
     let host = mem

@@ -1,11 +1,12 @@
 //! Initial vCPU state for the two boot protocols: 64-bit Linux boot (paging
 //! on, identity map) and PVH (32-bit protected mode, paging off).
 
+use kiln_devices::GuestMem;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
 };
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::*;
 
@@ -116,7 +117,7 @@ pub fn boot_gdt(proto: BootProtocol) -> [u64; 4] {
     }
 }
 
-fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<()> {
+fn write_gdt(mem: &GuestMem, gdt: &[u64]) -> Result<()> {
     for (i, e) in gdt.iter().enumerate() {
         mem.write_obj(*e, GuestAddress(GDT_ADDR + 8 * i as u64))
             .map_err(|source| RegsError::Memory {
@@ -132,7 +133,7 @@ fn write_gdt(mem: &GuestMemoryMmap, gdt: &[u64]) -> Result<()> {
 }
 
 /// Writes an identity map of the first 1 GiB with 2 MiB pages.
-pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
+pub fn write_page_tables(mem: &GuestMem) -> Result<()> {
     let w = |v: u64, a: u64| {
         mem.write_obj(v, GuestAddress(a))
             .map_err(|source| RegsError::Memory {
@@ -149,7 +150,7 @@ pub fn write_page_tables(mem: &GuestMemoryMmap) -> Result<()> {
 }
 
 /// Sets segments, control registers and (for Linux64) paging.
-pub fn setup_sregs(mem: &GuestMemoryMmap, vcpu: &VcpuFd, proto: BootProtocol) -> Result<()> {
+pub fn setup_sregs(mem: &GuestMem, vcpu: &VcpuFd, proto: BootProtocol) -> Result<()> {
     let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     let gdt = boot_gdt(proto);
     write_gdt(mem, &gdt)?;
@@ -342,7 +343,7 @@ mod tests {
 
     #[test]
     fn identity_map_covers_first_gib() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         write_page_tables(&mem).unwrap();
         let pml4: u64 = mem.read_obj(GuestAddress(PML4_ADDR)).unwrap();
         assert_eq!(pml4, PDPT_ADDR | 3);

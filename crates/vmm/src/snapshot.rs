@@ -12,6 +12,7 @@
 //! VM, vCPU and device state, and reactivates the devices the guest had
 //! activated: nothing is booted, no boot data is written.
 
+use kiln_devices::GuestMem;
 use std::io::Write;
 use std::path::Path;
 use std::sync::mpsc::channel;
@@ -23,7 +24,7 @@ use kiln_devices::serial::{Serial, SerialSnapshot};
 use kiln_devices::virtio::mmio::{MmioState, MmioTransport};
 use kiln_snapshot::state::{DeviceState, MicrovmState, VcpuState};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::kvm_state;
 use crate::layout::ram_ranges;
@@ -35,7 +36,7 @@ use crate::{VmConfig, VmmError};
 pub(crate) struct VmParts {
     pub(crate) kvm: Arc<Kvm>,
     pub(crate) vm: Arc<VmFd>,
-    pub(crate) mem: GuestMemoryMmap,
+    pub(crate) mem: GuestMem,
     pub(crate) serial: Arc<Mutex<Serial>>,
     pub(crate) transports: Vec<(u64, Arc<Mutex<MmioTransport>>)>,
     /// Whether KVM logs dirty pages (see [`crate::dirty`]).
@@ -89,7 +90,9 @@ pub struct SnapshotStats {
 impl VmHandle {
     /// Writes a full snapshot of the paused VM: its state to `state_path`
     /// and its memory to `mem_path`. `config` is the configuration to
-    /// rebuild the machine from on restore (stored as is).
+    /// rebuild the machine from on restore (stored as is). When dirty pages
+    /// are tracked, the log is cleared: a following diff snapshot
+    /// ([`VmHandle::snapshot_diff`]) holds the pages written after this one.
     pub fn snapshot(
         &self,
         config: &str,
@@ -102,6 +105,8 @@ impl VmHandle {
             memory_file::save_full(&self.parts.mem, mem_path).map_err(|e| e.to_string())?;
         state.memory = memory;
         kiln_snapshot::write_file(state_path, &state).map_err(|e| e.to_string())?;
+        // A following diff snapshot is relative to this one.
+        self.reset_dirty_log()?;
         Ok(SnapshotStats {
             mem_bytes_written: written,
             elapsed: t0.elapsed(),
@@ -160,7 +165,7 @@ impl VmHandle {
 
     /// The VM's guest memory (read while paused, or while running for a
     /// migration's pre-copy rounds together with the dirty log).
-    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+    pub fn guest_memory(&self) -> &GuestMem {
         &self.parts.mem
     }
 
@@ -243,7 +248,7 @@ impl Vmm {
     pub fn restore_with_memory(
         config: VmConfig,
         state: &MicrovmState,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         console: Box<dyn Write + Send>,
         start: Instant,
     ) -> Result<Self, VmmError> {
@@ -334,12 +339,12 @@ impl Vmm {
             vcpus.len(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
         );
-        Ok(Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+        Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus)
     }
 }
 
 /// Whether `state` can be restored on a machine built from `config`.
-fn check_restorable(config: &VmConfig, state: &MicrovmState) -> Result<(), VmmError> {
+pub(crate) fn check_restorable(config: &VmConfig, state: &MicrovmState) -> Result<(), VmmError> {
     config.validate()?;
     let bad = |m: String| VmmError::Config(format!("snapshot: {m}"));
     let want: Vec<(u64, u64)> = ram_ranges(config.mem_mib << 20)

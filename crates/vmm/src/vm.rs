@@ -1,6 +1,7 @@
 //! The VM: KVM objects, guest memory, legacy devices, vCPU threads and the
 //! VMM's event loop.
 
+use kiln_devices::GuestMem;
 use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,7 +25,7 @@ use kiln_devices::virtio::VirtioDevice;
 use kiln_devices::{Bus, EventFdTrigger};
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
@@ -47,6 +48,9 @@ pub enum ExitReason {
     GuestPanic,
     /// A vCPU failed.
     VcpuError(String),
+    /// The VM was migrated away ([`VmHandle::end_migrated`]): it runs
+    /// elsewhere now.
+    Migrated,
 }
 
 fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
@@ -66,6 +70,8 @@ pub struct VmHandle {
     pub(crate) vcpus: usize,
     pub(crate) parts: Arc<crate::snapshot::VmParts>,
     pub(crate) keyboard: Arc<Mutex<I8042>>,
+    /// Ends the event loop with [`ExitReason::Migrated`].
+    migrated_evt: Arc<EventFd>,
 }
 
 impl VmHandle {
@@ -131,6 +137,15 @@ impl VmHandle {
             .send_ctrl_alt_del()
             .map_err(|e| format!("Cannot send Ctrl-Alt-Del: {e}"))
     }
+
+    /// Ends [`Vmm::run`] with [`ExitReason::Migrated`] (after a migration
+    /// the destination confirmed). The vCPUs must be paused: they stop
+    /// without running guest code again.
+    pub fn end_migrated(&self) -> std::result::Result<(), String> {
+        self.migrated_evt
+            .write(1)
+            .map_err(|e| format!("ending the VM: {e}"))
+    }
 }
 
 /// A built VM, ready to run.
@@ -140,7 +155,7 @@ pub struct Vmm {
     vcpus: Vec<VcpuFd>,
     _vm: Arc<VmFd>,
     _kvm: Arc<Kvm>,
-    _mem: GuestMemoryMmap,
+    _mem: GuestMem,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
@@ -174,11 +189,9 @@ impl Vmm {
 
         let (kvm_fd, vm) = create_vm()?;
         let mem_bytes = config.mem_mib << 20;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| {
-            VmmError::Memory {
-                mib: config.mem_mib,
-                detail: e.to_string(),
-            }
+        let mem = GuestMem::from_ranges(&ram_ranges(mem_bytes)).map_err(|e| VmmError::Memory {
+            mib: config.mem_mib,
+            detail: e.to_string(),
         })?;
         register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
 
@@ -245,7 +258,7 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
-        Ok(Self::assemble(config, kvm_fd, vm, mem, devs, vcpus))
+        Self::assemble(config, kvm_fd, vm, mem, devs, vcpus)
     }
 
     /// The Vmm around built parts.
@@ -253,10 +266,11 @@ impl Vmm {
         config: VmConfig,
         kvm_fd: Kvm,
         vm: VmFd,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         devs: Devices,
         vcpus: Vec<VcpuFd>,
-    ) -> Self {
+    ) -> Result<Self> {
+        let migrated_evt = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io("eventfd"))?);
         let vcpu_count = vcpus.len();
         let vm = Arc::new(vm);
         let kvm_fd = Arc::new(kvm_fd);
@@ -268,7 +282,7 @@ impl Vmm {
             transports: devs.transports.clone(),
             dirty_log: config.track_dirty_pages.into(),
         });
-        Self {
+        Ok(Self {
             config,
             vcpus,
             _vm: vm,
@@ -293,8 +307,9 @@ impl Vmm {
                 vcpus: vcpu_count,
                 parts,
                 keyboard: devs.keyboard,
+                migrated_evt,
             },
-        }
+        })
     }
 
     /// The VM's counters (for the metrics).
@@ -435,6 +450,7 @@ impl Vmm {
         const PANIC: u64 = 3;
         const VCPU: u64 = 4;
         const INPUT: u64 = 5;
+        const MIGRATED: u64 = 6;
         let epoll = Epoll::new().map_err(io("epoll_create"))?;
         let add = |fd: RawFd, token: u64| {
             epoll
@@ -449,6 +465,7 @@ impl Vmm {
         add(self.power_evt.as_raw_fd(), POWER)?;
         add(self.panic_evt.as_raw_fd(), PANIC)?;
         add(self.exit_evt.as_raw_fd(), VCPU)?;
+        add(self.handle.migrated_evt.as_raw_fd(), MIGRATED)?;
         let mut input = input;
         if let Some(fd) = input {
             // Regular files and /dev/null cannot be polled: no input then.
@@ -476,6 +493,7 @@ impl Vmm {
                     RESET => return Ok(self.end(ExitReason::Reboot)),
                     POWER => return Ok(self.end(ExitReason::Poweroff)),
                     PANIC => return Ok(ExitReason::GuestPanic),
+                    MIGRATED => return Ok(ExitReason::Migrated),
                     VCPU => {
                         let r = reason.lock().expect("stop reason lock poisoned").clone();
                         return Ok(match r {
@@ -576,7 +594,7 @@ pub(crate) fn create_vm() -> Result<(Kvm, VmFd)> {
 /// `log_dirty`.
 pub(crate) fn register_memory(
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mem_mib: u64,
     log_dirty: bool,
 ) -> Result<()> {
@@ -590,7 +608,7 @@ pub(crate) fn register_memory(
 pub(crate) fn build_devices(
     config: &VmConfig,
     vm: &VmFd,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     console: Box<dyn Write + Send>,
     start: Instant,
 ) -> Result<Devices> {

@@ -3,6 +3,7 @@
 //! MADV_DONTNEED; deflate hands them back (they fault in again on use).
 //! Optional deflate-on-OOM and a statistics queue.
 
+use crate::GuestMem;
 use kiln_seccomp::ThreadKind;
 use std::io::Read;
 use std::os::fd::AsRawFd;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueT, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -202,7 +203,7 @@ fn on_off(interval_s: u32) -> String {
 /// memory (inflate) or just acknowledges them (deflate).
 pub fn drain_page_queue(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     release: bool,
     metrics: &DeviceMetrics,
 ) -> bool {
@@ -236,7 +237,7 @@ pub fn drain_page_queue(
     used
 }
 
-fn release_page(mem: &GuestMemoryMmap, pfn: u64) -> bool {
+fn release_page(mem: &GuestMem, pfn: u64) -> bool {
     let Some(addr) = pfn.checked_mul(PAGE_SIZE) else {
         return false;
     };
@@ -253,7 +254,12 @@ fn release_page(mem: &GuestMemoryMmap, pfn: u64) -> bool {
     // SAFETY: `host` is the start of a 4 KiB page inside a guest memory
     // mapping owned by the VMM; MADV_DONTNEED only drops its contents (the
     // guest gave the page up), it does not unmap it.
-    unsafe { libc::madvise(host.cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) == 0 }
+    let dropped =
+        unsafe { libc::madvise(host.cast(), PAGE_SIZE as usize, libc::MADV_DONTNEED) == 0 };
+    // The page now reads as zeros (or the snapshot file's page): its
+    // contents changed behind vm-memory's back.
+    crate::dirty::mark(mem, GuestAddress(addr), PAGE_SIZE as usize);
+    dropped
 }
 
 /// Parses a statistics buffer: 10-byte (tag u16, value u64) entries.
@@ -511,8 +517,14 @@ mod tests {
         }
         q.push(&[Desc::r(&pfns)]);
         q.push(&[Desc::raw(0xfff0_0000, 8, false)]);
+        crate::dirty::clear(q.mem());
         let used = q.run(|mem, queue| drain_page_queue(queue, mem, true, &m));
         assert_eq!(used.len(), 2);
+        let dirty = crate::dirty::take(q.mem()).unwrap();
+        assert!(
+            dirty[0][0x80 / 64] & (1 << (0x80 % 64)) != 0,
+            "a released page changed: it is dirty"
+        );
         let mut b = [0u8; 16];
         q.mem().read_slice(&mut b, GuestAddress(0x80000)).unwrap();
         assert_eq!(b, [0u8; 16], "released page reads back as zero");

@@ -4,6 +4,7 @@
 //! `pread`/`pwrite`/`fdatasync` on the worker; `io_uring` ([`uring`]) submits
 //! them to an io_uring and completes them as the kernel finishes them.
 
+use crate::{ChainReader, ChainWriter, GuestMem};
 use kiln_seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -20,7 +21,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
-use vm_memory::{ByteValued, GuestMemoryMmap};
+use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 
 use super::live::Live;
@@ -320,11 +321,7 @@ impl BlockBackend {
 
     /// Executes one request; returns the number of bytes written to guest
     /// memory (the used length).
-    pub fn process(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-    ) -> u32 {
+    pub fn process(&mut self, mem: &GuestMem, chain: DescriptorChain<&GuestMem>) -> u32 {
         let (reader, writer) = match (Reader::new(mem, chain.clone()), Writer::new(mem, chain)) {
             (Ok(r), Ok(w)) => (r, w),
             _ => {
@@ -359,8 +356,8 @@ impl BlockBackend {
 
     fn execute(
         &mut self,
-        mut reader: Reader<'_>,
-        writer: &mut Writer<'_>,
+        mut reader: ChainReader<'_>,
+        writer: &mut ChainWriter<'_>,
     ) -> Result<usize, Failure> {
         let invalid = |m: &DeviceMetrics| {
             DeviceMetrics::add(&m.invalid_requests, 1);
@@ -438,13 +435,13 @@ impl BlockBackend {
 }
 
 /// Pops and executes every available request; returns whether any completed.
-pub fn drain_queue(backend: &mut BlockBackend, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+pub fn drain_queue(backend: &mut BlockBackend, queue: &mut Queue, mem: &GuestMem) -> bool {
     drain_queue_limited(backend, queue, mem, None)
 }
 
 /// Data bytes of a request for the bandwidth limit: its buffers minus the
 /// 16-byte header and the status byte (0 for flush).
-fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
+fn request_bytes(chain: &DescriptorChain<&GuestMem>) -> u64 {
     let total: u64 = chain.clone().map(|d| u64::from(d.len())).sum();
     total.saturating_sub(std::mem::size_of::<RequestHeader>() as u64 + 1)
 }
@@ -455,7 +452,7 @@ fn request_bytes(chain: &DescriptorChain<&GuestMemoryMmap>) -> u64 {
 pub fn drain_queue_limited(
     backend: &mut BlockBackend,
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     mut limiter: Option<&mut RateLimiter>,
 ) -> bool {
     let mut used = false;
@@ -729,7 +726,7 @@ mod tests {
     fn serve(
         engine: BlockEngine,
         be: &mut BlockBackend,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         queue: &mut Queue,
         mut limiter: Option<&mut RateLimiter>,
         depth: u32,
@@ -1141,7 +1138,7 @@ mod tests {
     /// A 256-entry split queue in 8 MiB of guest memory, for many requests
     /// at once (the shared `ChainBuilder` has 16 entries).
     struct BigQueue {
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         next_desc: u16,
         next_data: u64,
         avail: u16,
@@ -1160,7 +1157,7 @@ mod tests {
 
         fn new() -> Self {
             Self {
-                mem: GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap(),
+                mem: GuestMem::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap(),
                 next_desc: 0,
                 next_data: 0x10000,
                 avail: 0,
@@ -1315,6 +1312,40 @@ mod tests {
                 (BLOCKS * BLOCK) as u64,
                 "{engine}"
             );
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    /// Reads put disk data into guest memory behind KVM's back: the pages
+    /// must be in the device dirty bitmap with either engine (io_uring's
+    /// kernel-side writes are marked explicitly), with the used ring's page.
+    #[test]
+    fn block_reads_mark_guest_pages_dirty() {
+        for engine in ENGINES {
+            let (mut be, path) = backend(&vec![0x5au8; 4 * BLOCK], false, engine);
+            let mut bq = BigQueue::new();
+            let (_, a) = bq.push(&[
+                Buf::R(header(VIRTIO_BLK_T_IN, 0)),
+                Buf::W(2 * BLOCK as u32),
+                Buf::W(1),
+            ]);
+            let mut queue = bq.queue();
+            crate::dirty::clear(&bq.mem);
+            serve(engine, &mut be, &bq.mem, &mut queue, None, 16);
+            assert_eq!(bq.used().len(), 1, "{engine}");
+            assert!(bq.read(a[1], 2 * BLOCK).iter().all(|&b| b == 0x5a));
+            let dirty = crate::dirty::take(&bq.mem).unwrap();
+            let set = |addr: u64| {
+                let p = (addr / crate::dirty::PAGE as u64) as usize;
+                dirty[0][p / 64] & (1 << (p % 64)) != 0
+            };
+            let data_pages = a[1] / 4096..=(a[1] + 2 * BLOCK as u64 - 1) / 4096;
+            assert_eq!(data_pages.clone().count(), 3);
+            for p in data_pages {
+                assert!(set(p * 4096), "{engine}: data page {p:#x} not dirty");
+            }
+            assert!(set(BigQueue::USED), "{engine}: used ring");
+            assert!(!set(BigQueue::DESC), "{engine}: descriptors are only read");
             std::fs::remove_file(path).unwrap();
         }
     }

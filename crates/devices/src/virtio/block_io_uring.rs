@@ -23,6 +23,7 @@
 //! request to complete and discards the completions, so nothing touches
 //! guest memory (buffers, status bytes, used ring) after the worker is gone.
 
+use crate::GuestMem;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -33,9 +34,9 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Address, ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, Permissions,
-    VolatileSlice,
+    Address, ByteValued, Bytes, GuestAddress, GuestMemory, Permissions, VolatileSlice,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -105,6 +106,10 @@ struct InFlight {
     iovecs: Vec<libc::iovec>,
     /// File offset of `iovecs[0]`.
     offset: u64,
+    /// Guest ranges the kernel writes for a read (its device-writable
+    /// buffers), marked dirty once the read is over: vm-memory does not see
+    /// these writes.
+    dest: Vec<(GuestAddress, usize)>,
     /// Data bytes of the request.
     total: usize,
     /// Data bytes transferred so far (a short read/write is resubmitted).
@@ -112,10 +117,20 @@ struct InFlight {
 }
 
 // SAFETY: the raw pointers in `iovecs` point into guest memory, which the
-// engine keeps mapped (it owns a `GuestMemoryMmap` handle) and which is
+// engine keeps mapped (it owns a `GuestMem` handle) and which is
 // shared with the guest anyway; the engine only moves between threads as a
 // whole, inside the worker's handler.
 unsafe impl Send for InFlight {}
+
+impl InFlight {
+    /// Marks the guest pages a finished read may have written dirty (also
+    /// after a failure or a partial transfer: some data may have landed).
+    fn mark_written(&self, mem: &GuestMem) {
+        for &(addr, len) in &self.dest {
+            crate::dirty::mark(mem, addr, len);
+        }
+    }
+}
 
 /// What a completion means for its request.
 enum Outcome {
@@ -131,7 +146,7 @@ pub struct IoUringEngine {
     ring: IoUring,
     completion_evt: EventFd,
     /// Guest memory, held so its mappings outlive every in-flight request.
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMem>,
     slots: Vec<Option<InFlight>>,
     free: Vec<usize>,
     peak: usize,
@@ -141,7 +156,7 @@ pub struct IoUringEngine {
 impl IoUringEngine {
     /// A ring for at most `depth` requests in flight over guest memory `mem`,
     /// with its completion eventfd registered.
-    pub fn new(mem: GuestMemoryMmap, depth: u32) -> io::Result<Self> {
+    pub fn new(mem: GuestMem, depth: u32) -> io::Result<Self> {
         let depth = depth.clamp(1, 4096);
         let ring = IoUring::new(depth).map_err(|e| annotate(e, "io_uring_setup"))?;
         let completion_evt = EventFd::new(libc::EFD_NONBLOCK)?;
@@ -370,6 +385,7 @@ impl IoUringEngine {
             return false;
         };
         self.free.push(slot);
+        req.mark_written(&self.mem);
         let m = &backend.metrics;
         let ok = status == VIRTIO_BLK_S_OK as u8;
         if !ok {
@@ -408,7 +424,8 @@ impl IoUringEngine {
             for cqe in self.ring.completion() {
                 let slot = cqe.user_data() as usize;
                 if let Some(s) = self.slots.get_mut(slot) {
-                    if s.take().is_some() {
+                    if let Some(req) = s.take() {
+                        req.mark_written(&self.mem);
                         self.free.push(slot);
                     }
                 }
@@ -434,7 +451,7 @@ impl Drop for IoUringEngine {
     }
 }
 
-fn add_used(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, len: u32, m: &DeviceMetrics) {
+fn add_used(queue: &mut Queue, mem: &GuestMem, head: u16, len: u32, m: &DeviceMetrics) {
     if queue.add_used(mem, head, len).is_err() {
         DeviceMetrics::add(&m.invalid_requests, 1);
     }
@@ -483,7 +500,11 @@ fn advance(iovecs: &mut Vec<libc::iovec>, mut n: usize) {
 }
 
 /// Host segments covering `len` bytes of `slices` after the first `skip`.
-fn iovecs(slices: &[VolatileSlice<'_, ()>], mut skip: usize, mut len: usize) -> Vec<libc::iovec> {
+fn iovecs<B: BitmapSlice>(
+    slices: &[VolatileSlice<'_, B>],
+    mut skip: usize,
+    mut len: usize,
+) -> Vec<libc::iovec> {
     let mut out = Vec::new();
     for s in slices {
         if len == 0 {
@@ -508,12 +529,13 @@ fn iovecs(slices: &[VolatileSlice<'_, ()>], mut skip: usize, mut len: usize) -> 
 /// answer it (no I/O needed, or anything malformed: it then fails exactly as
 /// in the sync engine).
 fn prepare(
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     backend: &BlockBackend,
-    chain: &DescriptorChain<&GuestMemoryMmap>,
+    chain: &DescriptorChain<&GuestMem>,
 ) -> Option<InFlight> {
     let mut readable = Vec::new();
     let mut writable = Vec::new();
+    let mut dest = Vec::new();
     let (mut rlen, mut wlen) = (0usize, 0usize);
     let mut status = None;
     for desc in chain.clone() {
@@ -521,6 +543,7 @@ fn prepare(
         let (list, total, perm) = if desc.is_write_only() {
             if len > 0 {
                 status = Some(desc.addr().checked_add(len as u64 - 1)?);
+                dest.push((desc.addr(), len));
             }
             (&mut writable, &mut wlen, Permissions::Write)
         } else {
@@ -561,6 +584,9 @@ fn prepare(
         VIRTIO_BLK_T_FLUSH if !backend.read_only => (Op::Flush, Vec::new(), 0, 0),
         _ => return None,
     };
+    if op != Op::Read {
+        dest.clear();
+    }
     if (op != Op::Flush && total == 0) || iovecs.len() > IOV_MAX {
         return None;
     }
@@ -571,6 +597,7 @@ fn prepare(
         status: status?,
         iovecs,
         offset,
+        dest,
         total,
         done: 0,
     })

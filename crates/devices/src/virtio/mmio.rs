@@ -1,9 +1,9 @@
 //! The virtio-mmio transport (virtio 1.2, section 4.2.2), version 2 only.
 
+use crate::GuestMem;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
@@ -29,7 +29,7 @@ const STATUS_FAILED: u32 = 0x80;
 /// One device behind the MMIO register file.
 pub struct MmioTransport {
     device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     interrupt: Arc<Interrupt>,
     queue_evts: Vec<EventFd>,
     queues: Vec<Queue>,
@@ -48,7 +48,7 @@ impl MmioTransport {
     /// `irqfd` its interrupt.
     pub fn new(
         device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         queue_evts: Vec<EventFd>,
         irqfd: EventFd,
     ) -> Self {
@@ -545,16 +545,14 @@ mod tests {
     type Activated = Arc<Mutex<Option<usize>>>;
 
     fn transport() -> (MmioTransport, Activated, Arc<Mutex<u32>>) {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (t, a, r, _) = transport_on(mem);
         (t, a, r)
     }
 
     type NextAvail = Arc<Mutex<Vec<u16>>>;
 
-    fn transport_on(
-        mem: GuestMemoryMmap,
-    ) -> (MmioTransport, Activated, Arc<Mutex<u32>>, NextAvail) {
+    fn transport_on(mem: GuestMem) -> (MmioTransport, Activated, Arc<Mutex<u32>>, NextAvail) {
         let activated = Arc::new(Mutex::new(None));
         let resets = Arc::new(Mutex::new(0));
         let next_avail = Arc::new(Mutex::new(Vec::new()));
@@ -595,7 +593,7 @@ mod tests {
     #[test]
     fn saved_state_restores_into_a_fresh_transport() {
         use vm_memory::Bytes;
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let (mut a, _, _, _) = transport_on(mem.clone());
         bring_up(&mut a);
         w(&mut a, 0x30, 1); // QueueSel left at 1

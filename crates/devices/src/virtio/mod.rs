@@ -17,11 +17,11 @@ pub(crate) mod testing;
 pub mod vsock;
 pub mod worker;
 
+use crate::GuestMem;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// VIRTIO_F_VERSION_1: every Kiln device is a modern device.
@@ -79,7 +79,7 @@ impl Interrupt {
 /// What a device gets when the driver is ready.
 pub struct ActivateContext {
     /// Guest memory.
-    pub mem: GuestMemoryMmap,
+    pub mem: GuestMem,
     /// Queues in index order, each with its notification eventfd.
     pub queues: Vec<(Queue, EventFd)>,
     /// The device's interrupt.

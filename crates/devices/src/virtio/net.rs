@@ -8,6 +8,7 @@
 //! reads a frame from the TAP, so when the guest has no buffers the frames stay
 //! queued in the kernel until the guest adds buffers and kicks the RX queue.
 
+use crate::{ChainReader, GuestMem};
 use kiln_seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -21,7 +22,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::live::Live;
@@ -321,7 +321,7 @@ fn config_space(mac: &[u8; 6]) -> [u8; 10] {
 /// Whether `chain` ends with a descriptor without NEXT, rather than being cut
 /// short (silently, by the iterator) by a loop, an index beyond the queue or
 /// a descriptor table outside guest memory.
-fn well_formed(chain: &DescriptorChain<&GuestMemoryMmap>) -> bool {
+fn well_formed(chain: &DescriptorChain<&GuestMem>) -> bool {
     chain.clone().last().is_some_and(|d| !d.has_next())
 }
 
@@ -394,7 +394,7 @@ impl<T: Read + Write> NetBackend<T> {
     /// Sends every available TX chain to the TAP; malformed chains are
     /// dropped and counted. Every chain is returned with length 0. Returns
     /// whether any chain was used.
-    pub fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    pub fn process_tx(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
         let mut used = false;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -422,7 +422,7 @@ impl<T: Read + Write> NetBackend<T> {
         used
     }
 
-    fn send(&mut self, mut reader: Reader<'_>) {
+    fn send(&mut self, mut reader: ChainReader<'_>) {
         let n = reader.available_bytes();
         if reader.read_exact(&mut self.tx_buf[..n]).is_err() {
             DeviceMetrics::add(&self.metrics.invalid_requests, 1);
@@ -491,7 +491,7 @@ impl<T: Read + Write> NetBackend<T> {
     /// Under an RX limiter, a packet the limiter refuses stays in the device
     /// (the next one delivered) and the buffer stays available; nothing more
     /// is read from the TAP until the limiter's timer fires.
-    pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> bool {
+    pub fn process_rx(&mut self, queue: &mut Queue, mem: &GuestMem) -> bool {
         if self
             .rx_limiter
             .as_ref()
@@ -856,7 +856,7 @@ mod tests {
     fn run_again(
         q: &mut ChainBuilder,
         state: &mut Option<virtio_queue::QueueState>,
-        f: impl FnOnce(&mut Queue, &GuestMemoryMmap) -> bool,
+        f: impl FnOnce(&mut Queue, &GuestMem) -> bool,
     ) -> Vec<(u16, u32)> {
         q.run(|mem, queue| {
             if let Some(s) = state.take() {

@@ -1,5 +1,6 @@
 //! virtio-rng: entropy from the host's getrandom(2).
 
+use crate::GuestMem;
 use kiln_seccomp::ThreadKind;
 use std::io::Write;
 use std::sync::Arc;
@@ -7,7 +8,6 @@ use std::sync::Arc;
 use std::os::fd::AsRawFd;
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
 use virtio_queue::{Queue, QueueT, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::worker::{Next, Worker};
@@ -59,7 +59,7 @@ fn fill_random(buf: &mut [u8]) -> bool {
 }
 
 /// Answers every available request; returns whether any completed.
-pub fn drain_queue(queue: &mut Queue, mem: &GuestMemoryMmap, metrics: &DeviceMetrics) -> bool {
+pub fn drain_queue(queue: &mut Queue, mem: &GuestMem, metrics: &DeviceMetrics) -> bool {
     drain_queue_limited(queue, mem, metrics, None)
 }
 
@@ -67,7 +67,7 @@ pub fn drain_queue(queue: &mut Queue, mem: &GuestMemoryMmap, metrics: &DeviceMet
 /// refuses, leaving it available for when the limiter's timer fires.
 pub fn drain_queue_limited(
     queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    mem: &GuestMem,
     metrics: &DeviceMetrics,
     mut limiter: Option<&mut RateLimiter>,
 ) -> bool {

@@ -1,8 +1,9 @@
 //! Hand-built split virtqueues for unit tests: descriptor tables, avail and
 //! used rings written straight into a small guest memory.
 
+use crate::GuestMem;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const QSIZE: u16 = 16;
 const DESC: u64 = 0x1000;
@@ -52,7 +53,7 @@ impl Desc {
 
 /// Builds chains into guest memory and runs a device's queue handler.
 pub struct ChainBuilder {
-    mem: GuestMemoryMmap,
+    mem: GuestMem,
     next_desc: u16,
     next_data: u64,
     chains: Vec<Vec<(u64, u32)>>,
@@ -61,7 +62,7 @@ pub struct ChainBuilder {
 impl ChainBuilder {
     /// 1 MiB of guest memory with empty rings.
     pub fn new() -> Self {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         Self {
             mem,
             next_desc: 0,
@@ -71,7 +72,7 @@ impl ChainBuilder {
     }
 
     /// The guest memory.
-    pub fn mem(&self) -> &GuestMemoryMmap {
+    pub fn mem(&self) -> &GuestMem {
         &self.mem
     }
 
@@ -131,7 +132,7 @@ impl ChainBuilder {
     }
 
     /// Runs `f` on a queue over the rings; returns the used (head, len) pairs.
-    pub fn run(&mut self, f: impl FnOnce(&GuestMemoryMmap, &mut Queue) -> bool) -> Vec<(u16, u32)> {
+    pub fn run(&mut self, f: impl FnOnce(&GuestMem, &mut Queue) -> bool) -> Vec<(u16, u32)> {
         let mut q = Queue::new(QSIZE).unwrap();
         q.set_size(QSIZE);
         q.set_desc_table_address(Some(DESC as u32), Some(0));

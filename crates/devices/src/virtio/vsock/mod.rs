@@ -19,6 +19,7 @@ pub mod packet;
 #[cfg(test)]
 mod tests;
 
+use crate::GuestMem;
 use kiln_seccomp::ThreadKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -29,7 +30,7 @@ use std::sync::Arc;
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -95,7 +96,7 @@ const EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// Puts a transport reset event in the first buffer of the event queue;
 /// false if the guest has posted none yet (retried on its next kick).
-fn send_transport_reset(mem: &GuestMemoryMmap, evq: &mut Queue, interrupt: &Interrupt) -> bool {
+fn send_transport_reset(mem: &GuestMem, evq: &mut Queue, interrupt: &Interrupt) -> bool {
     let Some(chain) = evq.pop_descriptor_chain(mem) else {
         return false;
     };

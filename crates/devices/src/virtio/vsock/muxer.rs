@@ -18,6 +18,7 @@
 //! exactly the credit the muxer advertised, so a guest that honours credit
 //! stops sending on that connection instead of having data dropped.
 
+use crate::{ChainWriter, GuestMem};
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -28,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Writer};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
@@ -69,7 +69,7 @@ struct Client {
 
 /// The vsock backend for one activation of the device.
 pub struct Muxer {
-    mem: Arc<GuestMemoryMmap>,
+    mem: Arc<GuestMem>,
     rxq: Queue,
     txq: Queue,
     guest_cid: u64,
@@ -95,7 +95,7 @@ impl Muxer {
     /// A muxer over the RX and TX queues, accepting host clients on `listener`
     /// (which must be non-blocking).
     pub fn new(
-        mem: GuestMemoryMmap,
+        mem: GuestMem,
         rxq: Queue,
         txq: Queue,
         listener: UnixListener,
@@ -388,7 +388,7 @@ impl Muxer {
 
     /// Writes the next packet for the guest into `w`; returns its length, or
     /// None when there is nothing to send.
-    fn next_packet(&mut self, w: &mut Writer<'_>) -> Option<usize> {
+    fn next_packet(&mut self, w: &mut ChainWriter<'_>) -> Option<usize> {
         loop {
             if let Some(ctrl) = self.ctrl.pop_front() {
                 let hdr = match ctrl {

@@ -3,10 +3,10 @@
 //! Every packet on the RX and TX queues starts with a 44-byte little-endian
 //! `virtio_vsock_hdr`; only `VIRTIO_VSOCK_OP_RW` packets carry a payload.
 
+use crate::GuestMem;
 use std::io::Read;
 
 use virtio_queue::{DescriptorChain, Reader};
-use vm_memory::GuestMemoryMmap;
 
 /// Largest payload accepted from, or sent to, the guest in one packet.
 pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
@@ -105,8 +105,8 @@ impl Header {
 /// Reads one TX packet; the payload of OP_RW lands in `buf`. Returns the
 /// header and the payload length.
 pub fn read_packet(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMem,
+    chain: DescriptorChain<&GuestMem>,
     buf: &mut [u8],
 ) -> Result<(Header, usize), &'static str> {
     let mut r = Reader::new(mem, chain).map_err(|_| "buffer outside guest memory")?;

@@ -5,6 +5,7 @@
 mod connect;
 mod flow;
 
+use crate::GuestMem;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::conn::CONN_BUF_ALLOC;
 use super::muxer::{Muxer, FIRST_LOCAL_PORT};
@@ -49,7 +50,7 @@ impl Ring {
         }
     }
 
-    pub(super) fn queue(&self, mem: &GuestMemoryMmap) -> Queue {
+    pub(super) fn queue(&self, mem: &GuestMem) -> Queue {
         let mut q = Queue::new(QSIZE).unwrap();
         q.set_size(QSIZE);
         q.set_desc_table_address(Some(self.desc as u32), Some(0));
@@ -62,7 +63,7 @@ impl Ring {
 
     pub(super) fn write_desc(
         &self,
-        mem: &GuestMemoryMmap,
+        mem: &GuestMem,
         i: u16,
         addr: u64,
         len: u32,
@@ -76,7 +77,7 @@ impl Ring {
         mem.write_obj(next, GuestAddress(base + 14)).unwrap();
     }
 
-    pub(super) fn publish(&self, mem: &GuestMemoryMmap, head: u16) {
+    pub(super) fn publish(&self, mem: &GuestMem, head: u16) {
         let idx: u16 = mem.read_obj(GuestAddress(self.avail + 2)).unwrap();
         let slot = self.avail + 4 + 2 * u64::from(idx % QSIZE);
         mem.write_obj(head, GuestAddress(slot)).unwrap();
@@ -84,7 +85,7 @@ impl Ring {
             .unwrap();
     }
 
-    pub(super) fn take_used(&mut self, mem: &GuestMemoryMmap) -> Vec<(u16, u32)> {
+    pub(super) fn take_used(&mut self, mem: &GuestMem) -> Vec<(u16, u32)> {
         let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
         let mut out = vec![];
         while self.last_used != idx {
@@ -100,7 +101,7 @@ impl Ring {
 
 /// The simulated guest driver plus a muxer under test.
 pub(super) struct Guest {
-    pub(super) mem: GuestMemoryMmap,
+    pub(super) mem: GuestMem,
     pub(super) rx: Ring,
     pub(super) tx: Ring,
     pub(super) free_tx: Vec<u16>,
@@ -126,7 +127,7 @@ impl Guest {
         let _ = std::fs::remove_file(&uds);
         let listener = UnixListener::bind(&uds).unwrap();
         listener.set_nonblocking(true).unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
         let rx = Ring::new(0);
         let tx = Ring::new(0x4000);
         let metrics = Arc::new(DeviceMetrics::default());
