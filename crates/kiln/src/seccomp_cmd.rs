@@ -100,11 +100,14 @@ pub fn probe(args: ProbeArgs) -> Result<i32> {
     }
     init(false, args.seccomp_filter.as_deref())?;
     // Started as the VMM starts threads of that kind: those started at
-    // run time (device workers, metrics) from a filtered thread, so through
-    // the spawner; the others (vCPUs, API, ...) from the unfiltered main
-    // thread.
-    if kiln_seccomp::SPAWNED.contains(&kind) {
-        kiln_seccomp::apply(ThreadKind::Vmm)?;
+    // run time from a filtered thread (device workers and metrics from the
+    // main thread or a vCPU, the migration sender from the API thread), so
+    // through their spawner; the others (vCPUs, API, userfaultfd, ...)
+    // from the unfiltered main thread.
+    match kiln_seccomp::spawner_for(kind) {
+        Some(ThreadKind::MigrationSpawner) => kiln_seccomp::apply(ThreadKind::Api)?,
+        Some(_) => kiln_seccomp::apply(ThreadKind::Vmm)?,
+        None => {}
     }
     let nr = args.nr;
     let (tx, rx) = std::sync::mpsc::channel();

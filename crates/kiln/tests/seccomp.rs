@@ -62,7 +62,7 @@ fn assert_allowed(kind: &str, nr: i64, args: &[&str]) -> i32 {
     errno
 }
 
-const KINDS: [&str; 11] = [
+const KINDS: [&str; 14] = [
     "vmm",
     "api",
     "vcpu",
@@ -74,10 +74,15 @@ const KINDS: [&str; 11] = [
     "balloon",
     "metrics",
     "spawner",
+    "uffd",
+    "migration",
+    "migration_spawner",
 ];
 
 const AF_INET: &str = "2";
 const AF_UNIX: &str = "1";
+const AF_INET6: &str = "10";
+const AF_NETLINK: &str = "16";
 const SOCK_STREAM: &str = "1";
 const KVM_RUN: &str = "0xae80";
 /// mmap(NULL, 4096, PROT_READ|PROT_EXEC, MAP_PRIVATE|MAP_ANONYMOUS, -1, 0)
@@ -89,7 +94,10 @@ fn no_thread_kind_may_exec_ptrace_open_inet_sockets_or_map_executable_memory() {
     for kind in KINDS {
         assert_killed(kind, libc::SYS_execve, &["0", "0", "0"]);
         assert_killed(kind, libc::SYS_ptrace, &["0", "0", "0", "0"]);
-        assert_killed(kind, libc::SYS_socket, &[AF_INET, SOCK_STREAM, "0"]);
+        if !kind.starts_with("migration") {
+            assert_killed(kind, libc::SYS_socket, &[AF_INET, SOCK_STREAM, "0"]);
+        }
+        assert_killed(kind, libc::SYS_socket, &[AF_NETLINK, SOCK_STREAM, "0"]);
         assert_killed(kind, libc::SYS_mmap, &MMAP_EXEC);
         assert_killed(kind, libc::SYS_mprotect, &["0", "4096", "4"]);
         // Signals only to threads of its own process.
@@ -124,9 +132,65 @@ fn only_vcpus_run_guests_and_only_the_api_and_vsock_open_sockets() {
         let errno = assert_allowed(kind, libc::SYS_socket, &[AF_UNIX, SOCK_STREAM, "0"]);
         assert_eq!(errno, 0, "{kind}");
     }
-    for kind in ["vmm", "vcpu", "block", "net", "rng", "balloon", "metrics"] {
+    for kind in [
+        "vmm", "vcpu", "block", "net", "rng", "balloon", "metrics", "uffd",
+    ] {
         assert_killed(kind, libc::SYS_socket, &[AF_UNIX, SOCK_STREAM, "0"]);
     }
+}
+
+/// UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE (linux/userfaultfd.h).
+const UFFDIO: [&str; 3] = ["0xc028aa03", "0xc020aa04", "0x8010aa02"];
+/// KVM_GET_DIRTY_LOG, KVM_SET_USER_MEMORY_REGION.
+const DIRTY_LOG: [&str; 2] = ["0x4010ae42", "0x4020ae46"];
+
+#[test]
+fn tcp_for_migration_threads_only_and_page_faults_for_uffd_threads_only() {
+    // Migration (the sender through its own spawner, as PUT /migrate
+    // starts it from the API thread): TCP over IPv4 and IPv6, Unix.
+    for family in [AF_INET, AF_INET6, AF_UNIX] {
+        let errno = assert_allowed("migration", libc::SYS_socket, &[family, SOCK_STREAM, "0"]);
+        assert!(
+            errno == 0 || errno == libc::EAFNOSUPPORT,
+            "{family}: {errno}"
+        );
+    }
+    assert_eq!(
+        assert_allowed("migration", libc::SYS_connect, &["-1", "0", "0"]),
+        libc::EBADF
+    );
+    // The API thread that takes PUT /migrate stays Unix-only; so does the
+    // device workers' spawner.
+    for kind in ["api", "spawner", "vsock"] {
+        assert_killed(kind, libc::SYS_socket, &[AF_INET6, SOCK_STREAM, "0"]);
+    }
+    // The dirty log: the API (diff snapshots) and migration threads.
+    for ioctl in DIRTY_LOG {
+        for kind in ["api", "migration"] {
+            assert_eq!(
+                assert_allowed(kind, libc::SYS_ioctl, &["-1", ioctl]),
+                libc::EBADF
+            );
+        }
+        for kind in ["vcpu", "vmm", "block", "uffd"] {
+            assert_killed(kind, libc::SYS_ioctl, &["-1", ioctl]);
+        }
+    }
+    // Filling pages: the userfaultfd threads only.
+    for ioctl in UFFDIO {
+        assert_eq!(
+            assert_allowed("uffd", libc::SYS_ioctl, &["-1", ioctl]),
+            libc::EBADF
+        );
+        for kind in ["api", "vcpu", "migration", "balloon"] {
+            assert_killed(kind, libc::SYS_ioctl, &["-1", ioctl]);
+        }
+    }
+    // No new userfaultfds, no KVM, no files on them.
+    assert_killed("uffd", libc::SYS_userfaultfd, &["0"]);
+    assert_killed("uffd", libc::SYS_ioctl, &["-1", KVM_RUN]);
+    assert_killed("uffd", libc::SYS_openat, &["-100", "0", "0"]);
+    assert_killed("migration", libc::SYS_openat, &["-100", "0", "0"]);
 }
 
 #[test]

@@ -39,7 +39,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-pub use lists::{Allow, SPAWNED};
+pub use lists::{spawner_for, Allow, SPAWNED};
 pub use spawn::spawn;
 
 /// Errors of this crate.
@@ -110,11 +110,23 @@ pub enum ThreadKind {
     /// The thread that starts threads for filtered threads (see the crate
     /// documentation).
     Spawner,
+    /// A restored VM's userfaultfd threads: the in-process page-fault
+    /// handler (`kiln restore --uffd`) and the watch on an external
+    /// handler.
+    Uffd,
+    /// Live migration: the sender (`PUT /migrate`) and the receiver
+    /// (`kiln migrate receive`). The only kind that may use TCP.
+    Migration,
+    /// The spawner of migration threads (kept apart from [`Spawner`], so
+    /// that the device workers' spawner has no TCP).
+    ///
+    /// [`Spawner`]: ThreadKind::Spawner
+    MigrationSpawner,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 11] = [
+    pub const ALL: [ThreadKind; 14] = [
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::Vcpu,
@@ -126,6 +138,9 @@ impl ThreadKind {
         ThreadKind::Balloon,
         ThreadKind::Metrics,
         ThreadKind::Spawner,
+        ThreadKind::Uffd,
+        ThreadKind::Migration,
+        ThreadKind::MigrationSpawner,
     ];
 
     /// The kind's name in custom filter files and messages.
@@ -142,6 +157,9 @@ impl ThreadKind {
             ThreadKind::Balloon => "balloon",
             ThreadKind::Metrics => "metrics",
             ThreadKind::Spawner => "spawner",
+            ThreadKind::Uffd => "uffd",
+            ThreadKind::Migration => "migration",
+            ThreadKind::MigrationSpawner => "migration_spawner",
         }
     }
 
@@ -336,10 +354,13 @@ pub fn init(filters: Filters) -> Result<(), Error> {
             message: e.to_string(),
         })?;
     }
-    spawn::start_spawner().map_err(|e| Error::Install {
-        kind: ThreadKind::Spawner.name(),
-        message: e.to_string(),
-    })
+    for kind in [ThreadKind::Spawner, ThreadKind::MigrationSpawner] {
+        spawn::start_spawner(kind).map_err(|e| Error::Install {
+            kind: kind.name(),
+            message: e.to_string(),
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether [`init`] was given filters.
@@ -412,15 +433,30 @@ mod tests {
     }
 
     #[test]
-    fn the_spawner_allows_what_the_threads_it_starts_need() {
-        let spawner: Vec<i64> = lists::allowed(ThreadKind::Spawner)
-            .iter()
-            .map(Allow::syscall)
-            .collect();
-        for kind in SPAWNED {
+    fn the_spawners_allow_what_the_threads_they_start_need() {
+        for kind in ThreadKind::ALL {
+            let Some(spawner) = spawner_for(kind) else {
+                continue;
+            };
+            let allowed: Vec<i64> = lists::allowed(spawner).iter().map(Allow::syscall).collect();
             for a in lists::allowed(kind) {
-                assert!(spawner.contains(&a.syscall()), "{kind:?}: {a:?}");
+                assert!(allowed.contains(&a.syscall()), "{kind:?}: {a:?}");
             }
+        }
+        assert_eq!(spawner_for(ThreadKind::Rng), Some(ThreadKind::Spawner));
+        assert_eq!(
+            spawner_for(ThreadKind::Migration),
+            Some(ThreadKind::MigrationSpawner)
+        );
+        assert_eq!(spawner_for(ThreadKind::Uffd), None);
+        // Only migration threads (and their spawner) may open TCP sockets.
+        for kind in ThreadKind::ALL {
+            let inet = lists::allowed(kind).iter().any(|a| {
+                matches!(a, Allow::ArgIn(nr, 0, v) if *nr == libc::SYS_socket
+                    && v.contains(&(libc::AF_INET as u64)))
+            });
+            let may = matches!(kind, ThreadKind::Migration | ThreadKind::MigrationSpawner);
+            assert_eq!(inet, may, "{kind:?}");
         }
     }
 

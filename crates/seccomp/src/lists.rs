@@ -116,34 +116,13 @@ const TCGETS_: u64 = 0x5401;
 const TCSETS_: u64 = 0x5402;
 const FIONBIO_: u64 = 0x5421;
 
-/// userfaultfd ioctls (linux/userfaultfd.h), for the thread kind that will
-/// serve page faults of a lazily restored guest (not used yet: add
-/// [`UFFD`] to that kind's list).
+/// userfaultfd ioctls (linux/userfaultfd.h) that serve page faults.
+/// (`UFFDIO_API` and `UFFDIO_REGISTER` are made on the main thread, before
+/// any filter, when the restored guest's memory is registered.)
 const UFFDIO: u64 = 0xAA;
-const UFFDIO_API: u64 = ioc(RW, UFFDIO, 0x3f, 24);
-const UFFDIO_REGISTER: u64 = ioc(RW, UFFDIO, 0x00, 32);
-const UFFDIO_UNREGISTER: u64 = ioc(R, UFFDIO, 0x01, 16);
 const UFFDIO_WAKE: u64 = ioc(R, UFFDIO, 0x02, 16);
 const UFFDIO_COPY: u64 = ioc(RW, UFFDIO, 0x03, 40);
 const UFFDIO_ZEROPAGE: u64 = ioc(RW, UFFDIO, 0x04, 32);
-
-/// The userfaultfd syscalls and ioctls (see [`UFFDIO_API`]).
-#[allow(dead_code)]
-pub const UFFD: &[Allow] = &[
-    Any(SYS_userfaultfd),
-    ArgIn(
-        SYS_ioctl,
-        1,
-        &[
-            UFFDIO_API,
-            UFFDIO_REGISTER,
-            UFFDIO_UNREGISTER,
-            UFFDIO_WAKE,
-            UFFDIO_COPY,
-            UFFDIO_ZEROPAGE,
-        ],
-    ),
-];
 
 const PROT_EXEC_: u64 = PROT_EXEC as u64;
 
@@ -338,6 +317,59 @@ const BALLOON: &[Allow] = &[];
 
 const METRICS: &[Allow] = &[];
 
+/// The userfaultfd threads of a restored VM: the in-process handler polls
+/// the userfaultfd, reads its events and fills pages (copy, zero page,
+/// wake); the watch polls the external handler's pidfd and socket. Both
+/// restore the terminal (`TCSETS`) before ending the process when the
+/// handler is lost.
+const UFFD: &[Allow] = &[
+    Any(SYS_poll),
+    Any(SYS_ppoll),
+    // The watch's and handler's non-blocking recv on the handler socket.
+    Any(SYS_recvfrom),
+    ArgIn(
+        SYS_ioctl,
+        1,
+        &[UFFDIO_COPY, UFFDIO_ZEROPAGE, UFFDIO_WAKE, TCGETS_, TCSETS_],
+    ),
+];
+
+/// The migration sender and receiver: the only kind with TCP. The sender
+/// connects (`connect_timeout`: non-blocking connect, poll, `SO_ERROR`),
+/// sets `TCP_NODELAY` and timeouts, and drives the VM like a snapshot
+/// does (dirty log on and read, the VM's irqchip, PIT and clock saved);
+/// the receiver accepts on a socket the main thread bound and fills freshly
+/// mapped guest memory. Host names are resolved before this thread (by
+/// `kiln migrate send`, or by the main thread for `--listen`).
+const MIGRATION: &[Allow] = &[
+    ArgIn(
+        SYS_socket,
+        0,
+        &[AF_UNIX as u64, AF_INET as u64, AF_INET6 as u64],
+    ),
+    Any(SYS_connect),
+    Any(SYS_accept4),
+    Any(SYS_poll),
+    Any(SYS_ppoll),
+    Any(SYS_recvfrom),
+    Any(SYS_sendto),
+    Any(SYS_shutdown),
+    Any(SYS_getsockopt),
+    Any(SYS_setsockopt),
+    ArgIn(SYS_ioctl, 1, MIGRATION_IOCTLS),
+];
+
+const MIGRATION_IOCTLS: &[u64] = &[
+    // connect_timeout's non-blocking connect.
+    FIONBIO_,
+    KVM_GET_IRQCHIP,
+    KVM_GET_CLOCK,
+    KVM_GET_PIT2,
+    KVM_GET_DIRTY_LOG,
+    KVM_SET_USER_MEMORY_REGION,
+    KVM_CHECK_EXTENSION,
+];
+
 /// The lists a kind is made of.
 fn groups(kind: ThreadKind) -> Vec<&'static [Allow]> {
     match kind {
@@ -353,6 +385,8 @@ fn groups(kind: ThreadKind) -> Vec<&'static [Allow]> {
         ThreadKind::Rng => vec![COMMON, WORKER_SETUP, RNG],
         ThreadKind::Balloon => vec![COMMON, WORKER_SETUP, BALLOON],
         ThreadKind::Metrics => vec![COMMON, METRICS],
+        ThreadKind::Uffd => vec![COMMON, UFFD],
+        ThreadKind::Migration => vec![COMMON, MIGRATION],
         // Everything the threads it starts may do, and starting them.
         ThreadKind::Spawner => {
             let mut g = vec![THREAD_START];
@@ -361,10 +395,16 @@ fn groups(kind: ThreadKind) -> Vec<&'static [Allow]> {
             }
             g
         }
+        ThreadKind::MigrationSpawner => {
+            let mut g = vec![THREAD_START];
+            g.extend(groups(ThreadKind::Migration));
+            g
+        }
     }
 }
 
-/// The kinds of threads started at run time (through the spawner).
+/// The kinds of device and metrics threads, started at run time through
+/// the spawner.
 pub const SPAWNED: [ThreadKind; 7] = [
     ThreadKind::Block,
     ThreadKind::BlockIoUring,
@@ -374,6 +414,21 @@ pub const SPAWNED: [ThreadKind; 7] = [
     ThreadKind::Balloon,
     ThreadKind::Metrics,
 ];
+
+/// The spawner that starts `kind`'s threads for filtered threads, if any:
+/// [`ThreadKind::Spawner`] for the [`SPAWNED`] kinds,
+/// [`ThreadKind::MigrationSpawner`] for the migration sender (started by
+/// `PUT /migrate` on the API thread). The userfaultfd threads have none:
+/// they start on the main thread during a restore, before its filter.
+pub fn spawner_for(kind: ThreadKind) -> Option<ThreadKind> {
+    if SPAWNED.contains(&kind) {
+        Some(ThreadKind::Spawner)
+    } else if kind == ThreadKind::Migration {
+        Some(ThreadKind::MigrationSpawner)
+    } else {
+        None
+    }
+}
 
 /// The built-in allow-list of `kind`.
 pub fn allowed(kind: ThreadKind) -> Vec<Allow> {
@@ -414,9 +469,6 @@ mod tests {
             ),
             (KVM_GET_MSR_INDEX_LIST, 0xc004ae02, "KVM_GET_MSR_INDEX_LIST"),
             (KVM_CHECK_EXTENSION, 0xae03, "KVM_CHECK_EXTENSION"),
-            (UFFDIO_API, 0xc018aa3f, "UFFDIO_API"),
-            (UFFDIO_REGISTER, 0xc020aa00, "UFFDIO_REGISTER"),
-            (UFFDIO_UNREGISTER, 0x8010aa01, "UFFDIO_UNREGISTER"),
             (UFFDIO_WAKE, 0x8010aa02, "UFFDIO_WAKE"),
             (UFFDIO_COPY, 0xc028aa03, "UFFDIO_COPY"),
             (UFFDIO_ZEROPAGE, 0xc020aa04, "UFFDIO_ZEROPAGE"),
