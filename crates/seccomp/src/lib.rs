@@ -348,6 +348,7 @@ pub fn init(filters: Filters) -> Result<(), Error> {
     if !any {
         return Ok(());
     }
+    fix_malloc_arena_limit();
     if mode == Mode::Trap {
         trap::install_handler().map_err(|e| Error::Install {
             kind: "SIGSYS handler",
@@ -361,6 +362,25 @@ pub fn init(filters: Filters) -> Result<(), Error> {
         })?;
     }
     Ok(())
+}
+
+/// glibc's malloc computes its arena limit the first time a thread needs
+/// a new arena, from the number of CPUs, which it reads from
+/// `/sys/devices/system/cpu/online` (then `/proc/stat`): `openat` on
+/// whatever (filtered) thread that is, typically a device worker starting
+/// when the guest probes its devices. Fixing the limit here, to the value
+/// glibc would compute (8 arenas per CPU on 64-bit), before any thread is
+/// filtered, keeps glibc from ever reading those files.
+fn fix_malloc_arena_limit() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: sysconf (glibc's get_nprocs) only reads sysfs/procfs;
+        // mallopt sets a malloc parameter (before filtered threads exist).
+        unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as libc::c_int;
+            libc::mallopt(libc::M_ARENA_MAX, cpus * 8);
+        }
+    }
 }
 
 /// Whether [`init`] was given filters.

@@ -153,6 +153,10 @@ const COMMON: &[Allow] = &[
     Any(SYS_nanosleep),
     Any(SYS_gettid),
     Any(SYS_getpid),
+    // std seeds each thread's HashMap hasher (RandomState) with getrandom
+    // on the thread's first map: a vCPU activating a device makes one.
+    // Without it std falls back to opening /dev/urandom, then panics.
+    Any(SYS_getrandom),
     Any(SYS_epoll_wait),
     Any(SYS_epoll_pwait),
     Any(SYS_epoll_ctl),
@@ -262,7 +266,6 @@ const API: &[Allow] = &[
     Any(SYS_renameat),
     Any(SYS_renameat2),
     Any(SYS_mkdirat),
-    Any(SYS_getrandom),
     ArgIn(SYS_ioctl, 1, API_IOCTLS),
 ];
 
@@ -309,7 +312,8 @@ const VSOCK: &[Allow] = &[
     Any(SYS_getsockopt),
 ];
 
-const RNG: &[Allow] = &[Any(SYS_getrandom)];
+/// Entropy for the guest is `getrandom`, already in [`COMMON`].
+const RNG: &[Allow] = &[];
 
 /// Giving inflated pages back to the host is `madvise(MADV_DONTNEED)`,
 /// already in [`COMMON`].

@@ -43,7 +43,7 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> usize {
 
 /// Builds the report line for syscall `nr` on a thread of kind index+1
 /// `kind` into `out`; returns its length.
-pub(crate) fn report(nr: i32, kind: u8, out: &mut [u8; 128]) -> usize {
+pub(crate) fn report(nr: i32, kind: u8, tid: u64, out: &mut [u8; 128]) -> usize {
     let mut len = 0;
     let mut put = |bytes: &[u8]| {
         let n = bytes.len().min(out.len() - len);
@@ -62,7 +62,10 @@ pub(crate) fn report(nr: i32, kind: u8, out: &mut [u8; 128]) -> usize {
             .map_or("unknown", |k| k.name()),
     };
     put(name.as_bytes());
-    put(b" thread\n");
+    put(b" thread (tid ");
+    let start = decimal(tid, &mut num);
+    put(&num[start..]);
+    put(b")\n");
     len
 }
 
@@ -77,8 +80,45 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut
     };
     FAULTS.fetch_add(1, Ordering::Relaxed);
     let kind = KIND.with(Cell::get);
+    // SAFETY: gettid has no preconditions (and is on every list).
+    let tid = unsafe { libc::syscall(libc::SYS_gettid) } as u64;
     let mut line = [0u8; 128];
-    let len = report(nr, kind, &mut line);
+    let mut len = report(nr, kind, tid, &mut line);
+    // The path of a refused open/openat names what wanted it.
+    // SAFETY: `ctx` is the ucontext_t the kernel passed (SA_SIGINFO).
+    let path = unsafe {
+        let uc = ctx.cast::<libc::ucontext_t>();
+        match i64::from(nr) {
+            libc::SYS_open => (*uc).uc_mcontext.gregs[libc::REG_RDI as usize],
+            libc::SYS_openat => (*uc).uc_mcontext.gregs[libc::REG_RSI as usize],
+            _ => 0,
+        }
+    } as *const u8;
+    if !path.is_null() && len > 0 {
+        len -= 1; // the newline
+        let mut tail = [0u8; 128];
+        let mut n = 0;
+        for (i, b) in b" path ".iter().enumerate() {
+            tail[i] = *b;
+            n += 1;
+        }
+        while n < tail.len() - 1 {
+            // SAFETY: the path argument of the refused open is a
+            // NUL-terminated string of the thread that made the call.
+            let b = unsafe { path.add(n - 6).read() };
+            if b == 0 {
+                break;
+            }
+            tail[n] = b;
+            n += 1;
+        }
+        tail[n] = b'\n';
+        n += 1;
+        let room = line.len() - len;
+        let n = n.min(room);
+        line[len..len + n].copy_from_slice(&tail[..n]);
+        len += n;
+    }
     // SAFETY: write(2) on stderr from a buffer of `len` valid bytes;
     // async-signal-safe.
     unsafe { libc::write(2, line.as_ptr().cast(), len) };
@@ -114,15 +154,15 @@ mod tests {
     #[test]
     fn report_line() {
         let mut out = [0u8; 128];
-        let n = report(41, ThreadKind::Vcpu.index() as u8 + 1, &mut out);
+        let n = report(41, ThreadKind::Vcpu.index() as u8 + 1, 77, &mut out);
         assert_eq!(
             std::str::from_utf8(&out[..n]).unwrap(),
-            "kiln: seccomp: blocked syscall 41 on a vcpu thread\n"
+            "kiln: seccomp: blocked syscall 41 on a vcpu thread (tid 77)\n"
         );
-        let n = report(0, 0, &mut out);
+        let n = report(0, 0, 1, &mut out);
         assert_eq!(
             std::str::from_utf8(&out[..n]).unwrap(),
-            "kiln: seccomp: blocked syscall 0 on a unfiltered thread\n"
+            "kiln: seccomp: blocked syscall 0 on a unfiltered thread (tid 1)\n"
         );
     }
 }
