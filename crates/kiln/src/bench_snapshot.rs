@@ -295,6 +295,12 @@ fn variant(
             ms(answered),
             served.map(|s| format!("  ({s})")).unwrap_or_default()
         );
+        if i == 0 {
+            // Where the first restore's time went, from the VMM's log.
+            for phase in err.lines().filter_map(|l| l.split("restore: ").nth(1)) {
+                println!("      {phase}");
+            }
+        }
     }
     stats("  exec→restored (ms)", to_restored.clone());
     stats("  exec→first vsock answer (ms)", to_answer.clone());

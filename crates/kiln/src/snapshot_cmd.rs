@@ -182,6 +182,7 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
         args.seccomp.seccomp_filter.as_deref(),
     )?;
     let mut r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
+    log::info!("restore: state file read at {:?}", start.elapsed());
     if let (true, Some(mem_file)) = (args.uffd, args.mem_file) {
         r.mem = MemBackend::UffdThread {
             mem_file,

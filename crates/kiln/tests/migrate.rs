@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{section, Batch};
+use common::{section, Batch, COUNTING_SH};
 use kiln_snapshot::migration::{self as wire, Message};
 
 /// The guest: a string written and synced to /dev/vda, then a loop printing
@@ -31,10 +31,9 @@ const DIRTYING: &str = "i=0; while true; do i=$((i+1)); \
 /// Shell helpers shared by the cases.
 fn helpers() -> String {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
+    let sh = COUNTING_SH;
     format!(
-        r#"wait_counts() {{ n=0; while [ "$(grep -c count= "$1" 2>/dev/null)" -lt "$2" ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n+1)); done; }}
-counts() {{ grep -o 'count=[0-9]*' "$1" | sed 's/count=//'; }}
-wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done; }}
+        r#"{sh}wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done; }}
 alive() {{ st=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null); [ -n "$st" ] && [ "$st" != Z ]; }}
 # wait_exit PID SECS: its exit status, or 99 (killed) if it outlives SECS.
 wait_exit() {{ n=0; while alive $1 && [ $n -lt $(($2*5)) ]; do sleep 0.2; n=$((n+1)); done; if alive $1; then kill -9 $1; wait $1; return 99; fi; wait $1; }}

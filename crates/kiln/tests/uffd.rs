@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{section, Batch};
+use common::{assert_echoed, first_count, section, Batch, COUNTING_SH};
 use kiln_vmm::uffd_handler::WS_HEADER;
 use kiln_vmm::MemBackend;
 use vm_memory::{Bytes, GuestAddress};
@@ -21,12 +21,7 @@ fn cases() -> Vec<(&'static str, String)> {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
     let guest = "kiln-agent vsock-echo 5000 & i=0; while true; do i=$((i+1)); \
                  echo count=$i; sleep 0.2; done";
-    let wait_counts = "wait_counts() { n=0; \
-        while [ \"$(grep -c count= \"$1\" 2>/dev/null)\" -lt \"$2\" ] && [ $n -lt 600 ]; do \
-        sleep 0.2; n=$((n+1)); done; }";
-    let wait_sock = "wait_sock() { n=0; until [ -S \"$1\" ] || [ $n -gt 100 ]; do \
-        sleep 0.1; n=$((n+1)); done; }";
-    let counts = "counts() { grep -o 'count=[0-9]*' \"$1\" | sed 's/count=//'; }";
+    let sh = COUNTING_SH;
     let load = |sock: &str| {
         format!(
             r#"'{{"snapshot_path":"/tmp/uffd/state","mem_backend":{{"backend_type":"Uffd","backend_path":"{sock}"}},"resume_vm":true}}'"#
@@ -36,8 +31,7 @@ fn cases() -> Vec<(&'static str, String)> {
     vec![(
         "uffd",
         format!(
-            r#"{wait_counts}; {wait_sock}; {counts}
-D=/tmp/uffd; rm -rf $D; mkdir -p $D; cd $D
+            r#"{sh}D=/tmp/uffd; rm -rf $D; mkdir -p $D; cd $D
 cat > vm.json <<'EOF'
 {{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} -- \"{guest}\""}},
  "machine-config":{{"vcpu_count":1,"mem_size_mib":256}},
@@ -99,15 +93,6 @@ echo '== end'
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(1500));
 
-/// The first counter value in "count=N" lines.
-fn first_count(text: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.split("count=").nth(1))
-        .and_then(|r| r.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in: {text}"))
-}
-
 /// The number after `key=` in `text`.
 fn value(text: &str, key: &str) -> u64 {
     text.lines()
@@ -136,14 +121,7 @@ fn uffd_restores_continue_the_count() {
     }
     // The guest answers over vsock with its memory served by the handler.
     let vsock = section(&o, "vsock");
-    let f: Vec<&str> = vsock
-        .lines()
-        .find(|l| l.starts_with("sent "))
-        .unwrap_or_else(|| panic!("no vsock report: {o}"))
-        .split_whitespace()
-        .collect();
-    assert_eq!((f[1], f[4]), ("65536", "65536"), "{o}");
-    assert_eq!(f[2], f[5], "{o}");
+    assert_echoed(vsock, 65536, &o);
     // The handler served faults and ended when its VMM went.
     let h1 = section(&o, "h1");
     assert!(h1.contains("faults served"), "{o}");

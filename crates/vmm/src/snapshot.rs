@@ -238,7 +238,11 @@ impl Vmm {
             memory_file::map_private(mem_path, &state.memory)
         }
         .map_err(|e| VmmError::Config(e.to_string()))?;
-        log::info!("guest memory mapped from {}", mem_path.display());
+        log::info!(
+            "restore: guest memory mapped from {} at {:?}",
+            mem_path.display(),
+            start.elapsed()
+        );
         Self::restore_with_memory(config, state, mem, console, start)
     }
 
@@ -269,6 +273,7 @@ impl Vmm {
         let (kvm_fd, vm) = create_vm()?;
         register_memory(&vm, &mem, config.mem_mib, config.track_dirty_pages)?;
         let devs = build_devices(&config, &vm, &mem, console, start)?;
+        log::info!("restore: VM and devices built at {:?}", start.elapsed());
 
         kvm_state::restore_vm(&vm, &state.vm).map_err(|e| bad(e.to_string()))?;
         let mut vcpus = Vec::with_capacity(state.vcpus.len());
@@ -335,8 +340,9 @@ impl Vmm {
             )));
         }
         log::info!(
-            "restored {} vCPUs, {} MiB of memory",
+            "restore: {} vCPUs and device state restored at {:?}, {} MiB of memory",
             vcpus.len(),
+            start.elapsed(),
             mem.iter().map(|r| r.len()).sum::<u64>() >> 20,
         );
         Vmm::assemble(config, kvm_fd, vm, mem, devs, vcpus)

@@ -715,7 +715,10 @@ impl crate::Vmm {
         crate::snapshot::check_restorable(&config, state)?;
         let (mem, link) = guest_memory(backend, &state.memory)
             .map_err(|e| crate::VmmError::Config(e.to_string()))?;
-        log::info!("guest memory from {backend}");
+        log::info!(
+            "restore: guest memory from {backend} at {:?}",
+            start.elapsed()
+        );
         let vmm = Self::restore_with_memory(config, state, mem, console, start)?;
         if let Some(link) = link {
             link.watch();

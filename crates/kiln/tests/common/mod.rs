@@ -273,3 +273,36 @@ pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
     let rest = &out[start + name.len() + 4..];
     &rest[..rest.find("\n== ").unwrap_or(rest.len())]
 }
+
+/// Shell functions for scripts that watch a counting guest's console log
+/// (lines "count=N ..."): `wait_counts LOG N` waits (up to 2 min) for N
+/// count lines, `counts LOG` prints the numbers, `wait_sock PATH` waits
+/// (up to 10 s) for a socket to appear.
+pub const COUNTING_SH: &str = r#"wait_counts() { n=0; while [ "$(grep -c count= "$1" 2>/dev/null)" -lt "$2" ] && [ $n -lt 600 ]; do sleep 0.2; n=$((n+1)); done; }
+counts() { grep -o 'count=[0-9]*' "$1" | sed 's/count=//'; }
+wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done; }
+"#;
+
+/// The first counter value in "count=N ..." lines.
+pub fn first_count(text: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.split("count=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in: {text}"))
+}
+
+/// Checks `kiln-agent vsock-send`'s report ("sent N SUM recv N SUM ...")
+/// in `text`: `bytes` went out and all came back unchanged. `all` is the
+/// whole output, for the failure message.
+pub fn assert_echoed(text: &str, bytes: u64, all: &str) {
+    let f: Vec<&str> = text
+        .lines()
+        .find(|l| l.starts_with("sent "))
+        .unwrap_or_else(|| panic!("no vsock report: {all}"))
+        .split_whitespace()
+        .collect();
+    let n = bytes.to_string();
+    assert_eq!((f[1], f[4]), (n.as_str(), n.as_str()), "{all}");
+    assert_eq!(f[2], f[5], "{all}");
+}
