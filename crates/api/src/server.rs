@@ -147,10 +147,13 @@ impl ApiServer {
 
     /// Serves forever on a new thread named `kiln_api`.
     pub fn spawn(self, vm: Arc<dyn VmControl>) -> Result<JoinHandle<()>, ServerError> {
-        std::thread::Builder::new()
-            .name("kiln_api".into())
-            .spawn(move || self.serve(vm.as_ref()))
-            .map_err(ServerError::Spawn)
+        // The server's seccomp filter is in place before its first request.
+        kiln_seccomp::spawn(
+            kiln_seccomp::ThreadKind::Api,
+            "kiln_api".into(),
+            move || self.serve(vm.as_ref()),
+        )
+        .map_err(ServerError::Spawn)
     }
 
     /// Serves every connection, forever.

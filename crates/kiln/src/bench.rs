@@ -48,6 +48,9 @@ enum BenchKind {
         /// Kernel command line.
         #[arg(long, default_value = kiln_vmm::DEFAULT_CMDLINE)]
         cmdline: String,
+        /// Boot with seccomp on and off, alternately, and compare.
+        #[arg(long)]
+        seccomp_compare: bool,
     },
     /// virtio-blk, virtio-net and vsock throughput measured in the guest,
     /// with the VMM's host CPU time per phase.
@@ -64,6 +67,9 @@ enum BenchKind {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 256)]
         mem: u64,
+        /// Run every test with seccomp on and off and compare.
+        #[arg(long)]
+        seccomp_compare: bool,
     },
     /// `kiln vmm`'s API: exec → socket ready, and call latency (no guest).
     Api {
@@ -136,13 +142,22 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             mem,
             vcpus,
             cmdline,
+            seccomp_compare,
         } => {
             let args = format!(
-                "boot --runs {runs} --mem {mem} --vcpus {vcpus} --cmdline {}",
-                shell_quote(&cmdline)
+                "boot --runs {runs} --mem {mem} --vcpus {vcpus} --cmdline {}{}",
+                shell_quote(&cmdline),
+                if seccomp_compare {
+                    " --seccomp-compare"
+                } else {
+                    ""
+                }
             );
             if let Some(status) = in_lab(&args)? {
                 return Ok(status);
+            }
+            if seccomp_compare {
+                return boot_seccomp_compare(runs, mem, vcpus, &cmdline);
             }
             boot_bench(runs, mem, vcpus, &cmdline)
         }
@@ -168,11 +183,13 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             size,
             rand_ops,
             mem,
+            seccomp_compare,
         } => bench_io::bench_io(bench_io::IoOptions {
             runs: runs.max(1),
             size_mib: size.max(1),
             rand_ops,
             mem,
+            seccomp_compare,
         }),
         BenchKind::ApiFlood {
             sock,
@@ -207,6 +224,7 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
         api_sock: None,
         nets: vec![],
         vsock: None,
+        seccomp: Default::default(),
         guest_command: vec![],
     };
     crate::resolve_images(&mut args)?;
@@ -271,7 +289,7 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     );
     let mut samples = Vec::new();
     for i in 0..runs {
-        let s = one_boot(&exe, &kernel, &initrd, cmdline, mem, vcpus)
+        let s = one_boot(&exe, &kernel, &initrd, cmdline, mem, vcpus, &[])
             .with_context(|| format!("boot {}", i + 1))?;
         println!(
             "  run {:>2}: exec→init {:>8.1} ms   VMM overhead RSS {:>6} KiB   guest RSS {:>7} KiB",
@@ -334,6 +352,45 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     Ok(0)
 }
 
+/// Boot time with seccomp on and off, boots alternating (so that drift
+/// on a shared host hits both alike).
+fn boot_seccomp_compare(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
+    let exe = std::env::current_exe()?;
+    let args = guest_images(cmdline, vcpus, mem)?;
+    let kernel = args.kernel.expect("resolved");
+    let initrd = args.initrd.expect("resolved");
+    println!(
+        "kiln bench boot --seccomp-compare: {runs} boots each way, alternating, {vcpus} vCPU, {mem} MiB\n  cmdline: {cmdline}"
+    );
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        for (flags, times) in [(&[][..], &mut on), (&["--no-seccomp"][..], &mut off)] {
+            let s = one_boot(&exe, &kernel, &initrd, cmdline, mem, vcpus, flags)
+                .with_context(|| format!("boot {} {flags:?}", i + 1))?;
+            times.push(s.to_marker.as_secs_f64() * 1e3);
+        }
+        println!(
+            "  run {:>2}: seccomp on {:>8.1} ms   off {:>8.1} ms",
+            i + 1,
+            on[i],
+            off[i]
+        );
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+    };
+    let (a, b) = (median(&mut on), median(&mut off));
+    if b <= 0.0 {
+        bail!("no runs");
+    }
+    println!(
+        "exec→init-marker median ms: seccomp on {a:.1}, off {b:.1}; cost {:+.2}% (target: under 2%)",
+        (a - b) / b * 100.0
+    );
+    Ok(0)
+}
+
 fn one_boot(
     exe: &PathBuf,
     kernel: &PathBuf,
@@ -341,10 +398,12 @@ fn one_boot(
     cmdline: &str,
     mem: u64,
     vcpus: u8,
+    flags: &[&str],
 ) -> Result<Sample> {
     let start = Instant::now();
     let mut child = Command::new(exe)
         .arg("run")
+        .args(flags)
         .arg("--kernel")
         .arg(kernel)
         .arg("--initrd")

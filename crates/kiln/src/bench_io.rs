@@ -41,6 +41,8 @@ pub struct IoOptions {
     pub rand_ops: u64,
     /// Guest memory in MiB.
     pub mem: u64,
+    /// Run everything with seccomp on and off and compare.
+    pub seccomp_compare: bool,
 }
 
 /// Longest one benchmark VM may run (the lab is an emulated machine).
@@ -71,12 +73,17 @@ pub fn bench_io(o: IoOptions) -> Result<i32> {
         lab = lab.binary(ip);
     }
     let cmd = format!(
-        "{}kiln bench io --runs {} --size {} --rand-ops {} --mem {}",
+        "{}kiln bench io --runs {} --size {} --rand-ops {} --mem {}{}",
         cli_lab::lab_env_prefix(),
         o.runs,
         o.size_mib,
         o.rand_ops,
-        o.mem
+        o.mem,
+        if o.seccomp_compare {
+            " --seccomp-compare"
+        } else {
+            ""
+        }
     );
     Ok(lab.run_interactive(&cmd)?)
 }
@@ -187,9 +194,16 @@ impl GuestRun {
 }
 
 /// Boots a VM with `devices` (extra `kiln run` options) that runs `guest`.
-fn run_guest(exe: &Path, mem: u64, devices: &[String], guest: &str) -> Result<GuestRun> {
+fn run_guest(
+    exe: &Path,
+    flags: &[&str],
+    mem: u64,
+    devices: &[String],
+    guest: &str,
+) -> Result<GuestRun> {
     let mut child = Command::new(exe)
         .arg("run")
+        .args(flags)
         .args([
             "--mem",
             &mem.to_string(),
@@ -561,7 +575,6 @@ fn with_host<T: Send + 'static>(
 
 fn run_here(o: &IoOptions) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let bytes = o.size_mib << 20;
     let dir = TempDir(std::env::temp_dir().join(format!("kiln-bench-io-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&dir.0);
     std::fs::create_dir_all(&dir.0).with_context(|| format!("creating {}", dir.0.display()))?;
@@ -577,9 +590,70 @@ fn run_here(o: &IoOptions) -> Result<i32> {
         engines.join(", ")
     );
     println!("  cpu_ms: the kiln process's CPU time (all threads) during the phase; guest_ms: the part of it spent running guest code");
+    if !o.seccomp_compare {
+        let rows = run_set(o, &exe, &dir.0, &engines, &[])?;
+        println!(
+            "\nkiln bench io results (median of {} run(s), the lower one for an even count, per column; MB = 10^6 bytes; figures measured in the guest by kiln-agent):",
+            o.runs
+        );
+        print!("{}", format_table(&rows.0));
+        return Ok(status(&rows));
+    }
+    println!("== seccomp on (the default)");
+    let on = run_set(o, &exe, &dir.0, &engines, &[])?;
+    println!("== seccomp off (--no-seccomp)");
+    let off = run_set(o, &exe, &dir.0, &engines, &["--no-seccomp"])?;
+    println!("\nseccomp on:\n{}", format_table(&on.0));
+    println!("seccomp off:\n{}", format_table(&off.0));
+    print!("{}", format_compare(&on.0, &off.0));
+    Ok(status(&on).max(status(&off)))
+}
+
+fn status(rows: &Rows) -> i32 {
+    if rows.0.iter().any(|r| r.errors > 0) {
+        1
+    } else {
+        0
+    }
+}
+
+/// Throughput with seccomp on against off, per test: the cost is how much
+/// lower the figure is with the filters (negative: higher).
+fn format_compare(on: &[Row], off: &[Row]) -> String {
+    let mut out = format!(
+        "{:<28} {:>14} {:>14} {:>9}\n",
+        "seccomp cost (medians)", "on", "off", "cost"
+    );
+    for r in on {
+        let Some(o) = off.iter().find(|o| o.test == r.test) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (median(&r.values), median(&o.values)) else {
+            continue;
+        };
+        let cost = if b > 0.0 { (b - a) / b * 100.0 } else { 0.0 };
+        out.push_str(&format!(
+            "{:<28} {:>9.1} {:<4} {:>9.1} {:<4} {:>8.2}%\n",
+            r.test, a, r.unit, b, o.unit, cost
+        ));
+    }
+    out.push_str("(target: under 2%)\n");
+    out
+}
+
+/// Every test once per run, `kiln run` given `flags`.
+fn run_set(
+    o: &IoOptions,
+    exe: &Path,
+    dir: &Path,
+    engines: &[&'static str],
+    flags: &[&str],
+) -> Result<Rows> {
+    let bytes = o.size_mib << 20;
+    let disk_mib = o.size_mib.max(256);
     let mut rows = Rows::default();
 
-    for engine in &engines {
+    for engine in engines {
         let names = [
             (
                 format!("blk {engine} seq read 1M"),
@@ -602,7 +676,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
         ];
         for i in 0..o.runs {
             println!("  blk, engine {engine}, run {}:", i + 1);
-            let disk = dir.0.join(format!("disk-{engine}-{i}.img"));
+            let disk = dir.join(format!("disk-{engine}-{i}.img"));
             let result = (|| -> Result<GuestRun> {
                 let f = std::fs::File::create(&disk)?;
                 f.set_len(disk_mib << 20)?;
@@ -615,7 +689,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
                     "kiln-agent blk-bench /dev/vda --seq-mib {} --rand-4k-ops {}",
                     o.size_mib, o.rand_ops
                 );
-                run_guest(&exe, o.mem, &["--disk".into(), spec], &guest)
+                run_guest(exe, flags, o.mem, &["--disk".into(), spec], &guest)
             })();
             let _ = std::fs::remove_file(&disk);
             let parsed = result.and_then(|run| {
@@ -664,7 +738,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
                     let devices = ["--net".to_string(), tap.0.to_string()];
                     let (run, (got, acked)) = with_host(
                         move |stop| net_host(sink, bytes, stop),
-                        || run_guest(&exe, o.mem, &devices, &guest),
+                        || run_guest(exe, flags, o.mem, &devices, &guest),
                     )?;
                     if got != bytes || acked != bytes {
                         bail!("sent {bytes} bytes each way; the host got {got}, the guest {acked}");
@@ -689,7 +763,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
     for i in 0..o.runs {
         println!("  vsock, run {}:", i + 1);
         let r = (|| -> Result<()> {
-            let uds = dir.0.join(format!("v{i}.sock"));
+            let uds = dir.join(format!("v{i}.sock"));
             let port_path = format!("{}_{VSOCK_PORT}", uds.display());
             let l =
                 UnixListener::bind(&port_path).with_context(|| format!("binding {port_path}"))?;
@@ -699,7 +773,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
             let devices = ["--vsock".to_string(), format!("3,{}", uds.display())];
             let (run, echoed) = with_host(
                 move |stop| vsock_host(l, stop),
-                || run_guest(&exe, o.mem, &devices, &guest),
+                || run_guest(exe, flags, o.mem, &devices, &guest),
             )?;
             let line = run.line("sent ")?.to_string();
             println!("    guest: {line}");
@@ -715,16 +789,7 @@ fn run_here(o: &IoOptions) -> Result<i32> {
         }
     }
 
-    println!(
-        "\nkiln bench io results (median of {} run(s), the lower one for an even count, per column; MB = 10^6 bytes; figures measured in the guest by kiln-agent):",
-        o.runs
-    );
-    print!("{}", format_table(&rows.0));
-    Ok(if rows.0.iter().any(|r| r.errors > 0) {
-        1
-    } else {
-        0
-    })
+    Ok(rows)
 }
 
 #[cfg(test)]

@@ -137,6 +137,12 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
         cmd.push("--api-sock".into());
         cmd.push(s.display().to_string());
     }
+    if let Some(f) = &args.seccomp.seccomp_filter {
+        lab = lab.file(f.clone(), "/work/seccomp.json".to_string());
+        cmd.extend(["--seccomp-filter".into(), "/work/seccomp.json".into()]);
+    } else if args.seccomp.no_seccomp {
+        cmd.push("--no-seccomp".into());
+    }
     cmd.extend([
         "--cmdline".into(),
         args.cmdline.clone(),

@@ -6,6 +6,7 @@ mod cli_lab;
 mod logger;
 mod metrics;
 mod migrate_cmd;
+mod seccomp_cmd;
 mod snapshot_cmd;
 mod term;
 mod uffd_cmd;
@@ -78,6 +79,9 @@ enum Command {
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
+    /// Test command: one syscall on a thread under a kind's seccomp filter.
+    #[command(hide = true)]
+    SeccompProbe(seccomp_cmd::ProbeArgs),
 }
 
 /// Options of `kiln run`.
@@ -124,6 +128,8 @@ pub struct RunArgs {
     /// Serve the Firecracker-compatible REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
+    #[command(flatten)]
+    pub seccomp: seccomp_cmd::SeccompArgs,
     /// Command for the guest's init (appended to the command line after `--`).
     #[arg(last = true)]
     pub guest_command: Vec<String>,
@@ -241,6 +247,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::Pause(args) => snapshot_cmd::set_state(args, true),
         Command::Resume(args) => snapshot_cmd::set_state(args, false),
         Command::Snapshot(args) => snapshot_cmd::snapshot(args),
+        Command::SeccompProbe(args) => seccomp_cmd::probe(args),
         Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
         Command::SnapshotRebase(args) => snapshot_cmd::rebase(args),
         Command::Migrate(args) => migrate_cmd::migrate(args, start),
@@ -462,6 +469,11 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         );
         return cli_lab::run_in_lab(&args);
     }
+    // Compiled before any VMM thread starts; bad filter files fail here.
+    seccomp_cmd::init(
+        args.seccomp.no_seccomp,
+        args.seccomp.seccomp_filter.as_deref(),
+    )?;
     resolve_images(&mut args)?;
     let mut cmdline = args.cmdline.clone();
     if !args.guest_command.is_empty() {

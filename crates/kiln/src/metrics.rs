@@ -140,8 +140,10 @@ impl Flusher {
 
         self.gauge("latencies_us", "pause_vm", load(&PAUSE_US));
         self.gauge("latencies_us", "resume_vm", load(&RESUME_US));
-        // Kiln installs no seccomp filter and no fault signal handlers.
-        self.gauge("seccomp", "num_faults", 0);
+        // Refused syscalls trapped (KILN_SECCOMP=trap); in the default
+        // mode the first one kills the process. Kiln installs no handlers
+        // for the fault signals below.
+        self.gauge("seccomp", "num_faults", kiln_seccomp::faults());
         for s in [
             "sigbus", "sigsegv", "sigxfsz", "sigxcpu", "sigpipe", "sighup", "sigill",
         ] {
@@ -326,14 +328,16 @@ pub fn configure(config: &MetricsConfig, instance_id: &str) -> Result<(), String
     drop(s);
     static TIMER: AtomicBool = AtomicBool::new(false);
     if !TIMER.swap(true, Ordering::SeqCst) {
-        let spawned = std::thread::Builder::new()
-            .name("kiln_metrics".into())
-            .spawn(|| loop {
+        let spawned = kiln_seccomp::spawn(
+            kiln_seccomp::ThreadKind::Metrics,
+            "kiln_metrics".into(),
+            || loop {
                 std::thread::sleep(flush_interval());
                 if let Err(e) = flush() {
                     log::debug!("periodic metrics flush: {e}");
                 }
-            });
+            },
+        );
         if let Err(e) = spawned {
             log::warn!("metrics: cannot start the 60 s timer: {e}");
         }

@@ -17,8 +17,10 @@ use kiln_vmm::{VmHandle, Vmm};
 
 use crate::snapshot_cmd::{apply_overrides, parse_net_overrides};
 
-/// Migrates the VM of `handle` as `PUT /migrate` asks (on the API thread).
-/// Returns once the destination runs it; on failure the VM runs here.
+/// Migrates the VM of `handle` as `PUT /migrate` asks (called on the API
+/// thread; the migration itself runs on a thread of the migration seccomp
+/// kind, the only one that may open TCP sockets). Returns once the
+/// destination runs it; on failure the VM runs here.
 pub fn send(
     handle: &VmHandle,
     config: &str,
@@ -31,15 +33,44 @@ pub fn send(
     if p.max_rounds == 0 {
         return Err("max_rounds must be at least 1".into());
     }
+    if kiln_seccomp::enabled() && !to.is_literal() {
+        return Err(format!(
+            "migration destination {to}: the VMM's seccomp filters allow no name lookups; \
+             give an IP address (`kiln migrate send` resolves names itself)"
+        ));
+    }
     let opts = SendOptions {
         downtime: Duration::from_millis(p.downtime_ms),
         max_rounds: p.max_rounds,
     };
+    let (handle, config) = (handle.clone(), config.to_string());
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = kiln_seccomp::spawn(
+        kiln_seccomp::ThreadKind::Migration,
+        "kiln_migrate".into(),
+        move || {
+            let _ = tx.send(send_on_this_thread(&handle, &config, &to, &opts));
+        },
+    )
+    .map_err(|e| format!("starting the migration thread: {e}; the microVM keeps running here"))?;
+    let r = rx
+        .recv()
+        .unwrap_or_else(|_| Err("the migration thread ended without an answer".into()));
+    let _ = thread.join();
+    r
+}
+
+fn send_on_this_thread(
+    handle: &VmHandle,
+    config: &str,
+    to: &Endpoint,
+    opts: &SendOptions,
+) -> std::result::Result<MigrationReport, String> {
     let fail = |e: String| format!("migration to {to} failed: {e}; the microVM keeps running here");
     let mut stream = to.connect().map_err(fail)?;
     log::info!("migrating to {to}");
     let stats = handle
-        .migrate_send(&mut stream, config, &opts)
+        .migrate_send(&mut stream, config, opts)
         .map_err(|e| match e {
             SendError::Failed(e) => fail(e),
             SendError::InDoubt(e) => format!(
@@ -113,6 +144,8 @@ pub struct ReceiveArgs {
     /// Use another Unix socket path for the vsock device.
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<String>,
+    #[command(flatten)]
+    seccomp: crate::seccomp_cmd::SeccompArgs,
 }
 
 /// `kiln migrate`.
@@ -125,8 +158,15 @@ pub fn migrate(args: MigrateArgs, start: Instant) -> Result<i32> {
 
 /// `kiln migrate send`: `PUT /migrate` and the figures it answers.
 fn send_cmd(a: SendArgs) -> Result<i32> {
+    // The VMM resolves no names (its seccomp filters): do it here.
+    let to: Endpoint =
+        a.to.parse()
+            .map_err(|e| anyhow::anyhow!("migrate send: --to {e}"))?;
+    let to = to
+        .resolved()
+        .map_err(|e| anyhow::anyhow!("migrate send: {e}"))?;
     let body = serde_json::to_string(&MigrateParams {
-        destination: a.to.clone(),
+        destination: to.to_string(),
         downtime_ms: a.downtime_ms,
         max_rounds: a.max_rounds,
     })?;
@@ -173,17 +213,43 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
     if let Some(sock) = &a.api_sock {
         crate::api_glue::check_sock(sock)?;
     }
-    let listener = at
-        .listen()
-        .map_err(|e| anyhow::anyhow!("migrate receive: {e}"))?;
+    crate::seccomp_cmd::init(a.seccomp.no_seccomp, a.seccomp.seccomp_filter.as_deref())?;
+    // Bound here (names resolved, the socket path made); the source's data
+    // is taken in on a thread of the migration seccomp kind.
+    let listener = Arc::new(
+        at.listen()
+            .map_err(|e| anyhow::anyhow!("migrate receive: {e}"))?,
+    );
     eprintln!("kiln: waiting for a migration on {}", listener.endpoint());
-    let mut stream = listener
-        .accept()
-        .map_err(|e| anyhow::anyhow!("migrate receive: {e}"))?;
-    drop(listener); // one migration per process
-    let t = Instant::now();
-    let got = migration::receive(&mut stream)
-        .map_err(|e| anyhow::anyhow!("migrate receive: {e}; nothing was started"))?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let on_thread = listener.clone();
+    let thread = kiln_seccomp::spawn(
+        kiln_seccomp::ThreadKind::Migration,
+        "kiln_migrate".into(),
+        move || {
+            let r = on_thread.accept().map_err(|e| (None, e)).and_then(|mut s| {
+                let t = Instant::now();
+                match migration::receive(&mut s) {
+                    Ok(got) => Ok((s, got, t)),
+                    Err(e) => Err((Some(s), e)),
+                }
+            });
+            drop(on_thread);
+            let _ = tx.send(r);
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("migrate receive: starting the migration thread: {e}"))?;
+    let received = rx.recv();
+    let _ = thread.join();
+    drop(listener); // one migration per process (a Unix socket is removed here)
+    let (mut stream, got, t) = match received {
+        Ok(Ok(r)) => r,
+        Ok(Err((None, e))) => anyhow::bail!("migrate receive: {e}"),
+        Ok(Err((Some(_), e))) => {
+            anyhow::bail!("migrate receive: {e}; nothing was started")
+        }
+        Err(_) => anyhow::bail!("migrate receive: the migration thread ended without an answer"),
+    };
     log::info!(
         "received {} MiB of guest memory in {} rounds in {:?}",
         got.bytes >> 20,

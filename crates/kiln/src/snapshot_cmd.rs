@@ -149,6 +149,8 @@ pub struct RestoreArgs {
     /// Use another Unix socket path for the vsock device.
     #[arg(long, value_name = "PATH")]
     vsock_override: Option<String>,
+    #[command(flatten)]
+    seccomp: crate::seccomp_cmd::SeccompArgs,
     /// Track dirty pages, so diff snapshots of the restored VM can be taken.
     #[arg(long)]
     track_dirty_pages: bool,
@@ -175,6 +177,10 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
     if let Some(sock) = &args.api_sock {
         crate::api_glue::check_sock(sock)?;
     }
+    crate::seccomp_cmd::init(
+        args.seccomp.no_seccomp,
+        args.seccomp.seccomp_filter.as_deref(),
+    )?;
     let mut r = prepare(&params).with_context(|| format!("restore {}", args.snapshot.display()))?;
     log::info!("restore: state file read at {:?}", start.elapsed());
     if let (true, Some(mem_file)) = (args.uffd, args.mem_file) {

@@ -85,11 +85,14 @@ pub struct VmmArgs {
     start_time_cpu_us: Option<u64>,
     #[arg(long, hide = true)]
     parent_cpu_time_us: Option<u64>,
-    #[arg(long, hide = true)]
+    /// Run every thread without a seccomp filter (not for production).
+    #[arg(long, conflicts_with = "seccomp_filter")]
     no_seccomp: bool,
+    /// Per-thread seccomp filters from this JSON file (see docs/seccomp.md)
+    /// instead of the built-in ones.
+    #[arg(long, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
     // Firecracker flags Kiln does not support: refused with one line.
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
-    seccomp_filter: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     mmds_size_limit: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
@@ -104,7 +107,6 @@ impl VmmArgs {
     /// Refuses the Firecracker flags Kiln does not implement.
     fn check_unsupported(&self) -> Result<()> {
         let unsupported = [
-            ("--seccomp-filter", self.seccomp_filter.is_some()),
             ("--mmds-size-limit", self.mmds_size_limit.is_some()),
             ("--describe-snapshot", self.describe_snapshot.is_some()),
             ("--snapshot-version", self.snapshot_version),
@@ -423,6 +425,9 @@ impl Starter for ChannelStarter {
 /// `kiln vmm`.
 pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
     args.check_unsupported()?;
+    // Compiled before any thread starts: a bad filter file stops here.
+    crate::seccomp_cmd::init(args.no_seccomp, args.seccomp_filter.as_deref())
+        .map_err(|e| anyhow::anyhow!("vmm: {e:#}"))?;
     crate::logger::set_instance_id(&args.id);
     let from_file = args
         .config_file

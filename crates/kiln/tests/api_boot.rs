@@ -238,8 +238,14 @@ fn bad_flags_and_files_fail_with_one_line() {
     let bad = bad.to_str().unwrap();
     for (args, expect) in [
         (
-            vec!["vmm", "--api-sock", "/tmp/x.sock", "--seccomp-filter", "f"],
-            "kiln: vmm: Firecracker's --seccomp-filter is not supported by Kiln\n".to_string(),
+            vec![
+                "vmm",
+                "--api-sock",
+                "/tmp/x.sock",
+                "--seccomp-filter",
+                "/nonexistent/f",
+            ],
+            "kiln: vmm: seccomp filter file /nonexistent/f: No such file or directory".to_string(),
         ),
         (
             vec!["vmm", "--no-api", "--config-file", bad],

@@ -131,6 +131,32 @@ impl Write for Stream {
 }
 
 impl Endpoint {
+    /// Whether connecting needs no name lookup (a Unix path, or an IP
+    /// address and port). A VMM under its seccomp filters resolves no
+    /// names.
+    pub fn is_literal(&self) -> bool {
+        match self {
+            Self::Tcp(a) => a.parse::<std::net::SocketAddr>().is_ok(),
+            Self::Unix(_) => true,
+        }
+    }
+
+    /// The same destination with a host name resolved to its first
+    /// address.
+    pub fn resolved(&self) -> Result<Endpoint, String> {
+        match self {
+            Self::Tcp(a) if !self.is_literal() => {
+                let addr = a
+                    .to_socket_addrs()
+                    .map_err(|e| format!("resolving {self}: {e}"))?
+                    .next()
+                    .ok_or_else(|| format!("resolving {self}: no address"))?;
+                Ok(Self::Tcp(addr.to_string()))
+            }
+            _ => Ok(self.clone()),
+        }
+    }
+
     /// Connects to a destination that listens here.
     pub fn connect(&self) -> Result<Stream, String> {
         let fail = |e: io::Error| format!("cannot connect to {self}: {e}");
@@ -658,6 +684,25 @@ mod tests {
     use super::*;
     use kiln_snapshot::state::MemoryRegion;
     use vm_memory::Bytes;
+
+    #[test]
+    fn names_resolve_to_literals() {
+        let e: Endpoint = "tcp:localhost:4000".parse().unwrap();
+        assert!(!e.is_literal());
+        let r = e.resolved().unwrap();
+        assert!(r.is_literal(), "{r}");
+        assert!(r.to_string().ends_with(":4000"), "{r}");
+        for lit in ["tcp:127.0.0.1:1", "tcp:[::1]:2", "unix:/x"] {
+            let e: Endpoint = lit.parse().unwrap();
+            assert!(e.is_literal(), "{lit}");
+            assert_eq!(e.resolved().unwrap(), e);
+        }
+        let bad: Endpoint = "tcp:no-such-host.invalid:1".parse().unwrap();
+        assert!(bad
+            .resolved()
+            .unwrap_err()
+            .starts_with("resolving tcp:no-such-host.invalid:1: "));
+    }
 
     #[test]
     fn endpoints_parse_and_print() {

@@ -540,9 +540,12 @@ impl HandlerLink {
     /// when its pid is not visible here, closes the socket), the VMM stops
     /// with an error instead of leaving the guest hung on a missing page.
     pub fn watch(self) {
-        let spawned = std::thread::Builder::new()
-            .name("uffd-watch".into())
-            .spawn(move || self.watch_loop());
+        // Under the userfaultfd threads' filter, like the handler thread.
+        let spawned = kiln_seccomp::spawn(
+            kiln_seccomp::ThreadKind::Uffd,
+            "uffd-watch".into(),
+            move || self.watch_loop(),
+        );
         if let Err(e) = spawned {
             log::warn!("cannot watch the page-fault handler: {e}");
         }
@@ -673,9 +676,11 @@ pub fn guest_memory(
                 .transpose()?;
             let (mem, uffd, regions) = registered_memory(layout)?;
             let mut server = PageServer::new(uffd, &regions, mem_file, options.record.as_deref())?;
-            std::thread::Builder::new()
-                .name("uffd-handler".into())
-                .spawn(move || {
+            // Its filter is on before it touches the guest's memory.
+            kiln_seccomp::spawn(
+                kiln_seccomp::ThreadKind::Uffd,
+                "uffd-handler".into(),
+                move || {
                     let r = match &prefetch {
                         Some(ws) => server.prefetch(ws).map(|_| ()),
                         None => Ok(()),
@@ -683,8 +688,9 @@ pub fn guest_memory(
                     if let Err(e) = r.and_then(|_| server.serve(None)) {
                         handler_lost(&format!("the page-fault handler thread failed: {e}"));
                     }
-                })
-                .map_err(io_err("starting the page-fault handler thread"))?;
+                },
+            )
+            .map_err(io_err("starting the page-fault handler thread"))?;
             Ok((mem, None))
         }
     }

@@ -389,10 +389,29 @@ impl Vmm {
                 pause: self.handle.pause.clone(),
                 stats: self.stats.vcpu.clone(),
             };
-            let t = std::thread::Builder::new()
-                .name(format!("kiln_vcpu{index}"))
-                .spawn(move || run_vcpu(index as u8, vcpu, ctx))
-                .map_err(io("spawning a vCPU thread"))?;
+            // Each vCPU installs its filter before its first KVM_RUN.
+            let spawned = kiln_seccomp::spawn(
+                kiln_seccomp::ThreadKind::Vcpu,
+                format!("kiln_vcpu{index}"),
+                move || run_vcpu(index as u8, vcpu, ctx),
+            );
+            let t = match spawned {
+                Ok(t) => t,
+                Err(e) => {
+                    stop.store(true, Ordering::Release);
+                    self.handle
+                        .threads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .clear();
+                    self.handle.pause.resume();
+                    stop_threads(threads);
+                    return Err(VmmError::Io {
+                        what: "spawning a vCPU thread",
+                        source: e,
+                    });
+                }
+            };
             self.handle
                 .threads
                 .lock()
@@ -400,9 +419,15 @@ impl Vmm {
                 .push(std::os::unix::thread::JoinHandleExt::as_pthread_t(&t));
             threads.push(t);
         }
-        on_started();
-
-        let outcome = self.event_loop(input, &reason);
+        // The main thread's own filter, before the event loop handles
+        // anything the guest does.
+        let outcome = match kiln_seccomp::apply(kiln_seccomp::ThreadKind::Vmm) {
+            Ok(()) => {
+                on_started();
+                self.event_loop(input, &reason)
+            }
+            Err(e) => Err(VmmError::Config(e.to_string())),
+        };
         stop.store(true, Ordering::Release);
         // No more pause kicks at threads that are about to be joined.
         self.handle

@@ -4,6 +4,7 @@
 //! Optional deflate-on-OOM and a statistics queue.
 
 use crate::GuestMem;
+use kiln_seccomp::ThreadKind;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -378,69 +379,75 @@ impl VirtioDevice for Balloon {
         let metrics = self.metrics.clone();
         let shared = self.shared.clone();
         let mut pending_stats: Option<u16> = None;
-        let worker = Worker::spawn("kiln_balloon".into(), fds, move |token, _| {
-            let signal = match token {
-                0 => {
-                    let _ = inflate_evt.read();
-                    drain_page_queue(&mut inflate, &mem, true, &metrics)
-                }
-                1 => {
-                    let _ = deflate_evt.read();
-                    drain_page_queue(&mut deflate, &mem, false, &metrics)
-                }
-                2 => {
-                    let Some((q, e)) = stats_q.as_mut() else {
-                        return Next::Continue;
-                    };
-                    let _ = e.read();
-                    // Keep the newest buffer: it is returned when we want fresh numbers.
-                    while let Some(chain) = q.pop_descriptor_chain(&mem) {
-                        let head = chain.head_index();
-                        if let Ok(mut r) = Reader::new(&mem, chain) {
-                            let mut bytes = vec![0u8; r.available_bytes().min(4096)];
-                            if r.read_exact(&mut bytes).is_ok() {
-                                *shared.stats.lock().expect("balloon lock") = parse_stats(&bytes);
+        let worker = Worker::spawn(
+            "kiln_balloon".into(),
+            ThreadKind::Balloon,
+            fds,
+            move |token, _| {
+                let signal = match token {
+                    0 => {
+                        let _ = inflate_evt.read();
+                        drain_page_queue(&mut inflate, &mem, true, &metrics)
+                    }
+                    1 => {
+                        let _ = deflate_evt.read();
+                        drain_page_queue(&mut deflate, &mem, false, &metrics)
+                    }
+                    2 => {
+                        let Some((q, e)) = stats_q.as_mut() else {
+                            return Next::Continue;
+                        };
+                        let _ = e.read();
+                        // Keep the newest buffer: it is returned when we want fresh numbers.
+                        while let Some(chain) = q.pop_descriptor_chain(&mem) {
+                            let head = chain.head_index();
+                            if let Ok(mut r) = Reader::new(&mem, chain) {
+                                let mut bytes = vec![0u8; r.available_bytes().min(4096)];
+                                if r.read_exact(&mut bytes).is_ok() {
+                                    *shared.stats.lock().expect("balloon lock") =
+                                        parse_stats(&bytes);
+                                }
+                            }
+                            if let Some(old) = pending_stats.replace(head) {
+                                let _ = q.add_used(&mem, old, 0);
                             }
                         }
-                        if let Some(old) = pending_stats.replace(head) {
-                            let _ = q.add_used(&mem, old, 0);
+                        false
+                    }
+                    3 => {
+                        if let Some(t) = timer.as_mut() {
+                            let _ = t.wait();
+                        }
+                        match (stats_q.as_mut(), pending_stats.take()) {
+                            (Some((q, _)), Some(head)) => q.add_used(&mem, head, 0).is_ok(),
+                            _ => false,
                         }
                     }
-                    false
+                    4 => {
+                        // A new interval: refresh now, then every `secs`.
+                        if let Some(e) = shared
+                            .interval_changed
+                            .lock()
+                            .expect("balloon lock")
+                            .as_ref()
+                        {
+                            let _ = e.read();
+                        }
+                        let secs = shared.stats_interval_s.load(Ordering::SeqCst).max(1);
+                        let period = std::time::Duration::from_secs(u64::from(secs));
+                        if let Some(t) = timer.as_mut() {
+                            let _ = t.reset(std::time::Duration::from_millis(1), Some(period));
+                        }
+                        false
+                    }
+                    _ => false,
+                };
+                if signal {
+                    interrupt.signal_used();
                 }
-                3 => {
-                    if let Some(t) = timer.as_mut() {
-                        let _ = t.wait();
-                    }
-                    match (stats_q.as_mut(), pending_stats.take()) {
-                        (Some((q, _)), Some(head)) => q.add_used(&mem, head, 0).is_ok(),
-                        _ => false,
-                    }
-                }
-                4 => {
-                    // A new interval: refresh now, then every `secs`.
-                    if let Some(e) = shared
-                        .interval_changed
-                        .lock()
-                        .expect("balloon lock")
-                        .as_ref()
-                    {
-                        let _ = e.read();
-                    }
-                    let secs = shared.stats_interval_s.load(Ordering::SeqCst).max(1);
-                    let period = std::time::Duration::from_secs(u64::from(secs));
-                    if let Some(t) = timer.as_mut() {
-                        let _ = t.reset(std::time::Duration::from_millis(1), Some(period));
-                    }
-                    false
-                }
-                _ => false,
-            };
-            if signal {
-                interrupt.signal_used();
-            }
-            Next::Continue
-        })
+                Next::Continue
+            },
+        )
         .map_err(io)?;
         self.worker = Some(worker);
         Ok(())

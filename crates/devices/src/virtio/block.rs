@@ -5,6 +5,7 @@
 //! them to an io_uring and completes them as the kernel finishes them.
 
 use crate::{ChainReader, ChainWriter, GuestMem};
+use kiln_seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -24,7 +25,7 @@ use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 
 use super::live::Live;
-use super::worker::{Next, Worker};
+use super::worker::{Handler, Next, Worker};
 use super::{
     read_config_bytes, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice,
     VIRTIO_F_VERSION_1,
@@ -529,7 +530,7 @@ impl VirtioDevice for Block {
         let mut limiter = RateLimiter::new(&current.limiter).map_err(io_err)?;
         let mut live_state = current;
         let live = self.live.clone();
-        let mut fds = vec![
+        let fds = vec![
             (evt.as_raw_fd(), TOKEN_QUEUE, EventSet::IN),
             (limiter.as_raw_fd(), TOKEN_LIMITER, EventSet::IN),
             (live.as_raw_fd(), TOKEN_UPDATE, EventSet::IN),
@@ -556,7 +557,7 @@ impl VirtioDevice for Block {
         };
         let name = format!("kiln_blk_{}", self.config.id);
         let worker = match self.config.engine {
-            BlockEngine::Sync => Worker::spawn(name, fds, move |token, _| {
+            BlockEngine::Sync => Worker::spawn(name, ThreadKind::Block, fds, move |token, _| {
                 match token {
                     TOKEN_LIMITER => limiter.event_handler(),
                     TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
@@ -570,42 +571,50 @@ impl VirtioDevice for Block {
                 Next::Continue
             }),
             BlockEngine::IoUring => {
-                let mut engine = uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("io_uring engine: {e}")))
-                    .map_err(io_err)?;
-                fds.push((engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN));
-                // The engine is moved into the handler: when the worker stops
-                // (reset, drop) the handler is dropped on the worker thread,
-                // and the engine's Drop waits for the requests in flight.
-                Worker::spawn_quiescing(name, fds, move |token, _| {
-                    match token {
-                        // Pausing: complete what is in flight, take nothing new.
-                        super::worker::QUIESCE => {
-                            match engine.complete_in_flight(&mut backend, &mut queue) {
-                                Ok(true) => interrupt.signal_used(),
-                                Ok(false) => {}
-                                Err(e) => log::error!(
-                                    "block: waiting for io_uring requests before pausing: {e}"
-                                ),
+                // The ring is set up on the worker thread, under its filter:
+                // only that thread may create and drive io_uring instances.
+                let setup = move || -> std::io::Result<(Vec<_>, Handler)> {
+                    let mut engine =
+                        uring::IoUringEngine::new(mem, uring::QUEUE_DEPTH).map_err(|e| {
+                            std::io::Error::new(e.kind(), format!("io_uring engine: {e}"))
+                        })?;
+                    let fds = vec![(engine.completion_fd(), TOKEN_COMPLETION, EventSet::IN)];
+                    // The engine is moved into the handler: when the worker
+                    // stops (reset, drop) the handler is dropped on the
+                    // worker thread, and the engine's Drop waits for the
+                    // requests in flight.
+                    let handler = move |token, _| {
+                        match token {
+                            // Pausing: complete what is in flight, take nothing new.
+                            super::worker::QUIESCE => {
+                                match engine.complete_in_flight(&mut backend, &mut queue) {
+                                    Ok(true) => interrupt.signal_used(),
+                                    Ok(false) => {}
+                                    Err(e) => log::error!(
+                                        "block: waiting for io_uring requests before pausing: {e}"
+                                    ),
+                                }
+                                return Next::Continue;
                             }
-                            return Next::Continue;
+                            TOKEN_LIMITER => limiter.event_handler(),
+                            TOKEN_COMPLETION => engine.clear_notification(),
+                            // Requests in flight keep their own handle on the
+                            // old file and complete on it.
+                            TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
+                            _ => {
+                                let _ = evt.read();
+                            }
                         }
-                        TOKEN_LIMITER => limiter.event_handler(),
-                        TOKEN_COMPLETION => engine.clear_notification(),
-                        // Requests in flight keep their own handle on the
-                        // old file and complete on it.
-                        TOKEN_UPDATE => take_update(&mut backend, &mut limiter),
-                        _ => {
-                            let _ = evt.read();
+                        let mut used = engine.process_completions(&mut backend, &mut queue);
+                        used |= engine.drain_queue(&mut backend, &mut queue, Some(&mut limiter));
+                        if used {
+                            interrupt.signal_used();
                         }
-                    }
-                    let mut used = engine.process_completions(&mut backend, &mut queue);
-                    used |= engine.drain_queue(&mut backend, &mut queue, Some(&mut limiter));
-                    if used {
-                        interrupt.signal_used();
-                    }
-                    Next::Continue
-                })
+                        Next::Continue
+                    };
+                    Ok((fds, Box::new(handler) as Handler))
+                };
+                Worker::spawn_with(name, ThreadKind::BlockIoUring, fds, Box::new(setup), true)
             }
         }
         .map_err(|source| ActivateError::Io {

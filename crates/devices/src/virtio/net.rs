@@ -9,6 +9,7 @@
 //! queued in the kernel until the guest adds buffers and kicks the RX queue.
 
 use crate::{ChainReader, GuestMem};
+use kiln_seccomp::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -619,6 +620,7 @@ impl VirtioDevice for Net {
             NetBackend::new(tap, self.metrics.clone()).with_rate_limiters(rx_limiter, tx_limiter);
         let worker = Worker::spawn(
             format!("kiln_net_{}", self.config.id),
+            ThreadKind::Net,
             fds,
             move |token, _| {
                 let used = match token {

@@ -1,6 +1,7 @@
 //! virtio-rng: entropy from the host's getrandom(2).
 
 use crate::GuestMem;
+use kiln_seccomp::ThreadKind;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -146,7 +147,7 @@ impl VirtioDevice for Rng {
         let mut limiter = rate_limiter::build(self.rate_limiter.as_ref()).map_err(io_err)?;
         let mut fds = vec![(evt.as_raw_fd(), 0, EventSet::IN)];
         fds.extend(limiter.as_ref().map(|l| (l.as_raw_fd(), 1, EventSet::IN)));
-        let worker = Worker::spawn("kiln_rng".into(), fds, move |token, _| {
+        let worker = Worker::spawn("kiln_rng".into(), ThreadKind::Rng, fds, move |token, _| {
             match (token, limiter.as_mut()) {
                 (1, Some(l)) => l.event_handler(),
                 _ => {

@@ -6,6 +6,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use kiln_seccomp::ThreadKind;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -51,19 +52,35 @@ pub enum Next {
     Stop,
 }
 
+/// A handler of a worker's events.
+pub type Handler = Box<dyn FnMut(u64, EventSet) -> Next>;
+
+/// What [`Worker::spawn_with`] runs on the new thread before its loop:
+/// more fds to wait on, and the handler.
+pub type Setup =
+    Box<dyn FnOnce() -> std::io::Result<(Vec<(RawFd, u64, EventSet)>, Handler)> + Send>;
+
 impl Worker {
-    /// Spawns thread `name` that waits on `fds` (fd, token, events) and calls
-    /// `handler(token, events)` for each ready fd. The handler owns the device
-    /// state (queues, backend) for the life of the thread.
+    /// Spawns thread `name`, under `kind`'s seccomp filter, that waits on
+    /// `fds` (fd, token, events) and calls `handler(token, events)` for each
+    /// ready fd. The handler owns the device state (queues, backend) for
+    /// the life of the thread.
     pub fn spawn<F>(
         name: String,
+        kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
         handler: F,
     ) -> std::io::Result<Self>
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
     {
-        Self::spawn_inner(name, fds, handler, false)
+        Self::spawn_with(
+            name,
+            kind,
+            fds,
+            Box::new(move || Ok((Vec::new(), Box::new(handler) as Handler))),
+            false,
+        )
     }
 
     /// [`Worker::spawn`] for a device that has work in flight between
@@ -72,24 +89,34 @@ impl Worker {
     /// so a paused device has every request it took in the used ring.
     pub fn spawn_quiescing<F>(
         name: String,
+        kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
         handler: F,
     ) -> std::io::Result<Self>
     where
         F: FnMut(u64, EventSet) -> Next + Send + 'static,
     {
-        Self::spawn_inner(name, fds, handler, true)
+        Self::spawn_with(
+            name,
+            kind,
+            fds,
+            Box::new(move || Ok((Vec::new(), Box::new(handler) as Handler))),
+            true,
+        )
     }
 
-    fn spawn_inner<F>(
+    /// [`Worker::spawn`] with the handler made by `setup` on the new thread,
+    /// under its filter (a backend whose set-up needs syscalls only that
+    /// thread may make, such as io_uring's). An error of `setup` is
+    /// returned here and the thread ends. `quiesce`: see
+    /// [`Worker::spawn_quiescing`].
+    pub fn spawn_with(
         name: String,
+        kind: ThreadKind,
         fds: Vec<(RawFd, u64, EventSet)>,
-        mut handler: F,
+        setup: Setup,
         quiesce: bool,
-    ) -> std::io::Result<Self>
-    where
-        F: FnMut(u64, EventSet) -> Next + Send + 'static,
-    {
+    ) -> std::io::Result<Self> {
         let kick = EventFd::new(libc::EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -106,37 +133,66 @@ impl Worker {
         });
         let thread_control = control.clone();
         let thread_kick = kick.try_clone()?;
-        let handle = std::thread::Builder::new()
-            .name(name.clone())
-            .spawn(move || {
-                let mut events = vec![EpollEvent::default(); 16];
-                loop {
-                    let n = match epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("{name}: epoll_wait: {e}");
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel::<std::io::Result<()>>(1);
+        let thread_name = name.clone();
+        let handle = kiln_seccomp::spawn(kind, thread_name, move || {
+            let set_up = setup().and_then(|(more, handler)| {
+                for (fd, token, events) in more {
+                    epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(events, token))?;
+                }
+                Ok(handler)
+            });
+            let mut handler = match set_up {
+                Ok(h) => {
+                    let _ = ready_tx.send(Ok(()));
+                    h
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let mut events = vec![EpollEvent::default(); 16];
+            loop {
+                let n = match epoll.wait(-1, &mut events) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        log::error!("{name}: epoll_wait: {e}");
+                        return;
+                    }
+                };
+                for ev in &events[..n] {
+                    if ev.data() == CONTROL_TOKEN {
+                        let _ = thread_kick.read();
+                        if quiesce && *thread_control.lock() == Mode::Pause {
+                            handler(QUIESCE, EventSet::empty());
+                        }
+                        if !obey(&thread_control) {
                             return;
                         }
-                    };
-                    for ev in &events[..n] {
-                        if ev.data() == CONTROL_TOKEN {
-                            let _ = thread_kick.read();
-                            if quiesce && *thread_control.lock() == Mode::Pause {
-                                handler(QUIESCE, EventSet::empty());
-                            }
-                            if !obey(&thread_control) {
-                                return;
-                            }
-                            continue;
-                        }
-                        if let Next::Stop = handler(ev.data(), ev.event_set()) {
-                            log::error!("{name}: worker stopped");
-                            return;
-                        }
+                        continue;
+                    }
+                    if let Next::Stop = handler(ev.data(), ev.event_set()) {
+                        log::error!("{name}: worker stopped");
+                        return;
                     }
                 }
-            })?;
+            }
+        })?;
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                return Err(e);
+            }
+            Err(_) => {
+                let _ = handle.join();
+                return Err(std::io::Error::other(
+                    "the worker thread ended while starting",
+                ));
+            }
+        }
         Ok(Self {
             kick,
             control,
@@ -224,6 +280,7 @@ mod tests {
         let (s, e) = (seen.clone(), evt.try_clone().unwrap());
         let mut w = Worker::spawn(
             "test_worker".into(),
+            ThreadKind::Rng,
             vec![(evt.as_raw_fd(), 1, EventSet::IN)],
             move |_, _| {
                 s.fetch_add(e.read().unwrap_or(0), Ordering::SeqCst);
@@ -268,6 +325,7 @@ mod tests {
         let (t, f, e) = (taken.clone(), finished.clone(), evt.try_clone().unwrap());
         let w = Worker::spawn_quiescing(
             "test_quiesce".into(),
+            ThreadKind::Rng,
             vec![(evt.as_raw_fd(), 1, EventSet::IN)],
             move |token, _| {
                 if token == QUIESCE {

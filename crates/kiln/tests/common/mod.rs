@@ -71,7 +71,18 @@ pub fn run_batch_with(
         let prefix = "export KILN_IN_LAB=1 KILN_KERNEL=/images/vmlinuz \
             KILN_INITRD=/images/initramfs.img KILN_ROOTFS=/images/rootfs.ext4 \
             KILN_AGENT=/usr/bin/kiln-agent KILN_VMLINUX=/images/vmlinux; ";
-        let cmds: Vec<String> = cases.iter().map(|(_, c)| format!("{prefix}{c}")).collect();
+        // KILN_SECCOMP (trap or log, to find syscalls a filter misses)
+        // reaches the VMMs in the lab too.
+        let seccomp = match std::env::var("KILN_SECCOMP") {
+            Ok(m) if m.bytes().all(|b| b.is_ascii_lowercase()) => {
+                format!("export KILN_SECCOMP={m}; ")
+            }
+            _ => String::new(),
+        };
+        let cmds: Vec<String> = cases
+            .iter()
+            .map(|(_, c)| format!("{prefix}{seccomp}{c}"))
+            .collect();
         let rootfs = imgs.rootfs.clone();
         let vmlinux = imgs.vmlinux.clone();
         let mut lab = Lab::new(imgs).binary(kiln_bin());
@@ -134,6 +145,17 @@ pub fn run_batch_with(
             })
             .collect()
     };
+    // With KILN_SECCOMP=trap, every syscall a filter refused (shown with
+    // `cargo test -- --nocapture`).
+    for ((n, _), o) in cases.iter().zip(&outputs) {
+        for l in o
+            .output
+            .lines()
+            .filter(|l| l.contains("kiln: seccomp: blocked syscall"))
+        {
+            eprintln!("{n}: {}", l.trim_end());
+        }
+    }
     Ok(cases
         .iter()
         .map(|(n, _)| n.to_string())

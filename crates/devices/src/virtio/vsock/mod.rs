@@ -20,6 +20,7 @@ pub mod packet;
 mod tests;
 
 use crate::GuestMem;
+use kiln_seccomp::ThreadKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -248,6 +249,7 @@ impl VirtioDevice for Vsock {
         ];
         let worker = Worker::spawn(
             format!("kiln_vsock_{}", self.config.guest_cid),
+            ThreadKind::Vsock,
             fds,
             move |token, _| {
                 match token {
