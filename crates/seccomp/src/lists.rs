@@ -277,6 +277,10 @@ const VMM: &[Allow] = &[
     ArgIn(SYS_ioctl, 1, &[TCGETS_, TCSETS_]),
     Any(SYS_unlink),
     Any(SYS_unlinkat),
+    // A migration's destination sends its Ack from the event loop once the
+    // VM runs (std writes sockets with send(MSG_NOSIGNAL)): connected
+    // sockets only, no destination address.
+    ArgIn(SYS_sendto, 4, &[0]),
 ];
 
 /// Disk I/O: positioned reads and writes, flushes.
