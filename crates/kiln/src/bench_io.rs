@@ -765,6 +765,10 @@ fn run_set(
         let r = (|| -> Result<()> {
             let uds = dir.join(format!("v{i}.sock"));
             let port_path = format!("{}_{VSOCK_PORT}", uds.display());
+            // An earlier pass (--seccomp-compare runs everything twice) left
+            // its listening socket's file behind.
+            let _ = std::fs::remove_file(&port_path);
+            let _ = std::fs::remove_file(&uds);
             let l =
                 UnixListener::bind(&port_path).with_context(|| format!("binding {port_path}"))?;
             let guest = format!(
