@@ -398,14 +398,7 @@ impl Vmm {
             let t = match spawned {
                 Ok(t) => t,
                 Err(e) => {
-                    stop.store(true, Ordering::Release);
-                    self.handle
-                        .threads
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .clear();
-                    self.handle.pause.resume();
-                    stop_threads(threads);
+                    stop_vcpus(&self.handle, &stop, threads);
                     return Err(VmmError::Io {
                         what: "spawning a vCPU thread",
                         source: e,
@@ -428,15 +421,7 @@ impl Vmm {
             }
             Err(e) => Err(VmmError::Config(e.to_string())),
         };
-        stop.store(true, Ordering::Release);
-        // No more pause kicks at threads that are about to be joined.
-        self.handle
-            .threads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.handle.pause.resume();
-        stop_threads(threads);
+        stop_vcpus(&self.handle, &stop, threads);
         outcome
     }
 
@@ -815,6 +800,19 @@ pub fn cmdline_with_virtio(cmdline: &str, devices: &[acpi::MmioDeviceInfo]) -> S
 
 extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Only interrupts KVM_RUN; the vCPU loop then sees the stop flag.
+}
+
+/// Tells the vCPU threads to stop, releases paused ones and joins them
+/// (no more pause kicks at threads about to be joined).
+fn stop_vcpus(handle: &VmHandle, stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    handle
+        .threads
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
+    handle.pause.resume();
+    stop_threads(threads);
 }
 
 fn stop_threads(threads: Vec<JoinHandle<()>>) {
