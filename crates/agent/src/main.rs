@@ -4,6 +4,7 @@
 //!
 //! ```text
 //! kiln-agent vsock-echo PORT               guest: echo one vsock connection
+//! kiln-agent fn-serve PORT               guest: run function calls from the host (kiln serve)
 //! kiln-agent vsock-send CID PORT BYTES     connect over vsock, send, read the echo
 //! kiln-agent uds-echo PATH                 host: echo one Unix-socket connection
 //! kiln-agent uds-send PATH PORT BYTES      host: CONNECT PORT through PATH, send, read the echo
@@ -99,7 +100,7 @@ fn vsock_connect(cid: u32, port: u32) -> io::Result<std::fs::File> {
     Ok(std::fs::File::from(fd))
 }
 
-fn vsock_accept_one(port: u32) -> io::Result<std::fs::File> {
+fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     let fd = vsock_socket()?;
     let addr = vm_addr(VMADDR_CID_ANY, port);
     let len = std::mem::size_of::<SockaddrVm>() as u32;
@@ -107,11 +108,15 @@ fn vsock_accept_one(port: u32) -> io::Result<std::fs::File> {
     check(unsafe { bind(raw(&fd), &addr, len) }, "bind(vsock)")?;
     // SAFETY: listen on our own socket.
     check(unsafe { listen(raw(&fd), 1) }, "listen(vsock)")?;
+    Ok(fd)
+}
+
+fn vsock_accept(listener: &OwnedFd) -> io::Result<std::fs::File> {
     // SAFETY: null address pointers are allowed by accept4.
     let c = check(
         unsafe {
             accept4(
-                raw(&fd),
+                raw(listener),
                 std::ptr::null_mut(),
                 std::ptr::null_mut(),
                 SOCK_CLOEXEC,
@@ -121,6 +126,136 @@ fn vsock_accept_one(port: u32) -> io::Result<std::fs::File> {
     )?;
     // SAFETY: `c` is a new descriptor that nothing else owns.
     Ok(std::fs::File::from(unsafe { OwnedFd::from_raw_fd(c) }))
+}
+
+fn vsock_accept_one(port: u32) -> io::Result<std::fs::File> {
+    vsock_accept(&vsock_listen(port)?)
+}
+
+/// Largest command, input or output of one function call, bytes.
+const FN_MAX: usize = 64 * MIB;
+
+/// Reads one `\n`-terminated header line (without the `\n`); `None` at EOF.
+fn read_line(r: &mut impl Read) -> io::Result<Option<String>> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        match r.read(&mut b) {
+            Ok(0) if line.is_empty() => return Ok(None),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < 256 => line.push(b[0]),
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "header too long",
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    String::from_utf8(line)
+        .map(Some)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "header is not UTF-8"))
+}
+
+fn read_exact_vec(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    if len > FN_MAX {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "request too large",
+        ));
+    }
+    let mut v = vec![0u8; len];
+    r.read_exact(&mut v)?;
+    Ok(v)
+}
+
+/// Runs `cmd` with `sh -c`, `input` on its stdin: exit code, stdout, stderr.
+fn run_function(cmd: &[u8], input: Vec<u8>) -> (i32, Vec<u8>, Vec<u8>) {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::process::ExitStatusExt;
+    use std::process::{Command, Stdio};
+    let child = Command::new("/bin/sh")
+        .arg("-c")
+        .arg(std::ffi::OsStr::from_bytes(cmd))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                127,
+                Vec::new(),
+                format!("kiln-agent: sh: {e}\n").into_bytes(),
+            )
+        }
+    };
+    let stdin = child.stdin.take();
+    // A command that does not read all of its input must not block us.
+    let feeder = std::thread::spawn(move || {
+        if let Some(mut s) = stdin {
+            let _ = s.write_all(&input);
+        }
+    });
+    let out = child.wait_with_output();
+    let _ = feeder.join();
+    match out {
+        Ok(o) => {
+            let code = o
+                .status
+                .code()
+                .unwrap_or(128 + o.status.signal().unwrap_or(0));
+            let mut err = o.stderr;
+            err.truncate(FN_MAX);
+            let mut stdout = o.stdout;
+            stdout.truncate(FN_MAX);
+            (code, stdout, err)
+        }
+        Err(e) => (
+            127,
+            Vec::new(),
+            format!("kiln-agent: wait: {e}\n").into_bytes(),
+        ),
+    }
+}
+
+/// Serves function calls on one connection until the host closes it:
+/// `PING\n` → `PONG\n`; `RUN <cmd bytes> <input bytes>\n<cmd><input>` →
+/// `EXIT <code> <stdout bytes> <stderr bytes>\n<stdout><stderr>`.
+fn fn_connection<S: Read + Write>(mut s: S) -> io::Result<u64> {
+    let mut calls = 0;
+    while let Some(line) = read_line(&mut s)? {
+        let words: Vec<&str> = line.split(' ').collect();
+        match words.as_slice() {
+            ["PING"] => s.write_all(b"PONG\n")?,
+            ["RUN", c, i] => {
+                let parse = |w: &str| {
+                    w.parse::<usize>()
+                        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad length"))
+                };
+                let cmd = read_exact_vec(&mut s, parse(c)?)?;
+                let input = read_exact_vec(&mut s, parse(i)?)?;
+                let (code, out, err) = run_function(&cmd, input);
+                let mut reply = format!("EXIT {code} {} {}\n", out.len(), err.len()).into_bytes();
+                reply.extend_from_slice(&out);
+                reply.extend_from_slice(&err);
+                s.write_all(&reply)?;
+                calls += 1;
+            }
+            _ => {
+                s.write_all(b"ERROR unknown request\n")?;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "unknown request",
+                ));
+            }
+        }
+    }
+    Ok(calls)
 }
 
 /// FNV-1a, 64 bit.
@@ -460,7 +595,7 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
+    eprintln!("usage: kiln-agent fn-serve PORT | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
     std::process::exit(2)
 }
 
@@ -470,6 +605,17 @@ fn num<T: std::str::FromStr>(s: Option<&String>) -> T {
 
 fn run(args: &[String]) -> io::Result<()> {
     match args.first().map(String::as_str) {
+        Some("fn-serve") => {
+            // One connection at a time, for ever: the host keeps one open
+            // per instance (and none while it snapshots the guest).
+            let l = vsock_listen(num(args.get(1)))?;
+            loop {
+                let c = vsock_accept(&l)?;
+                if let Err(e) = fn_connection(&c) {
+                    eprintln!("kiln-agent: fn-serve: {e}");
+                }
+            }
+        }
         Some("vsock-echo") => {
             let s = vsock_accept_one(num(args.get(1)))?;
             let n = echo(&s)?;
@@ -534,6 +680,32 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn function_calls_run_in_order_on_one_connection() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || fn_connection(&b).unwrap());
+        a.write_all(b"PING\n").unwrap();
+        let cmd = b"tr a-z A-Z; echo oops >&2; exit 3";
+        a.write_all(format!("RUN {} 5\n", cmd.len()).as_bytes())
+            .unwrap();
+        a.write_all(cmd).unwrap();
+        a.write_all(b"hello").unwrap();
+        assert_eq!(read_line(&mut a).unwrap().unwrap(), "PONG");
+        assert_eq!(read_line(&mut a).unwrap().unwrap(), "EXIT 3 5 5");
+        assert_eq!(read_exact_vec(&mut a, 10).unwrap(), b"HELLOoops\n");
+        a.shutdown(Shutdown::Write).unwrap();
+        assert_eq!(t.join().unwrap(), 1);
+    }
+
+    #[test]
+    fn an_unknown_request_ends_the_connection() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || fn_connection(&b));
+        a.write_all(b"HELLO\n").unwrap();
+        assert_eq!(read_line(&mut a).unwrap().unwrap(), "ERROR unknown request");
+        assert!(t.join().unwrap().is_err());
+    }
 
     #[test]
     fn uds_echo_round_trip_matches() {

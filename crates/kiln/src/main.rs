@@ -7,6 +7,7 @@ mod logger;
 mod metrics;
 mod migrate_cmd;
 mod seccomp_cmd;
+mod serve_cmd;
 mod snapshot_cmd;
 mod term;
 mod uffd_cmd;
@@ -76,6 +77,10 @@ enum Command {
     /// Live migration: `receive` waits for a VM, `send` asks a running VM
     /// (over its API socket) to move there.
     Migrate(migrate_cmd::MigrateArgs),
+    /// Serve functions: each call runs in a microVM of its own, restored
+    /// from the function's snapshot or kept warm by a learned keep-alive
+    /// policy (API on a Unix socket; see docs/serve.md).
+    Serve(serve_cmd::ServeArgs),
     /// Firecracker-compatible jailer: start the VMM chrooted, in its own
     /// namespaces and cgroup, as an unprivileged uid/gid (see docs/jailer.md).
     Jailer(kiln_jailer::JailerArgs),
@@ -251,6 +256,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
         Command::UffdHandler(args) => uffd_cmd::uffd_handler(args),
         Command::SnapshotRebase(args) => snapshot_cmd::rebase(args),
         Command::Migrate(args) => migrate_cmd::migrate(args, start),
+        Command::Serve(args) => serve_cmd::serve(args),
     }
 }
 
