@@ -264,14 +264,49 @@ impl Runtime {
         }
     }
 
+    /// Stops the idle instance (of any function) closest to its expiry;
+    /// false when none is idle.
+    fn evict_one(&self) -> bool {
+        let functions: Vec<Arc<Function>> = lock(&self.functions).values().cloned().collect();
+        let oldest = functions
+            .iter()
+            .filter_map(|f| {
+                let st = lock(&f.st);
+                st.idle.iter().map(|i| i.expires).min().map(|e| (e, f))
+            })
+            .min_by_key(|(e, _)| *e);
+        let Some((_, f)) = oldest else {
+            return false;
+        };
+        let victim = {
+            let mut st = lock(&f.st);
+            let i = st
+                .idle
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, i)| i.expires)
+                .map(|(i, _)| i);
+            i.map(|i| {
+                st.unloads += 1;
+                st.idle.remove(i)
+            })
+        };
+        // Another call may have taken it meanwhile: then try again.
+        victim.is_some() || self.live_instances() < self.cfg.max_instances
+    }
+
     fn start_instance(&self, f: &Function, prewarmed: bool) -> Result<Live, ServeError> {
-        let n = self.live.fetch_add(1, Ordering::SeqCst);
-        if n >= self.cfg.max_instances {
+        let mut tries = 0;
+        while self.live.fetch_add(1, Ordering::SeqCst) >= self.cfg.max_instances {
             self.live.fetch_sub(1, Ordering::SeqCst);
-            return Err(ServeError::Busy(format!(
-                "All {} instances this host allows are running.",
-                self.cfg.max_instances
-            )));
+            tries += 1;
+            // A pre-warm never pushes out another function's instance.
+            if prewarmed || tries > 8 || !self.evict_one() {
+                return Err(ServeError::Busy(format!(
+                    "All {} instances this host allows are busy.",
+                    self.cfg.max_instances
+                )));
+            }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         match Instance::restore(&self.spawner, &self.cfg.vm, &f.template, &f.dir, id) {

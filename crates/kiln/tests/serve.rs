@@ -1,0 +1,230 @@
+//! `kiln serve` with the stock kernel (lab; one boot, two servers).
+//!
+//! Server A (fixed 12 s keep-alive): calls run in a restored microVM and
+//! reuse it while warm; concurrent calls get instances of their own; a
+//! failing command, an unknown function, bad definitions, a call that
+//! outlives its timeout and a guest that powers off mid-call get clear
+//! errors; idle instances stop after the keep-alive; DELETE removes a
+//! function; killing the server stops every VMM it started.
+//!
+//! Server B (2 s histogram bins, 3 samples, one instance for the host):
+//! a function called every 4 s gets a learned window, is unloaded as soon
+//! as it goes idle and pre-warmed before its next call, which then finds
+//! the instance loaded; at the instance limit an idle instance is evicted
+//! for another function's call, and a call is refused with 503 while the
+//! only instance is busy.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{section, Batch};
+use serde_json::Value;
+
+const SH: &str = r#"wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 1200 ]; do sleep 0.1; n=$((n+1)); done; }
+vmms() { n=0; for c in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $c 2>/dev/null | grep -q '^[^ ]*kiln restore ' && n=$((n+1)); done; echo $n; }
+alive() { [ -d /proc/$1 ] && echo alive || echo gone; }
+fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }
+"#;
+
+fn cases() -> Vec<(&'static str, String)> {
+    let server_a = r#"D=/tmp/sva; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
+kiln serve --sock $S --dir $D/st --keep-alive 12 --function 'up=tr a-z A-Z' --function 'fail=echo oops >&2; exit 3' \
+  --function 'nap=sleep 1; cat' --function 'crash=poweroff -f' > $D/log 2>&1 & P=$!
+wait_sock $S; echo '== log'; cat $D/log
+echo '== put'; $A PUT /functions/slow '{"command":"sleep 20","timeout_ms":1500}'
+echo '== dup'; $A PUT /functions/slow '{"command":"true"}'
+echo '== calls'; for n in 1 2 3; do $A POST /functions/up/invoke "hello $n"; done
+echo '== up'; fstat up
+echo '== concurrent'; W=; for n in 1 2 3; do ($A POST /functions/nap/invoke "nap$n" > $D/c$n) & W="$W $!"; done; wait $W; cat $D/c1 $D/c2 $D/c3
+echo '== nap'; fstat nap
+echo '== fail'; $A POST /functions/fail/invoke x
+echo '== unknown'; $A POST /functions/nope/invoke x
+echo '== badname'; $A PUT '/functions/a.b' '{"command":"true"}'
+echo '== badspec'; $A PUT /functions/bad '{"comand":"true"}'
+echo '== badmem'; $A PUT /functions/bad '{"command":"true","mem_size_mib":16}'
+echo '== timeout'; $A POST /functions/slow/invoke x
+echo '== slow'; fstat slow
+echo '== crash'; $A POST /functions/crash/invoke x
+echo '== crashstat'; fstat crash
+echo '== vmms'; vmms
+UP=$(fstat up | grep -o '"idle_pids":\[[0-9]*' | grep -o '[0-9]*$'); echo "== uppid"; alive $UP
+sleep 13
+echo '== expired'; fstat up; alive $UP; vmms
+$A POST /functions/nap/invoke again > /dev/null
+echo '== delete'; $A DELETE /functions/up; $A GET /functions/up; ls $D/st
+echo '== kill'; vmms; kill $P; sleep 1; vmms
+"#;
+    let server_b = r#"D=/tmp/svb; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
+kiln serve --sock $S --dir $D/st --keep-alive 30 --policy-bin-ms 2000 --policy-min-samples 3 --max-instances 1 \
+  --function 'tick=echo tick' --function 'slow=sleep 3; echo slept' > $D/log 2>&1 & P=$!
+wait_sock $S; echo '== log'; cat $D/log
+for n in 1 2 3 4; do $A POST /functions/tick/invoke x > /dev/null; [ $n -lt 4 ] && sleep 4; done
+echo '== learned'; fstat tick
+n=0; until fstat tick | grep -q '"prewarms":1' || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo '== prewarmed'; fstat tick
+echo '== call5'; $A POST /functions/tick/invoke x; fstat tick
+n=0; until fstat tick | grep -q '"prewarms":2' || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
+echo '== evict'; ($A POST /functions/slow/invoke x > $D/slow.out) & W=$!; sleep 1.5; $A POST /functions/tick/invoke x; wait $W; cat $D/slow.out
+echo '== after'; fstat tick; fstat slow
+echo '== kill'; kill $P; sleep 1; vmms
+"#;
+    vec![
+        ("server_a", format!("{SH}{server_a}")),
+        ("server_b", format!("{SH}{server_b}")),
+    ]
+}
+
+static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
+
+fn json(text: &str) -> Value {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| panic!("no JSON in: {text}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+fn n(v: &Value, k: &str) -> u64 {
+    v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+#[test]
+fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
+    let out = BATCH.get("server_a");
+    let o = out.output.replace('\r', "");
+    let log = section(&o, "log");
+    for f in ["up", "fail", "nap", "crash"] {
+        assert!(log.contains(&format!("function {f} ready")), "{o}");
+    }
+    let calls = section(&o, "calls");
+    for n in 1..=3 {
+        assert!(
+            calls.contains(&format!("HTTP/1.1 200 OK\nHELLO {n}")),
+            "{o}"
+        );
+    }
+    let up = json(section(&o, "up"));
+    assert_eq!(
+        (n(&up, "cold_starts"), n(&up, "warm_starts")),
+        (1, 2),
+        "{up}"
+    );
+    assert_eq!(n(&up, "idle_instances"), 1, "{up}");
+    assert!(up["last_cold_start_ms"].as_f64().unwrap() > 0.0, "{up}");
+
+    let conc = section(&o, "concurrent");
+    for n in 1..=3 {
+        assert!(conc.contains(&format!("nap{n}")), "{o}");
+    }
+    assert_eq!(conc.matches("200 OK").count(), 3, "{o}");
+    let nap = json(section(&o, "nap"));
+    assert_eq!(n(&nap, "cold_starts"), 3, "{nap}");
+    assert_eq!(n(&nap, "idle_instances"), 3, "{nap}");
+
+    let fail = section(&o, "fail");
+    assert!(fail.starts_with("HTTP/1.1 500"), "{o}");
+    assert!(fail.contains("exited with status 3: oops"), "{o}");
+    assert!(section(&o, "unknown").starts_with("HTTP/1.1 404"), "{o}");
+    assert!(
+        section(&o, "unknown").contains("No function named 'nope'"),
+        "{o}"
+    );
+    for s in ["badname", "badspec", "badmem", "dup"] {
+        let t = section(&o, s);
+        assert!(
+            t.starts_with("HTTP/1.1 400") && t.contains("fault_message"),
+            "{s}: {o}"
+        );
+    }
+    assert!(
+        section(&o, "badspec").contains("unknown field `comand`"),
+        "{o}"
+    );
+    assert!(section(&o, "dup").contains("exists"), "{o}");
+    assert!(section(&o, "put").starts_with("HTTP/1.1 204"), "{o}");
+
+    let t = section(&o, "timeout");
+    assert!(t.starts_with("HTTP/1.1 504"), "{o}");
+    assert!(t.contains("within 1500 ms"), "{o}");
+    let slow = json(section(&o, "slow"));
+    assert_eq!(
+        (n(&slow, "errors"), n(&slow, "idle_instances")),
+        (1, 0),
+        "{slow}"
+    );
+    let c = section(&o, "crash");
+    assert!(c.starts_with("HTTP/1.1 502"), "{o}");
+    assert!(c.contains("the instance failed"), "{o}");
+    let cs = json(section(&o, "crashstat"));
+    assert_eq!((n(&cs, "errors"), n(&cs, "idle_instances")), (1, 0), "{cs}");
+
+    // up: 1, nap: 3, fail: 1 (a non-zero exit keeps the instance); the
+    // timed-out and crashed instances are gone.
+    assert_eq!(section(&o, "vmms").trim(), "5", "{o}");
+    assert_eq!(section(&o, "uppid").trim(), "alive", "{o}");
+    let exp = section(&o, "expired");
+    let up = json(exp);
+    assert_eq!(n(&up, "idle_instances"), 0, "{up}");
+    assert_eq!(n(&up, "unloads"), 1, "{up}");
+    let tail: Vec<&str> = exp.trim().lines().rev().take(2).collect();
+    assert_eq!(tail, ["0", "gone"], "the idle VMMs did not stop: {o}");
+
+    let del = section(&o, "delete");
+    assert!(del.starts_with("HTTP/1.1 204"), "{o}");
+    assert!(del.contains("HTTP/1.1 404"), "{o}");
+    assert!(!del.lines().any(|l| l.trim() == "up"), "dir left: {o}");
+    let kill: Vec<&str> = section(&o, "kill").trim().lines().collect();
+    assert_eq!(kill, ["1", "0"], "the VMMs outlived the server: {o}");
+}
+
+#[test]
+fn a_learned_window_prewarms_and_the_instance_limit_evicts_idle_ones() {
+    let out = BATCH.get("server_b");
+    let o = out.output.replace('\r', "");
+    let learned = json(section(&o, "learned"));
+    let ka = &learned["keep_alive"];
+    assert_eq!(ka["basis"], "histogram", "{learned}");
+    assert_eq!(ka["samples"], 3, "{learned}");
+    // Idle times of 4.0-6.0 s: pre-warm at 3.6 s, keep until 6.6 s.
+    assert_eq!(ka["prewarm_ms"], 3600, "{learned}");
+    assert_eq!(ka["keep_alive_ms"], 3000, "{learned}");
+    assert_eq!(n(&learned, "idle_instances"), 0, "not unloaded: {learned}");
+    assert_eq!(n(&learned, "unloads"), 1, "{learned}");
+    assert_eq!(
+        (n(&learned, "cold_starts"), n(&learned, "warm_starts")),
+        (1, 3),
+        "{learned}"
+    );
+    let pre = json(section(&o, "prewarmed"));
+    assert_eq!(
+        (n(&pre, "prewarms"), n(&pre, "idle_instances")),
+        (1, 1),
+        "{pre}"
+    );
+    let c5 = section(&o, "call5");
+    assert!(c5.starts_with("HTTP/1.1 200 OK\ntick"), "{o}");
+    let s5 = json(c5);
+    assert_eq!(
+        (n(&s5, "cold_starts"), n(&s5, "warm_starts")),
+        (1, 4),
+        "the pre-warmed instance was not used: {s5}"
+    );
+
+    let ev = section(&o, "evict");
+    assert!(ev.starts_with("HTTP/1.1 503"), "{o}");
+    assert!(ev.contains("All 1 instances"), "{o}");
+    assert!(ev.trim_end().ends_with("slept"), "{o}");
+    let after = section(&o, "after");
+    let tick = json(after.lines().next().unwrap_or(""));
+    // Unloaded after calls 4 and 5, then evicted for `slow`.
+    assert_eq!(
+        n(&tick, "unloads"),
+        3,
+        "tick's instance was not evicted: {tick}"
+    );
+    let slow = json(after);
+    assert_eq!(n(&slow, "cold_starts"), 1, "{slow}");
+    assert_eq!(section(&o, "kill").trim(), "0", "{o}");
+}
