@@ -20,6 +20,8 @@ mod bench_flood;
 mod bench_io;
 #[path = "bench_migrate.rs"]
 mod bench_migrate;
+#[path = "bench_serve.rs"]
+mod bench_serve;
 #[path = "bench_snapshot.rs"]
 mod bench_snapshot;
 #[path = "bench_vm.rs"]
@@ -106,6 +108,19 @@ enum BenchKind {
         #[arg(long, default_value_t = 256)]
         mem: u64,
     },
+    /// `kiln serve`: template boot to snapshot, cold and warm call latency,
+    /// host memory of many idle instances of one function.
+    Serve {
+        /// Calls per latency figure.
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// Instances for the memory figure.
+        #[arg(long, default_value_t = 10)]
+        instances: usize,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u64,
+    },
     /// Live migration total time and downtime, idle and memory-writing guest.
     Migrate {
         /// Migrations per guest.
@@ -166,6 +181,21 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
                 return Ok(status);
             }
             bench_snapshot::bench_snapshot(runs, mem)
+        }
+        BenchKind::Serve {
+            runs,
+            instances,
+            mem,
+        } => {
+            let args = format!("serve --runs {runs} --instances {instances} --mem {mem}");
+            if let Some(status) = in_lab(&args)? {
+                return Ok(status);
+            }
+            bench_serve::bench_serve(bench_serve::ServeBenchOptions {
+                runs,
+                instances,
+                mem,
+            })
         }
         BenchKind::Migrate {
             runs,

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use http::serve;
-pub use runtime::{FunctionStats, Runtime};
+pub use runtime::{FunctionStats, Invocation, Runtime, Start};
 
 /// Errors of the function runtime.
 #[derive(Debug, thiserror::Error)]
