@@ -138,7 +138,9 @@ fn run(exe: &std::path::Path, dir: &std::path::Path, o: &ServeBenchOptions) -> R
                 s.spawn(move || rt.invoke("hold", b"x").map(|_| ()))
             })
             .collect();
-        calls.into_iter().try_for_each(|c| c.join().expect("call thread"))
+        calls
+            .into_iter()
+            .try_for_each(|c| c.join().expect("call thread"))
     })?;
     let stats = rt.stats("hold")?;
     let pids = stats.idle_pids.clone();

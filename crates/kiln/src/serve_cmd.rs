@@ -16,6 +16,10 @@ pub struct ServeArgs {
     /// once the functions given here are ready.
     #[arg(long, value_name = "PATH")]
     pub sock: PathBuf,
+    /// Also serve the API over TCP on HOST:PORT (unauthenticated: bind to
+    /// localhost or put a proxy in front).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen_tcp: Option<String>,
     /// State directory: a snapshot and the instances' sockets per function.
     #[arg(long, value_name = "DIR", default_value = "/tmp/kiln-serve")]
     pub dir: PathBuf,
@@ -24,7 +28,8 @@ pub struct ServeArgs {
     #[arg(long = "function", value_name = "NAME=COMMAND")]
     pub functions: Vec<String>,
     /// Functions from a JSON file: {"NAME": {"command": "...",
-    /// "mem_size_mib": 128, "vcpu_count": 1, "timeout_ms": 60000}, ...}.
+    /// "mem_size_mib": 128, "vcpu_count": 1, "timeout_ms": 60000,
+    /// "setup": "..."}, ...}; `setup` runs once before the snapshot.
     #[arg(long, value_name = "FILE")]
     pub functions_file: Option<PathBuf>,
     /// Guest kernel. Default: $KILN_KERNEL or Kiln's guest kernel.
@@ -142,6 +147,18 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     let listener = std::os::unix::net::UnixListener::bind(&args.sock)
         .with_context(|| format!("binding {}", args.sock.display()))?;
     eprintln!("kiln serve: listening on {}", args.sock.display());
+    if let Some(addr) = &args.listen_tcp {
+        let tcp = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        eprintln!("kiln serve: listening on tcp {}", tcp.local_addr()?);
+        let rt = rt.clone();
+        std::thread::Builder::new()
+            .name("kiln_serve_tcp_accept".into())
+            .spawn(move || {
+                if let Err(e) = kiln_serve::serve_tcp(rt, tcp) {
+                    eprintln!("kiln serve: tcp: {e}");
+                }
+            })?;
+    }
     let r = kiln_serve::serve(rt.clone(), listener);
     rt.shutdown();
     r.with_context(|| format!("serving {}", args.sock.display()))?;

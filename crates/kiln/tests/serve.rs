@@ -28,14 +28,17 @@ fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }
 "#;
 
 fn cases() -> Vec<(&'static str, String)> {
-    let server_a = r#"D=/tmp/sva; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
-kiln serve --sock $S --dir $D/st --keep-alive 12 --function 'up=tr a-z A-Z' --function 'fail=echo oops >&2; exit 3' \
+    let server_a = r#"ip link set lo up; D=/tmp/sva; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
+echo '{"snap":{"command":"sleep 1; cat /tmp/stamp","setup":"cat /proc/sys/kernel/random/uuid > /tmp/stamp"}}' > $D/f.json
+kiln serve --sock $S --dir $D/st --keep-alive 12 --listen-tcp 127.0.0.1:8099 --functions-file $D/f.json --function 'up=tr a-z A-Z' --function 'fail=echo oops >&2; exit 3' \
   --function 'nap=sleep 1; cat' --function 'crash=poweroff -f' > $D/log 2>&1 & P=$!
 wait_sock $S; echo '== log'; cat $D/log
 echo '== put'; $A PUT /functions/slow '{"command":"sleep 20","timeout_ms":1500}'
 echo '== dup'; $A PUT /functions/slow '{"command":"true"}'
+echo '== badsetup'; $A PUT /functions/bs '{"command":"true","setup":"echo no >&2; exit 4"}'
 echo '== calls'; for n in 1 2 3; do $A POST /functions/up/invoke "hello $n"; done
 echo '== up'; fstat up
+echo '== tcp'; printf 'POST /functions/up/invoke HTTP/1.1\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc' | nc 127.0.0.1 8099; echo
 echo '== concurrent'; W=; for n in 1 2 3; do ($A POST /functions/nap/invoke "nap$n" > $D/c$n) & W="$W $!"; done; wait $W; cat $D/c1 $D/c2 $D/c3
 echo '== nap'; fstat nap
 echo '== fail'; $A POST /functions/fail/invoke x
@@ -47,6 +50,8 @@ echo '== timeout'; $A POST /functions/slow/invoke x
 echo '== slow'; fstat slow
 echo '== crash'; $A POST /functions/crash/invoke x
 echo '== crashstat'; fstat crash
+echo '== snapcalls'; W=; for n in 1 2; do ($A POST /functions/snap/invoke x > $D/s$n) & W="$W $!"; done; wait $W; cat $D/s1 $D/s2
+echo '== snap'; fstat snap
 echo '== vmms'; vmms
 UP=$(fstat up | grep -o '"idle_pids":\[[0-9]*' | grep -o '[0-9]*$'); echo "== uppid"; alive $UP
 sleep 13
@@ -95,8 +100,9 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     let out = BATCH.get("server_a");
     let o = out.output.replace('\r', "");
     let log = section(&o, "log");
-    for f in ["up", "fail", "nap", "crash"] {
+    for f in ["up", "fail", "nap", "crash", "snap"] {
         assert!(log.contains(&format!("function {f} ready")), "{o}");
+        assert!(log.contains("listening on tcp 127.0.0.1:8099"), "{o}");
     }
     let calls = section(&o, "calls");
     for n in 1..=3 {
@@ -113,6 +119,12 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     );
     assert_eq!(n(&up, "idle_instances"), 1, "{up}");
     assert!(up["last_cold_start_ms"].as_f64().unwrap() > 0.0, "{up}");
+
+    // Over TCP too, with the start kind in a header.
+    let tcp = section(&o, "tcp");
+    assert!(tcp.starts_with("HTTP/1.1 200 OK\n"), "{o}");
+    assert!(tcp.contains("\nX-Kiln-Start: warm\n"), "{o}");
+    assert!(tcp.trim_end().ends_with("\n\nABC"), "{o}");
 
     let conc = section(&o, "concurrent");
     for n in 1..=3 {
@@ -160,9 +172,27 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     let cs = json(section(&o, "crashstat"));
     assert_eq!((n(&cs, "errors"), n(&cs, "idle_instances")), (1, 0), "{cs}");
 
-    // up: 1, nap: 3, fail: 1 (a non-zero exit keeps the instance); the
-    // timed-out and crashed instances are gone.
-    assert_eq!(section(&o, "vmms").trim(), "5", "{o}");
+    // Two instances restored from one snapshot: the setup's state is theirs.
+    let snap = section(&o, "snapcalls");
+    let ids: Vec<&str> = snap.lines().filter(|l| l.len() == 36).collect();
+    assert_eq!(ids.len(), 2, "{o}");
+    assert_eq!(
+        ids[0], ids[1],
+        "instances did not start from the snapshot: {o}"
+    );
+    let st = json(section(&o, "snap"));
+    assert_eq!(n(&st, "cold_starts"), 2, "{st}");
+    assert_eq!(
+        st["setup"], "cat /proc/sys/kernel/random/uuid > /tmp/stamp",
+        "{st}"
+    );
+    let bs = section(&o, "badsetup");
+    assert!(bs.starts_with("HTTP/1.1 400"), "{o}");
+    assert!(bs.contains("setup exited with status 4: no"), "{o}");
+
+    // up: 1, nap: 3, fail: 1 (a non-zero exit keeps the instance), snap: 2;
+    // the timed-out and crashed instances are gone.
+    assert_eq!(section(&o, "vmms").trim(), "7", "{o}");
     assert_eq!(section(&o, "uppid").trim(), "alive", "{o}");
     let exp = section(&o, "expired");
     let up = json(exp);

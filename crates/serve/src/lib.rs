@@ -18,7 +18,7 @@ pub mod vm;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use http::serve;
+pub use http::{serve, serve_tcp};
 pub use runtime::{FunctionStats, Invocation, Runtime, Start};
 
 /// Errors of the function runtime.
@@ -83,6 +83,10 @@ pub struct FunctionSpec {
     /// Longest one call may run, ms.
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// Shell command run once in the template VM before its snapshot (load
+    /// code, warm caches): every instance starts from what it left.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub setup: Option<String>,
 }
 
 impl FunctionSpec {
@@ -93,6 +97,7 @@ impl FunctionSpec {
             mem_size_mib: default_mem(),
             vcpu_count: default_vcpus(),
             timeout_ms: default_timeout_ms(),
+            setup: None,
         }
     }
 

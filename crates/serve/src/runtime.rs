@@ -219,10 +219,16 @@ impl Runtime {
             &dir,
             spec.vcpu_count,
             spec.mem_size_mib,
+            spec.setup.as_deref(),
         )
         .map_err(|e| {
             let _ = std::fs::remove_dir_all(&dir);
-            ServeError::Vm(format!("function '{name}': {e}"))
+            match e {
+                ServeError::BadRequest(m) => {
+                    ServeError::BadRequest(format!("Function '{name}': {m}"))
+                }
+                e => ServeError::Vm(format!("Function '{name}': {e}")),
+            }
         })?;
         Ok(Function {
             name: name.to_string(),

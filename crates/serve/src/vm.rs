@@ -137,13 +137,14 @@ pub struct Template {
 }
 
 /// Boots a template VM in `dir` (vcpus, mem MiB), waits for its agent,
-/// pauses and snapshots it, and stops it.
+/// runs `setup` in it (if any), pauses and snapshots it, and stops it.
 pub fn build_template(
     spawner: &Spawner,
     d: &VmDefaults,
     dir: &Path,
     vcpus: u8,
     mem: u64,
+    setup: Option<&str>,
 ) -> Result<Template, ServeError> {
     let io = |what: &str, e: std::io::Error| ServeError::Vm(format!("{what}: {e}"));
     let uds = dir.join("template.vsock");
@@ -178,8 +179,21 @@ pub fn build_template(
         .map_err(|e| io(&format!("starting {}", d.exe.display()), e))?;
     let result = (|| {
         let deadline = Instant::now() + d.start_timeout;
-        let conn = connect_agent(&mut child, &uds, deadline, &errlog, "the template VM")
+        let mut conn = connect_agent(&mut child, &uds, deadline, &errlog, "the template VM")
             .map_err(|e| ServeError::Vm(format!("{e}; console: {}", last_lines(&console, 3))))?;
+        if let Some(cmd) = setup {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let r = conn
+                .call(cmd, b"", left.max(Duration::from_secs(1)))
+                .map_err(|e| ServeError::Vm(format!("setup: {e}")))?;
+            if r.code != 0 {
+                return Err(ServeError::BadRequest(format!(
+                    "setup exited with status {}: {}",
+                    r.code,
+                    String::from_utf8_lossy(&r.stderr).trim()
+                )));
+            }
+        }
         drop(conn);
         // Let the guest see the connection close before it is frozen: the
         // snapshot then holds an agent waiting in accept().
