@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! kiln-agent vsock-echo PORT               guest: echo one vsock connection
-//! kiln-agent fn-serve PORT               guest: run function calls from the host (kiln serve)
+//! kiln-agent fn-serve PORT [--root DEV]  guest: run function calls from the host (kiln serve),
+//!                                          chrooted into the ext4 file system DEV if given
 //! kiln-agent vsock-send CID PORT BYTES     connect over vsock, send, read the echo
 //! kiln-agent uds-echo PATH                 host: echo one Unix-socket connection
 //! kiln-agent uds-send PATH PORT BYTES      host: CONNECT PORT through PATH, send, read the echo
@@ -55,6 +56,8 @@ extern "C" {
     fn listen(fd: i32, backlog: i32) -> i32;
     fn accept4(fd: i32, addr: *mut u8, len: *mut u32, flags: i32) -> i32;
     fn shutdown(fd: i32, how: i32) -> i32;
+    fn chroot(path: *const std::ffi::c_char) -> i32;
+    fn chdir(path: *const std::ffi::c_char) -> i32;
 }
 
 fn vm_addr(cid: u32, port: u32) -> SockaddrVm {
@@ -172,18 +175,54 @@ fn read_exact_vec(r: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Runs `cmd` with `sh -c`, `input` on its stdin: exit code, stdout, stderr.
-fn run_function(cmd: &[u8], input: Vec<u8>) -> (i32, Vec<u8>, Vec<u8>) {
+/// Where a function's root file system is mounted (`fn-serve --root`).
+const FN_ROOT: &str = "/fn";
+
+/// Mounts the function's root file system `dev` read-only at [`FN_ROOT`],
+/// with a tmpfs /tmp, /proc and /dev inside when it has those directories.
+fn mount_fn_root(dev: &str) -> io::Result<()> {
+    let script = format!(
+        "mkdir -p {FN_ROOT} && mount -t ext4 -o ro {dev} {FN_ROOT} || exit 1; \
+         for d in tmp:tmpfs proc:proc dev:devtmpfs; do \
+           [ -d {FN_ROOT}/${{d%%:*}} ] && mount -t ${{d#*:}} ${{d#*:}} {FN_ROOT}/${{d%%:*}}; \
+         done; true"
+    );
+    let st = std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(script)
+        .status()?;
+    if !st.success() {
+        return Err(io::Error::other(format!("cannot mount {dev} at {FN_ROOT}")));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` with `sh -c` (chrooted into [`FN_ROOT`] when `chrooted`),
+/// `input` on its stdin: exit code, stdout, stderr.
+fn run_function(cmd: &[u8], input: Vec<u8>, chrooted: bool) -> (i32, Vec<u8>, Vec<u8>) {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::process::ExitStatusExt;
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
     use std::process::{Command, Stdio};
-    let child = Command::new("/bin/sh")
+    let mut command = Command::new("/bin/sh");
+    command
         .arg("-c")
         .arg(std::ffi::OsStr::from_bytes(cmd))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn();
+        .stderr(Stdio::piped());
+    if chrooted {
+        // SAFETY: between fork and exec the closure only makes two
+        // syscalls on static NUL-terminated paths (no allocation).
+        unsafe {
+            command.pre_exec(|| {
+                if chroot(c"/fn".as_ptr()) != 0 || chdir(c"/".as_ptr()) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn();
     let mut child = match child {
         Ok(c) => c,
         Err(e) => {
@@ -226,7 +265,7 @@ fn run_function(cmd: &[u8], input: Vec<u8>) -> (i32, Vec<u8>, Vec<u8>) {
 /// Serves function calls on one connection until the host closes it:
 /// `PING\n` → `PONG\n`; `RUN <cmd bytes> <input bytes>\n<cmd><input>` →
 /// `EXIT <code> <stdout bytes> <stderr bytes>\n<stdout><stderr>`.
-fn fn_connection<S: Read + Write>(mut s: S) -> io::Result<u64> {
+fn fn_connection<S: Read + Write>(mut s: S, chrooted: bool) -> io::Result<u64> {
     let mut calls = 0;
     while let Some(line) = read_line(&mut s)? {
         let words: Vec<&str> = line.split(' ').collect();
@@ -239,7 +278,7 @@ fn fn_connection<S: Read + Write>(mut s: S) -> io::Result<u64> {
                 };
                 let cmd = read_exact_vec(&mut s, parse(c)?)?;
                 let input = read_exact_vec(&mut s, parse(i)?)?;
-                let (code, out, err) = run_function(&cmd, input);
+                let (code, out, err) = run_function(&cmd, input, chrooted);
                 let mut reply = format!("EXIT {code} {} {}\n", out.len(), err.len()).into_bytes();
                 reply.extend_from_slice(&out);
                 reply.extend_from_slice(&err);
@@ -595,7 +634,7 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent fn-serve PORT | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
+    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
     std::process::exit(2)
 }
 
@@ -608,10 +647,27 @@ fn run(args: &[String]) -> io::Result<()> {
         Some("fn-serve") => {
             // One connection at a time, for ever: the host keeps one open
             // per instance (and none while it snapshots the guest).
+            let root = match args.get(2).map(String::as_str) {
+                Some("--root") => Some(args.get(3).unwrap_or_else(|| usage())),
+                Some(_) => usage(),
+                None => None,
+            };
+            if let Some(dev) = root {
+                mount_fn_root(dev)?;
+            }
             let l = vsock_listen(num(args.get(1)))?;
             loop {
-                let c = vsock_accept(&l)?;
-                if let Err(e) = fn_connection(&c) {
+                // A connection reset while queued (the transport reset a
+                // restored guest gets) fails accept(): wait for the next.
+                let c = match vsock_accept(&l) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("kiln-agent: fn-serve: {e}");
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                };
+                if let Err(e) = fn_connection(&c, root.is_some()) {
                     eprintln!("kiln-agent: fn-serve: {e}");
                 }
             }
@@ -684,7 +740,7 @@ mod tests {
     #[test]
     fn function_calls_run_in_order_on_one_connection() {
         let (mut a, b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || fn_connection(&b).unwrap());
+        let t = std::thread::spawn(move || fn_connection(&b, false).unwrap());
         a.write_all(b"PING\n").unwrap();
         let cmd = b"tr a-z A-Z; echo oops >&2; exit 3";
         a.write_all(format!("RUN {} 5\n", cmd.len()).as_bytes())
@@ -701,7 +757,7 @@ mod tests {
     #[test]
     fn an_unknown_request_ends_the_connection() {
         let (mut a, b) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || fn_connection(&b));
+        let t = std::thread::spawn(move || fn_connection(&b, false));
         a.write_all(b"HELLO\n").unwrap();
         assert_eq!(read_line(&mut a).unwrap().unwrap(), "ERROR unknown request");
         assert!(t.join().unwrap().is_err());

@@ -2,6 +2,8 @@
 //!
 //! Server A (fixed 12 s keep-alive): calls run in a restored microVM and
 //! reuse it while warm; concurrent calls get instances of their own; a
+//! function's setup state is every instance's; a function with its own
+//! root file system runs chrooted into it; calls work over TCP too; a
 //! failing command, an unknown function, bad definitions, a call that
 //! outlives its timeout and a guest that powers off mid-call get clear
 //! errors; idle instances stop after the keep-alive; DELETE removes a
@@ -29,7 +31,8 @@ fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }
 
 fn cases() -> Vec<(&'static str, String)> {
     let server_a = r#"ip link set lo up; D=/tmp/sva; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
-echo '{"snap":{"command":"sleep 1; cat /tmp/stamp","setup":"cat /proc/sys/kernel/random/uuid > /tmp/stamp"}}' > $D/f.json
+printf '{"snap":{"command":"sleep 1; cat /tmp/stamp","setup":"cat /proc/sys/kernel/random/uuid > /tmp/stamp"},
+ "rootfn":{"command":"cat /etc/kiln-rootfs-marker; test -e /etc/kiln-initramfs && echo in-initramfs || echo own-root","rootfs":"%s"}}' "$KILN_ROOTFS" > $D/f.json
 kiln serve --sock $S --dir $D/st --keep-alive 12 --listen-tcp 127.0.0.1:8099 --functions-file $D/f.json --function 'up=tr a-z A-Z' --function 'fail=echo oops >&2; exit 3' \
   --function 'nap=sleep 1; cat' --function 'crash=poweroff -f' > $D/log 2>&1 & P=$!
 wait_sock $S; echo '== log'; cat $D/log
@@ -53,6 +56,8 @@ echo '== crashstat'; fstat crash
 echo '== snapcalls'; W=; for n in 1 2; do ($A POST /functions/snap/invoke x > $D/s$n) & W="$W $!"; done; wait $W; cat $D/s1 $D/s2
 echo '== snap'; fstat snap
 echo '== vmms'; vmms
+echo '== rootfn'; $A POST /functions/rootfn/invoke x
+echo '== badroot'; $A PUT /functions/br '{"command":"true","rootfs":"/nonexistent.ext4"}'
 UP=$(fstat up | grep -o '"idle_pids":\[[0-9]*' | grep -o '[0-9]*$'); echo "== uppid"; alive $UP
 sleep 13
 echo '== expired'; fstat up; alive $UP; vmms
@@ -100,7 +105,7 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     let out = BATCH.get("server_a");
     let o = out.output.replace('\r', "");
     let log = section(&o, "log");
-    for f in ["up", "fail", "nap", "crash", "snap"] {
+    for f in ["up", "fail", "nap", "crash", "snap", "rootfn"] {
         assert!(log.contains(&format!("function {f} ready")), "{o}");
         assert!(log.contains("listening on tcp 127.0.0.1:8099"), "{o}");
     }
@@ -194,6 +199,16 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     // the timed-out and crashed instances are gone.
     assert_eq!(section(&o, "vmms").trim(), "7", "{o}");
     assert_eq!(section(&o, "uppid").trim(), "alive", "{o}");
+    // A function with its own root file system runs chrooted into it.
+    let r = section(&o, "rootfn");
+    assert!(
+        r.starts_with("HTTP/1.1 200 OK\nkiln guest rootfs\nown-root"),
+        "{o}"
+    );
+    let br = section(&o, "badroot");
+    assert!(br.starts_with("HTTP/1.1 400"), "{o}");
+    assert!(br.contains("rootfs /nonexistent.ext4: No such file"), "{o}");
+
     let exp = section(&o, "expired");
     let up = json(exp);
     assert_eq!(n(&up, "idle_instances"), 0, "{up}");

@@ -87,6 +87,11 @@ pub struct FunctionSpec {
     /// code, warm caches): every instance starts from what it left.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub setup: Option<String>,
+    /// An ext4 image attached read-only (shared by every instance); the
+    /// command and the setup run chrooted into it, with a tmpfs /tmp and
+    /// /proc, /dev mounted where it has those directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<PathBuf>,
 }
 
 impl FunctionSpec {
@@ -98,6 +103,7 @@ impl FunctionSpec {
             vcpu_count: default_vcpus(),
             timeout_ms: default_timeout_ms(),
             setup: None,
+            rootfs: None,
         }
     }
 
@@ -118,6 +124,16 @@ impl FunctionSpec {
         }
         if self.timeout_ms == 0 {
             return bad("timeout_ms must be above 0.".into());
+        }
+        if let Some(r) = &self.rootfs {
+            if !r.is_absolute() {
+                return bad(format!("rootfs {}: give an absolute path.", r.display()));
+            }
+            match std::fs::metadata(r) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => return bad(format!("rootfs {}: not a file.", r.display())),
+                Err(e) => return bad(format!("rootfs {}: {e}", r.display())),
+            }
         }
         Ok(())
     }

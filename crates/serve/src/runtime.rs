@@ -220,6 +220,7 @@ impl Runtime {
             spec.vcpu_count,
             spec.mem_size_mib,
             spec.setup.as_deref(),
+            spec.rootfs.as_deref(),
         )
         .map_err(|e| {
             let _ = std::fs::remove_dir_all(&dir);

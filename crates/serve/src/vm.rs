@@ -145,6 +145,7 @@ pub fn build_template(
     vcpus: u8,
     mem: u64,
     setup: Option<&str>,
+    rootfs: Option<&Path>,
 ) -> Result<Template, ServeError> {
     let io = |what: &str, e: std::io::Error| ServeError::Vm(format!("{what}: {e}"));
     let uds = dir.join("template.vsock");
@@ -152,15 +153,32 @@ pub fn build_template(
     for p in [&uds, &api] {
         let _ = std::fs::remove_file(p);
     }
-    let config = serde_json::json!({
+    let root = if rootfs.is_some() {
+        " --root /dev/vda"
+    } else {
+        ""
+    };
+    let mut config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": d.kernel,
             "initrd_path": d.initrd,
-            "boot_args": format!("{} -- \"kiln-agent fn-serve {}\"", d.cmdline, crate::agent::AGENT_PORT),
+            "boot_args": format!(
+                "{} -- \"kiln-agent fn-serve {}{root}\"",
+                d.cmdline,
+                crate::agent::AGENT_PORT
+            ),
         },
         "machine-config": { "vcpu_count": vcpus, "mem_size_mib": mem },
         "vsock": { "guest_cid": 3, "uds_path": uds },
     });
+    if let Some(r) = rootfs {
+        config["drives"] = serde_json::json!([{
+            "drive_id": "rootfs",
+            "path_on_host": r,
+            "is_root_device": false,
+            "is_read_only": true,
+        }]);
+    }
     let cfg = dir.join("template.json");
     std::fs::write(&cfg, config.to_string()).map_err(|e| io("writing the VM config", e))?;
     let console = dir.join("template.console");
