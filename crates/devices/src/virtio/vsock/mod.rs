@@ -247,11 +247,16 @@ impl VirtioDevice for Vsock {
             (ev_evt.as_raw_fd(), EVENT_TOKEN, EventSet::IN),
             (muxer.epoll_fd(), HOST_TOKEN, EventSet::IN),
         ];
+        let mut awaiting_reset_ack = false;
         let worker = Worker::spawn(
             format!("kiln_vsock_{}", self.config.guest_cid),
             ThreadKind::Vsock,
             fds,
             move |token, _| {
+                // From a restore until the guest has taken in the transport
+                // reset (it refills the event queue after handling it, which
+                // kicks it), new host clients wait: a connection the guest
+                // answered before handling the reset would be reset by it.
                 match token {
                     RX_TOKEN => {
                         let _ = rx_evt.read();
@@ -261,17 +266,28 @@ impl VirtioDevice for Vsock {
                     }
                     EVENT_TOKEN => {
                         let _ = ev_evt.read();
+                        awaiting_reset_ack = false;
                     }
                     _ => muxer.handle_host_events(),
                 }
                 if muxer.process() {
                     interrupt.signal_used();
                 }
-                if reset_pending.swap(false, Ordering::AcqRel)
-                    && !send_transport_reset(&ev_mem, &mut evq, &interrupt)
-                {
-                    reset_pending.store(true, Ordering::Release);
+                if reset_pending.swap(false, Ordering::AcqRel) {
+                    if send_transport_reset(&ev_mem, &mut evq, &interrupt) {
+                        muxer.drop_all_connections();
+                        awaiting_reset_ack = true;
+                    } else {
+                        reset_pending.store(true, Ordering::Release);
+                    }
                 }
+                if awaiting_reset_ack && muxer.hold_expired() {
+                    log::warn!("vsock: the guest did not take in the transport reset; letting host clients in");
+                    awaiting_reset_ack = false;
+                }
+                muxer.hold_host_clients(
+                    awaiting_reset_ack || reset_pending.load(Ordering::Acquire),
+                );
                 Next::Continue
             },
         )

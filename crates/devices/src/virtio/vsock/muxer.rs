@@ -46,6 +46,8 @@ const MAX_PENDING_CTRL: usize = 256;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long to stop accepting host clients after accept(2) fails.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// Longest host clients wait for the guest to take a transport reset in.
+pub const RESET_ACK_WAIT: Duration = Duration::from_secs(2);
 /// First local port handed to host-initiated connections.
 pub const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -79,6 +81,9 @@ pub struct Muxer {
     timer: TimerFd,
     timer_armed: bool,
     listener_paused: bool,
+    /// Host clients wait in the listener's backlog until this deadline (or
+    /// until released): the guest has a transport reset to take in first.
+    held_until: Option<Instant>,
     conns: HashMap<ConnKey, Connection>,
     tokens: HashMap<u64, ConnKey>,
     clients: HashMap<u64, Client>,
@@ -126,6 +131,7 @@ impl Muxer {
             timer,
             timer_armed: false,
             listener_paused: false,
+            held_until: None,
             conns: HashMap::new(),
             tokens: HashMap::new(),
             clients: HashMap::new(),
@@ -147,6 +153,53 @@ impl Muxer {
     /// Number of live connections.
     pub fn connections(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Holds new host clients in the listener's backlog (`true`) or lets
+    /// them in again. While the guest has not taken in a transport reset,
+    /// a connection made now could be reset by it after it was answered.
+    /// A hold ends by itself after [`RESET_ACK_WAIT`] (see [`Self::hold_expired`]).
+    pub fn hold_host_clients(&mut self, hold: bool) {
+        if hold == self.held_until.is_some() {
+            return;
+        }
+        let fd = self.listener.as_raw_fd();
+        if hold {
+            if !self.listener_paused {
+                let _ = self
+                    .epoll
+                    .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+            }
+            self.held_until = Some(Instant::now() + RESET_ACK_WAIT);
+            // A timer armed for later is re-armed by on_timer for the rest.
+            self.arm_timer(RESET_ACK_WAIT);
+        } else {
+            self.held_until = None;
+            if !self.listener_paused {
+                let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
+                if self.epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
+                    self.listener_paused = true;
+                    self.arm_timer(ACCEPT_RETRY);
+                }
+            }
+        }
+    }
+
+    /// True when a hold has outlived [`RESET_ACK_WAIT`].
+    pub fn hold_expired(&self) -> bool {
+        self.held_until.is_some_and(|t| Instant::now() >= t)
+    }
+
+    /// Drops every connection and pending host client (their host sockets
+    /// close): the guest is told to forget its side by a transport reset.
+    pub fn drop_all_connections(&mut self) {
+        let keys: Vec<ConnKey> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove(key);
+        }
+        self.clients.clear();
+        self.ctrl.clear();
+        self.rx_ready.clear();
     }
 
     /// Handles whatever host fds are ready (never blocks).
@@ -626,7 +679,7 @@ impl Muxer {
     fn on_timer(&mut self) {
         let _ = self.timer.wait();
         self.timer_armed = false;
-        if self.listener_paused {
+        if self.listener_paused && self.held_until.is_none() {
             let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
             let fd = self.listener.as_raw_fd();
             if self.epoll.ctl(ControlOperation::Add, fd, ev).is_ok() {
@@ -655,6 +708,12 @@ impl Muxer {
                 key.peer_port
             );
             self.kill(key);
+        }
+        if let Some(t) = self.held_until {
+            let left = t.saturating_duration_since(now);
+            if !left.is_zero() {
+                next = Some(next.map_or(left, |n| n.min(left)));
+            }
         }
         if let Some(d) = next {
             self.arm_timer(d);
