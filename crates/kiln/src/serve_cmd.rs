@@ -88,9 +88,9 @@ fn functions(args: &ServeArgs) -> Result<Vec<(String, FunctionSpec)>> {
 /// Runs the server until it is killed.
 pub fn serve(args: ServeArgs) -> Result<i32> {
     let fns = functions(&args)?;
-    if args.keep_alive < 0.0 || !args.keep_alive.is_finite() {
+    let Ok(keep_alive) = Duration::try_from_secs_f64(args.keep_alive) else {
         bail!("--keep-alive {}: expected seconds", args.keep_alive);
-    }
+    };
     let (kernel, initrd) = match &args.kernel {
         Some(k) => (k.clone(), args.initrd.clone()),
         None => {
@@ -128,7 +128,7 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
             bin: Duration::from_millis(args.policy_bin_ms.max(1)),
             bins: args.policy_bins.max(1),
             min_samples: args.policy_min_samples,
-            fixed_keep_alive: Duration::from_secs_f64(args.keep_alive),
+            fixed_keep_alive: keep_alive,
             ..PolicyConfig::default()
         },
         max_instances: args.max_instances,

@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The guest port the agent listens on.
 pub const AGENT_PORT: u32 = 5000;
@@ -86,15 +86,18 @@ impl AgentConn {
         }
     }
 
-    /// Runs `cmd` in the guest with `input` on its stdin, waiting at most
-    /// `timeout` for the answer.
+    /// Runs `cmd` in the guest with `input` on its stdin; the whole call
+    /// (sending, running, answering) must end within `timeout`.
     pub fn call(&mut self, cmd: &str, input: &[u8], timeout: Duration) -> io::Result<CallResult> {
-        self.stream.set_read_timeout(Some(timeout))?;
+        let mut io = Deadline {
+            stream: &mut self.stream,
+            end: Instant::now() + timeout,
+        };
         let mut req = format!("RUN {} {}\n", cmd.len(), input.len()).into_bytes();
         req.extend_from_slice(cmd.as_bytes());
         req.extend_from_slice(input);
-        self.stream.write_all(&req)?;
-        let head = read_line(&mut self.stream)?;
+        io.write_all(&req)?;
+        let head = read_line(&mut io)?;
         let w: Vec<&str> = head.split(' ').collect();
         let (code, out, err) = match w.as_slice() {
             ["EXIT", c, o, e] => (c.parse::<i32>(), o.parse::<usize>(), e.parse::<usize>()),
@@ -109,14 +112,50 @@ impl AgentConn {
             )));
         }
         let mut stdout = vec![0; out];
-        self.stream.read_exact(&mut stdout)?;
+        io.read_exact(&mut stdout)?;
         let mut stderr = vec![0; err];
-        self.stream.read_exact(&mut stderr)?;
+        io.read_exact(&mut stderr)?;
         Ok(CallResult {
             code,
             stdout,
             stderr,
         })
+    }
+}
+
+/// A stream whose reads and writes all end by one deadline.
+struct Deadline<'a> {
+    stream: &'a mut UnixStream,
+    end: Instant,
+}
+
+impl Deadline<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "call timed out"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_read_timeout(Some(left))?;
+        self.stream.read(buf)
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let left = self.left()?;
+        self.stream.set_write_timeout(Some(left))?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.stream.flush()
     }
 }
 
@@ -194,6 +233,41 @@ mod tests {
             drop(c);
             t.join().unwrap();
         }
+    }
+
+    #[test]
+    fn a_trickling_agent_cannot_outlast_the_call_timeout() {
+        let d = tempdir::Dir::new();
+        let l = UnixListener::bind(d.0.join("v.sock")).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let _ = read_line(&mut s);
+            s.write_all(b"OK 1\n").unwrap();
+            // One byte every 100 ms: each read is quick, the call is not.
+            for b in b"EXIT 0 100 0\n".iter().chain([b'x'; 100].iter()) {
+                if s.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let mut c = AgentConn::connect(&d.0.join("v.sock"), Duration::from_secs(5)).unwrap();
+        let t0 = Instant::now();
+        let e = c.call("true", b"", Duration::from_millis(700)).unwrap_err();
+        assert!(
+            t0.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(
+            matches!(
+                e.kind(),
+                io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+            ),
+            "{e}"
+        );
+        drop(c);
+        t.join().unwrap();
     }
 
     #[test]

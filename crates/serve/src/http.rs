@@ -24,7 +24,7 @@ use crate::{FunctionSpec, ServeError};
 
 /// Largest request body (a call's input), bytes.
 pub const MAX_BODY: usize = 16 << 20;
-/// A connection idle this long is closed.
+/// A connection idle (or not reading its answer) this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 enum Reply {
@@ -135,6 +135,7 @@ pub fn serve(rt: Arc<Runtime>, listener: UnixListener) -> std::io::Result<()> {
     loop {
         let (s, _) = listener.accept()?;
         s.set_read_timeout(Some(IDLE_TIMEOUT))?;
+        s.set_write_timeout(Some(IDLE_TIMEOUT))?;
         let rt = rt.clone();
         std::thread::Builder::new()
             .name("kiln_serve_conn".into())
@@ -147,6 +148,7 @@ pub fn serve_tcp(rt: Arc<Runtime>, listener: TcpListener) -> std::io::Result<()>
     loop {
         let (s, _) = listener.accept()?;
         s.set_read_timeout(Some(IDLE_TIMEOUT))?;
+        s.set_write_timeout(Some(IDLE_TIMEOUT))?;
         let _ = s.set_nodelay(true);
         let rt = rt.clone();
         std::thread::Builder::new()

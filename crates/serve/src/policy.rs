@@ -140,8 +140,11 @@ impl Histogram {
         let tail = self.percentile_bin(cfg.tail_percentile).max(head);
         // The head bin's lower edge, less the margin; the tail bin's upper
         // edge, plus the margin.
-        let prewarm = cfg.bin.mul_f64(head as f64 * (1.0 - cfg.margin).max(0.0));
-        let end = cfg.bin.mul_f64((tail + 1) as f64 * (1.0 + cfg.margin));
+        let scaled = |k: f64| {
+            Duration::try_from_secs_f64(cfg.bin.as_secs_f64() * k).unwrap_or(Duration::MAX)
+        };
+        let prewarm = scaled(head as f64 * (1.0 - cfg.margin).max(0.0));
+        let end = scaled((tail + 1) as f64 * (1.0 + cfg.margin));
         Window {
             prewarm,
             keep_alive: end.saturating_sub(prewarm),
@@ -230,6 +233,21 @@ mod tests {
         assert_eq!(h.samples(), 10);
         let w = h.window(&c);
         assert_eq!((w.basis, w.keep_alive), (Basis::OutOfRange, secs(7)));
+    }
+
+    #[test]
+    fn huge_settings_saturate_instead_of_panicking() {
+        let c = PolicyConfig {
+            bin: Duration::MAX,
+            min_samples: 1,
+            ..cfg()
+        };
+        let mut h = Histogram::new();
+        h.record(&c, secs(1));
+        let w = h.window(&c);
+        assert_eq!(w.basis, Basis::Histogram);
+        assert_eq!(w.prewarm, Duration::ZERO);
+        assert_eq!(w.keep_alive, Duration::MAX);
     }
 
     #[test]

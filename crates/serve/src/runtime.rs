@@ -47,8 +47,17 @@ struct Live {
 
 impl Drop for Live {
     fn drop(&mut self) {
+        // The VMM is gone before its slot is free again.
+        self.inst.stop();
         self.count.fetch_sub(1, Ordering::SeqCst);
     }
+}
+
+/// `now + d`, or a year from now if that overflows.
+fn deadline(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .or_else(|| now.checked_add(Duration::from_secs(365 * 86_400)))
+        .unwrap_or(now)
 }
 
 struct Idle {
@@ -120,7 +129,7 @@ pub struct FunctionStats {
     pub prewarms: u64,
     /// Idle instances the policy stopped.
     pub unloads: u64,
-    /// Calls that failed in the VM (not counting non-zero exits).
+    /// Calls answered 502, 503 or 504 (not counting non-zero exits).
     pub errors: u64,
     /// Boot-to-snapshot time of the template, ms.
     pub snapshot_ms: f64,
@@ -200,15 +209,19 @@ impl Runtime {
             }
         }
         let result = self.create(name, &spec);
+        let mut functions = lock(&self.functions);
         lock(&self.creating).remove(name);
-        let f = result?;
-        lock(&self.functions).insert(name.to_string(), Arc::new(f));
+        functions.insert(name.to_string(), Arc::new(result?));
+        drop(functions);
         log::info!("function {name} ready");
         Ok(())
     }
 
     fn create(&self, name: &str, spec: &FunctionSpec) -> Result<Function, ServeError> {
-        let dir = self.cfg.dir.join(name);
+        // A directory per registration: a function deleted and registered
+        // again never shares files with the old one's instances.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let dir = self.cfg.dir.join(format!("{name}.{id}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
             .map_err(|e| ServeError::Io(format!("creating {}: {e}", dir.display())))?;
@@ -414,7 +427,7 @@ impl Runtime {
             match live {
                 Some(l) if !st.deleted => st.idle.push(Idle {
                     live: l,
-                    expires: now + w.keep_alive,
+                    expires: deadline(now, w.keep_alive),
                 }),
                 other => stop.extend(other),
             }
@@ -424,7 +437,7 @@ impl Runtime {
                     let n = st.idle.len() as u64;
                     st.unloads += n;
                     stop.extend(st.idle.drain(..).map(|i| i.live));
-                    st.prewarm_at = Some(now + w.prewarm);
+                    st.prewarm_at = Some(deadline(now, w.prewarm));
                 }
             }
         }
@@ -492,11 +505,13 @@ impl Runtime {
             drop(stop);
             if prewarm {
                 let rt = self.clone();
+                let f2 = f.clone();
                 let spawned = std::thread::Builder::new()
                     .name("kiln_serve_prewarm".into())
-                    .spawn(move || rt.prewarm(&f));
+                    .spawn(move || rt.prewarm(&f2));
                 if let Err(e) = spawned {
                     log::warn!("pre-warm thread: {e}");
+                    lock(&f.st).prewarming = false;
                 }
             }
         }
@@ -506,18 +521,24 @@ impl Runtime {
         let r = self.start_instance(f, true);
         let mut st = lock(&f.st);
         st.prewarming = false;
-        match r {
+        let unused = match r {
             Ok(l) if !st.deleted => {
                 let w = st.hist.window(&self.cfg.policy);
                 st.prewarms += 1;
                 st.idle.push(Idle {
                     live: l,
-                    expires: Instant::now() + w.keep_alive,
+                    expires: deadline(Instant::now(), w.keep_alive),
                 });
+                None
             }
-            Ok(_) => {}
-            Err(e) => log::warn!("pre-warming {}: {e}", f.name),
-        }
+            Ok(l) => Some(l),
+            Err(e) => {
+                log::warn!("pre-warming {}: {e}", f.name);
+                None
+            }
+        };
+        drop(st);
+        drop(unused);
     }
 }
 

@@ -306,6 +306,13 @@ impl Instance {
         self.child.id()
     }
 
+    /// Stops the VMM (kill and reap) and removes its files; idempotent.
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+        let _ = std::fs::remove_file(&self.uds);
+        let _ = std::fs::remove_file(&self.errlog);
+    }
+
     /// Why the VMM ended, if it did (for errors).
     pub fn exit_note(&mut self) -> String {
         match self.child.try_wait() {
@@ -317,8 +324,6 @@ impl Instance {
 
 impl Drop for Instance {
     fn drop(&mut self) {
-        kill(&mut self.child);
-        let _ = std::fs::remove_file(&self.uds);
-        let _ = std::fs::remove_file(&self.errlog);
+        self.stop();
     }
 }

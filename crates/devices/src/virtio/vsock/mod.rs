@@ -8,8 +8,8 @@
 //! - **Guest → host**: a guest `connect(2)` to CID 2, port P reaches the Unix
 //!   socket `<uds_path>_P`, which a host program listens on.
 //!
-//! Only stream sockets (no SEQPACKET). Queues: RX (0), TX (1), event (2,
-//! unused: Kiln never sends transport events). Configuration space: the
+//! Only stream sockets (no SEQPACKET). Queues: RX (0), TX (1), event (2:
+//! a transport reset after a restore, see `restored`). Configuration space: the
 //! guest CID as a little-endian u64. The data path runs on a worker thread
 //! ([`muxer::Muxer`]); see there for flow control.
 
@@ -247,16 +247,19 @@ impl VirtioDevice for Vsock {
             (ev_evt.as_raw_fd(), EVENT_TOKEN, EventSet::IN),
             (muxer.epoll_fd(), HOST_TOKEN, EventSet::IN),
         ];
-        let mut awaiting_reset_ack = false;
+        // The event queue's avail index when the reset went out.
+        let mut reset_sent_at: Option<std::num::Wrapping<u16>> = None;
+        let mut gave_up = false;
         let worker = Worker::spawn(
             format!("kiln_vsock_{}", self.config.guest_cid),
             ThreadKind::Vsock,
             fds,
             move |token, _| {
                 // From a restore until the guest has taken in the transport
-                // reset (it refills the event queue after handling it, which
-                // kicks it), new host clients wait: a connection the guest
-                // answered before handling the reset would be reset by it.
+                // reset (it posts a new event buffer after handling it), new
+                // host clients wait: a connection the guest answered before
+                // handling the reset would be reset by it. At most
+                // RESET_ACK_WAIT: then they are let in whatever the guest did.
                 match token {
                     RX_TOKEN => {
                         let _ = rx_evt.read();
@@ -266,28 +269,34 @@ impl VirtioDevice for Vsock {
                     }
                     EVENT_TOKEN => {
                         let _ = ev_evt.read();
-                        awaiting_reset_ack = false;
                     }
                     _ => muxer.handle_host_events(),
                 }
                 if muxer.process() {
                     interrupt.signal_used();
                 }
+                if let Some(at) = reset_sent_at {
+                    let now = evq.avail_idx(&ev_mem, Ordering::Acquire).ok();
+                    if now.is_some_and(|i| i != at) {
+                        reset_sent_at = None;
+                    }
+                }
                 if reset_pending.swap(false, Ordering::AcqRel) {
                     if send_transport_reset(&ev_mem, &mut evq, &interrupt) {
                         muxer.drop_all_connections();
-                        awaiting_reset_ack = true;
+                        reset_sent_at = evq.avail_idx(&ev_mem, Ordering::Acquire).ok();
                     } else {
                         reset_pending.store(true, Ordering::Release);
                     }
                 }
-                if awaiting_reset_ack && muxer.hold_expired() {
-                    log::warn!("vsock: the guest did not take in the transport reset; letting host clients in");
-                    awaiting_reset_ack = false;
+                let waiting = reset_sent_at.is_some() || reset_pending.load(Ordering::Acquire);
+                if waiting && !gave_up && muxer.hold_expired() {
+                    log::warn!(
+                        "vsock: the guest did not take in the transport reset; letting host clients in"
+                    );
+                    gave_up = true;
                 }
-                muxer.hold_host_clients(
-                    awaiting_reset_ack || reset_pending.load(Ordering::Acquire),
-                );
+                muxer.hold_host_clients(waiting && !gave_up);
                 Next::Continue
             },
         )

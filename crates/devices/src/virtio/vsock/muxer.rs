@@ -175,7 +175,10 @@ impl Muxer {
             self.arm_timer(RESET_ACK_WAIT);
         } else {
             self.held_until = None;
-            if !self.listener_paused {
+            if self.listener_paused {
+                // on_timer adds it back.
+                self.arm_timer(ACCEPT_RETRY);
+            } else {
                 let ev = EpollEvent::new(EventSet::IN, LISTENER_TOKEN);
                 if self.epoll.ctl(ControlOperation::Add, fd, ev).is_err() {
                     self.listener_paused = true;
