@@ -261,6 +261,17 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
     Ok(args)
 }
 
+/// A duration in milliseconds.
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Minimum, median (the upper one for an even count) and maximum of `v`.
+pub fn min_median_max(mut v: Vec<f64>) -> Option<(f64, f64, f64)> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    Some((*v.first()?, v[v.len() / 2], *v.last()?))
+}
+
 /// Kills a child process that outlives its time limit.
 pub struct Watchdog {
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -597,7 +608,14 @@ pub fn rss_split(smaps: &str, guest: &[(u64, u64)]) -> (u64, u64) {
 
 #[cfg(test)]
 mod tests {
-    use super::{rss_kinds, rss_split};
+    use super::{min_median_max, rss_kinds, rss_split};
+
+    #[test]
+    fn min_median_max_of_odd_even_and_empty() {
+        assert_eq!(min_median_max(vec![3.0, 1.0, 2.0]), Some((1.0, 2.0, 3.0)));
+        assert_eq!(min_median_max(vec![4.0, 1.0]), Some((1.0, 4.0, 4.0)));
+        assert_eq!(min_median_max(vec![]), None);
+    }
 
     #[test]
     fn smaps_split_by_guest_ranges() {

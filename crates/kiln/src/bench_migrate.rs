@@ -33,13 +33,9 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-fn stats(label: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if let (Some(min), Some(max)) = (v.first(), v.last()) {
-        println!(
-            "  {label}: min {min:.1}  median {:.1}  max {max:.1}",
-            v[v.len() / 2]
-        );
+fn stats(label: &str, v: Vec<f64>) {
+    if let Some((min, median, max)) = super::min_median_max(v) {
+        println!("  {label}: min {min:.1}  median {median:.1}  max {max:.1}");
     }
 }
 

@@ -11,6 +11,8 @@ use kiln_serve::policy::PolicyConfig;
 use kiln_serve::vm::VmDefaults;
 use kiln_serve::{FunctionSpec, Runtime, ServeConfig};
 
+use super::{min_median_max, ms};
+
 /// Options of `kiln bench serve`.
 pub struct ServeBenchOptions {
     /// Calls per measurement.
@@ -43,17 +45,9 @@ fn runtime(exe: &std::path::Path, dir: &std::path::Path, keep: Duration) -> Resu
     })?)
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn summary(label: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if let (Some(min), Some(max)) = (v.first(), v.last()) {
-        println!(
-            "{label:<44} min {min:>8.2}  median {:>8.2}  max {max:>8.2} ms",
-            v[v.len() / 2]
-        );
+fn summary(label: &str, v: Vec<f64>) {
+    if let Some((min, median, max)) = min_median_max(v) {
+        println!("{label:<44} min {min:>8.2}  median {median:>8.2}  max {max:>8.2} ms");
     }
 }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use super::bench_vm::BenchVm;
+use super::{min_median_max, ms};
 
 /// Longest one step (boot, restore) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -68,17 +69,9 @@ fn kill(mut c: Child) {
     let _ = c.wait();
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn stats(label: &str, mut v: Vec<f64>) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if let (Some(min), Some(max)) = (v.first(), v.last()) {
-        println!(
-            "{label}: min {min:.2}  median {:.2}  max {max:.2}",
-            v[v.len() / 2]
-        );
+fn stats(label: &str, v: Vec<f64>) {
+    if let Some((min, median, max)) = min_median_max(v) {
+        println!("{label}: min {min:.2}  median {median:.2}  max {max:.2}");
     }
 }
 
