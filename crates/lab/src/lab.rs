@@ -36,7 +36,7 @@ const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet lapic=notscdead
 /// A run whose results channel shows no progress for this long is stalled.
 const DEFAULT_STALL: Duration = Duration::from_secs(420);
 /// How much console output to include in errors.
-const TAIL_BYTES: usize = 4000;
+const TAIL_BYTES: usize = 6000;
 
 /// Where tests and the CLI should run things that need a working `/dev/kvm`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

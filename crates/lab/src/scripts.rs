@@ -254,8 +254,19 @@ printf 'KILN-RUN-START\n' >&3
 k_run() {
     o=/tmp/.kiln-out.$1
     printf 'KILN-CMD-BEGIN %d\n' "$1" >&3
+    : >"$o"
+    # A command that runs long shows on the console what it has printed so
+    # far and which processes run: the host shows that tail if it stalls.
+    (t=0; while sleep 90; do t=$((t+90)); {
+        printf '\nKILN-LAB-SLOW: command %d still running after %d s; output so far (tail):\n' "$1" $t
+        tail -c 1500 "$o"
+        printf '\n--- processes ---\n'
+        ps -o pid,stat,args 2>/dev/null | grep -v ' \[' | tail -n 25
+    } >/dev/ttyS0 2>&1; done) &
+    w=$!
     (cd / && sh -c "$2") >"$o" 2>&1 </dev/null
     s=$?
+    kill $w 2>/dev/null
     n=$(wc -c <"$o")
     printf 'KILN-CMD-OUT %d %d\n' "$1" $n >&3
     cat "$o" >&3
