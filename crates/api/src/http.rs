@@ -29,6 +29,18 @@ pub struct Request {
     pub keep_alive: bool,
     /// The body (empty when none).
     pub body: Vec<u8>,
+    /// The headers, names as sent, values without surrounding blanks.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Request {
+    /// The value of header `name` (case-insensitive; the first one).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
 }
 
 /// Why a request could not be read. Except for `Io`, the server answers 400
@@ -77,7 +89,7 @@ struct Head {
     keep_alive: bool,
     content_length: Option<u64>,
     expect_continue: bool,
-    headers: usize,
+    headers: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -270,6 +282,7 @@ impl RequestParser {
                         path: head.path,
                         keep_alive: head.keep_alive,
                         body,
+                        headers: head.headers,
                     }));
                 }
             }
@@ -322,13 +335,12 @@ fn request_line(line: &[u8]) -> Result<Head, HttpError> {
         keep_alive,
         content_length: None,
         expect_continue: false,
-        headers: 0,
+        headers: Vec::new(),
     })
 }
 
 fn header(head: &mut Head, line: &[u8]) -> Result<(), HttpError> {
-    head.headers += 1;
-    if head.headers > MAX_HEADERS {
+    if head.headers.len() >= MAX_HEADERS {
         return Err(malformed("Too many headers"));
     }
     let line = utf8(line, "Header")?;
@@ -342,6 +354,7 @@ fn header(head: &mut Head, line: &[u8]) -> Result<(), HttpError> {
         return Err(malformed(format!("Invalid header name: {name}")));
     }
     let value = value.trim_matches([' ', '\t']);
+    head.headers.push((name.to_string(), value.to_string()));
     if name.eq_ignore_ascii_case("content-length") {
         if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
             return Err(malformed(format!("Invalid Content-Length: {value}")));

@@ -10,6 +10,7 @@ pub mod fuzz_harness;
 pub mod http;
 pub mod metrics;
 pub mod migrate;
+pub mod mmds;
 pub mod models;
 pub mod preboot;
 pub mod router;
@@ -40,6 +41,19 @@ pub enum ApiError {
     /// The request is well-formed but its values are not acceptable.
     #[error("{0}")]
     Invalid(String),
+    /// The result would exceed a size limit (HTTP 413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+}
+
+impl ApiError {
+    /// The HTTP status of the fault.
+    pub fn status(&self) -> u16 {
+        match self {
+            ApiError::PayloadTooLarge(_) => 413,
+            _ => 400,
+        }
+    }
 }
 
 /// What the API server may ask of the running VM. Implemented by the VMM
@@ -128,6 +142,12 @@ pub trait VmControl: Send + Sync {
     /// Called by the server once a response has been handed to the
     /// connection (after a migration, the VMM exits from here).
     fn after_response(&self) {}
+    /// `PUT`, `PATCH` or `GET /mmds`. Default: no metadata service.
+    fn mmds(&self, _op: mmds::MmdsOp) -> Result<Option<serde_json::Value>, ApiError> {
+        Err(ApiError::Invalid(
+            "The microVM metadata service is not available from this VMM".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

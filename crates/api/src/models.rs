@@ -206,3 +206,58 @@ pub struct PartialNetworkInterface {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<crate::preboot::RateLimiter>,
 }
+
+/// The MMDS version (`PUT /mmds/config`): V2 requires session tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MmdsVersion {
+    /// Tokens optional (Firecracker's default, deprecated there).
+    #[default]
+    V1,
+    /// Every GET needs a token from `PUT /latest/api/token`.
+    V2,
+}
+
+/// `PUT /mmds/config`: which interfaces reach the metadata service, where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MmdsConfig {
+    /// V1 or V2.
+    #[serde(default)]
+    pub version: MmdsVersion,
+    /// IDs of the network interfaces whose guest traffic to the MMDS
+    /// address is answered by the MMDS.
+    pub network_interfaces: Vec<String>,
+    /// The service's IPv4 address (default 169.254.169.254).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv4_address: Option<std::net::Ipv4Addr>,
+    /// Always answer in the IMDS text format, whatever `Accept` says.
+    #[serde(default)]
+    pub imds_compat: bool,
+}
+
+impl MmdsConfig {
+    /// The default MMDS address.
+    pub const DEFAULT_IPV4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
+    /// The address the service answers on.
+    pub fn ipv4(&self) -> std::net::Ipv4Addr {
+        self.ipv4_address.unwrap_or(Self::DEFAULT_IPV4)
+    }
+
+    /// Firecracker's checks that need no device list: a non-empty interface
+    /// list and a link-local address outside 169.254.0.x and 169.254.255.x.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.network_interfaces.is_empty() {
+            return Err(
+                "MMDS config error: The list of network interface IDs that allow \
+                        forwarding MMDS requests is empty."
+                    .into(),
+            );
+        }
+        let o = self.ipv4().octets();
+        if o[0] != 169 || o[1] != 254 || o[2] == 0 || o[2] == 255 {
+            return Err("MMDS config error: The MMDS IPv4 address is not link local.".into());
+        }
+        Ok(())
+    }
+}

@@ -266,6 +266,8 @@ pub enum PreBootRequest {
     Metrics(MetricsConfig),
     /// `PUT /serial`.
     Serial(Serial),
+    /// `PUT /mmds/config`.
+    MmdsConfig(crate::models::MmdsConfig),
 }
 
 /// A whole microVM configuration: what the pre-boot requests build, what
@@ -308,6 +310,13 @@ pub struct VmResources {
     /// Firecracker's config file or `GET /vm/config`).
     #[serde(skip)]
     pub serial: Option<Serial>,
+    /// The metadata service's configuration.
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub mmds_config: Option<crate::models::MmdsConfig>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -456,6 +465,18 @@ impl VmResources {
                 }
                 self.serial = Some(c);
             }
+            PreBootRequest::MmdsConfig(c) => {
+                c.validate().map_err(invalid)?;
+                let known = |id: &String| self.network_interfaces.iter().any(|n| &n.iface_id == id);
+                if !c.network_interfaces.iter().all(known) {
+                    return Err(invalid(
+                        "MMDS config error: The list of network interface IDs provided contains \
+                         at least one ID that does not correspond to any existing network \
+                         interface.",
+                    ));
+                }
+                self.mmds_config = Some(c);
+            }
         }
         Ok(())
     }
@@ -584,6 +605,7 @@ pub struct PreBootVm {
     version: String,
     starter: Box<dyn Starter>,
     telemetry: Option<Box<dyn Telemetry>>,
+    mmds: Option<Arc<dyn crate::mmds::MmdsData>>,
     state: Mutex<State>,
 }
 
@@ -606,6 +628,7 @@ impl PreBootVm {
             version: version.into(),
             starter,
             telemetry: None,
+            mmds: None,
             state: Mutex::new(State {
                 res: VmResources::default(),
                 stage: Stage::NotStarted,
@@ -617,6 +640,12 @@ impl PreBootVm {
     /// `telemetry` (without it they are refused).
     pub fn with_telemetry(mut self, telemetry: Box<dyn Telemetry>) -> Self {
         self.telemetry = Some(telemetry);
+        self
+    }
+
+    /// Serves `/mmds` from `store` (without it, `/mmds` is refused).
+    pub fn with_mmds(mut self, store: Arc<dyn crate::mmds::MmdsData>) -> Self {
+        self.mmds = Some(store);
         self
     }
 
@@ -840,6 +869,20 @@ impl VmControl for PreBootVm {
         if let Ok(vm) = self.running() {
             vm.after_response();
         }
+    }
+
+    fn mmds(&self, op: crate::mmds::MmdsOp) -> Result<Option<serde_json::Value>, ApiError> {
+        let store = self.mmds.as_ref().ok_or_else(|| {
+            invalid("The microVM metadata service is not available from this VMM")
+        })?;
+        // Before the start the store takes data for later; once the VM
+        // runs, only if an interface reaches the service (as Firecracker).
+        let s = self.state();
+        if matches!(s.stage, Stage::Running(_)) && s.res.mmds_config.is_none() {
+            return Err(invalid(crate::mmds::NOT_INITIALIZED));
+        }
+        drop(s);
+        store.apply(op)
     }
 
     fn load_snapshot(&self, p: &crate::snapshot::SnapshotLoadParams) -> Result<(), ApiError> {

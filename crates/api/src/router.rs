@@ -3,6 +3,7 @@
 use serde::de::DeserializeOwned;
 
 use crate::http::{Request, Response};
+use crate::mmds::MmdsOp;
 use crate::models::{BalloonUpdate, FirecrackerVersion, PartialDrive, PartialNetworkInterface};
 use crate::preboot::{Action, ActionType, Drive, NetworkInterface, PreBootRequest};
 use crate::{ApiError, VmControl};
@@ -17,7 +18,17 @@ fn parse_body<T: DeserializeOwned>(req: &Request) -> Result<T, Response> {
 }
 
 fn fault(e: ApiError) -> Response {
-    Response::bad_request(e.to_string())
+    Response::fault(e.status(), e.to_string())
+}
+
+fn mmds(req: &Request, vm: &dyn VmControl, op: fn(serde_json::Value) -> MmdsOp) -> Response {
+    match parse_body::<serde_json::Value>(req) {
+        Ok(v) => match vm.mmds(op(v)) {
+            Ok(_) => Response::no_content(),
+            Err(e) => fault(e),
+        },
+        Err(resp) => resp,
+    }
 }
 
 fn result(r: Result<(), ApiError>) -> Response {
@@ -81,6 +92,13 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
             }
         }
         ("PUT", "/serial") => configure(req, vm, PreBootRequest::Serial),
+        ("PUT", "/mmds/config") => configure(req, vm, PreBootRequest::MmdsConfig),
+        ("PUT", "/mmds") => mmds(req, vm, MmdsOp::Put),
+        ("PATCH", "/mmds") => mmds(req, vm, MmdsOp::Patch),
+        ("GET", "/mmds") => match vm.mmds(MmdsOp::Get) {
+            Ok(v) => Response::json(&v.unwrap_or_default()),
+            Err(e) => fault(e),
+        },
         ("GET", "/balloon/statistics") => match vm.balloon_stats() {
             Ok(s) => Response::json(&s),
             Err(e) => fault(e),
@@ -195,8 +213,6 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
 pub fn not_supported(method: &str, path: &str) -> Option<&'static str> {
     let what = match (method, path) {
         ("PUT", "/cpu-config") => "custom CPU templates (cpu-config) are",
-        ("PUT" | "PATCH" | "GET", "/mmds") => "the microVM metadata service (MMDS) is",
-        ("PUT", "/mmds/config") => "the microVM metadata service (MMDS) is",
         ("PUT" | "PATCH" | "GET", "/hotplug/memory") => "memory hot-plugging is",
         ("PATCH", "/balloon/hinting/start" | "/balloon/hinting/stop")
         | ("GET", "/balloon/hinting/status") => "free page hinting is",

@@ -179,10 +179,6 @@ fn every_spec_endpoint_gets_a_clear_answer() {
     let (v, _) = new_vm();
     let unsupported = [
         ("PUT", "/cpu-config", "custom CPU templates"),
-        ("PUT", "/mmds", "metadata service"),
-        ("PATCH", "/mmds", "metadata service"),
-        ("GET", "/mmds", "metadata service"),
-        ("PUT", "/mmds/config", "metadata service"),
         ("PUT", "/hotplug/memory", "memory hot-plugging"),
         ("PATCH", "/hotplug/memory", "memory hot-plugging"),
         ("GET", "/hotplug/memory", "memory hot-plugging"),
@@ -314,4 +310,90 @@ fn migrate_answers_with_the_figures_then_tells_the_vm() {
     assert_eq!((rep.rounds, rep.downtime_ms), (2, 7.0));
     // Told after each response, the last one after the successful migration.
     assert_eq!(*responded.lock().unwrap(), vec![false, false, true]);
+}
+
+/// A document store that refuses documents over 40 bytes.
+#[derive(Default)]
+struct Store(Mutex<Option<serde_json::Value>>);
+
+impl mmds::MmdsData for Store {
+    fn apply(&self, op: mmds::MmdsOp) -> Result<Option<serde_json::Value>, ApiError> {
+        let mut d = self.0.lock().unwrap();
+        let fits = |v: &serde_json::Value| {
+            if v.to_string().len() > 40 {
+                return Err(ApiError::PayloadTooLarge("too large".into()));
+            }
+            Ok(())
+        };
+        match op {
+            mmds::MmdsOp::Put(v) => {
+                fits(&v)?;
+                *d = Some(v);
+                Ok(None)
+            }
+            mmds::MmdsOp::Patch(v) => {
+                let cur = d
+                    .as_mut()
+                    .ok_or_else(|| ApiError::Invalid(mmds::NOT_INITIALIZED.into()))?;
+                fits(&v)?;
+                if let (Some(c), Some(p)) = (cur.as_object_mut(), v.as_object()) {
+                    c.extend(p.clone());
+                }
+                Ok(None)
+            }
+            mmds::MmdsOp::Get => Ok(Some(d.clone().unwrap_or_else(|| serde_json::json!({})))),
+        }
+    }
+}
+
+#[test]
+fn mmds_data_and_config_before_and_after_the_start() {
+    let (v, _) = new_vm();
+    // Without a store, /mmds is refused clearly.
+    assert!(fault(&req(&v, "GET", "/mmds", None)).contains("not available"));
+    let v = v.with_mmds(Arc::new(Store::default()));
+    assert_eq!(req(&v, "GET", "/mmds", None).body, "{}");
+    assert_eq!(
+        fault(&req(&v, "PATCH", "/mmds", Some(r#"{"a":1}"#))),
+        mmds::NOT_INITIALIZED
+    );
+    assert_eq!(req(&v, "PUT", "/mmds", Some(r#"{"a":"b"}"#)).status, 204);
+    assert_eq!(req(&v, "PATCH", "/mmds", Some(r#"{"c":2}"#)).status, 204);
+    assert_eq!(req(&v, "GET", "/mmds", None).body, r#"{"a":"b","c":2}"#);
+    let big = format!(r#"{{"x":"{}"}}"#, "y".repeat(50));
+    let r = req(&v, "PUT", "/mmds", Some(&big));
+    assert_eq!(r.status, 413, "{r:?}");
+    assert!(r.body.contains("too large"), "{r:?}");
+    assert!(fault(&req(&v, "PUT", "/mmds", Some("{nope"))).contains("Invalid request body"));
+    // The configuration names existing interfaces, a link-local address.
+    let cfg = |body: &str| req(&v, "PUT", "/mmds/config", Some(body));
+    assert!(fault(&cfg(r#"{"network_interfaces":[]}"#)).contains("is empty"));
+    assert!(fault(&cfg(r#"{"network_interfaces":["eth0"]}"#)).contains("does not correspond"));
+    let eth0 = r#"{"iface_id":"eth0","host_dev_name":"tap0"}"#;
+    assert_eq!(
+        req(&v, "PUT", "/network-interfaces/eth0", Some(eth0)).status,
+        204
+    );
+    let bad_ip = r#"{"network_interfaces":["eth0"],"ipv4_address":"10.0.0.1"}"#;
+    assert!(fault(&cfg(bad_ip)).contains("not link local"));
+    assert!(fault(&cfg(r#"{"network_interfaces":["eth0"],"version":"V3"}"#)).contains("V3"));
+    assert!(fault(&cfg(r#"{"network_interfaces":["eth0"],"x":1}"#)).contains("unknown field"));
+    let good = r#"{"network_interfaces":["eth0"],"version":"V2","ipv4_address":"169.254.1.2"}"#;
+    assert_eq!(cfg(good).status, 204);
+    assert!(req(&v, "GET", "/vm/config", None)
+        .body
+        .contains(r#""mmds-config":{"version":"V2","network_interfaces":["eth0"],"ipv4_address":"169.254.1.2","imds_compat":false}"#));
+    // After the start: data yes, configuration no.
+    let boot = r#"{"kernel_image_path":"/k"}"#;
+    assert_eq!(req(&v, "PUT", "/boot-source", Some(boot)).status, 204);
+    assert_eq!(req(&v, "PUT", "/actions", Some(START)).status, 204);
+    assert_eq!(req(&v, "PATCH", "/mmds", Some(r#"{"d":3}"#)).status, 204);
+    assert!(req(&v, "GET", "/mmds", None).body.contains(r#""d":3"#));
+    assert_eq!(fault(&cfg(good)), preboot::AFTER_START);
+    // A VM started without the service has no store to write.
+    let (w, _) = new_vm();
+    let w = w.with_mmds(Arc::new(Store::default()));
+    assert_eq!(req(&w, "PUT", "/boot-source", Some(boot)).status, 204);
+    assert_eq!(req(&w, "PUT", "/actions", Some(START)).status, 204);
+    assert_eq!(fault(&req(&w, "GET", "/mmds", None)), mmds::NOT_INITIALIZED);
 }

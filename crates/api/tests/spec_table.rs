@@ -54,6 +54,11 @@ enum Feature {
     CtrlAltDel,
 }
 
+/// A row body built at run time.
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
 /// Features whose routes are merged (see [`Feature`]).
 const LANDED: &[Feature] = &[
     Feature::Snapshot,
@@ -62,6 +67,7 @@ const LANDED: &[Feature] = &[
     Feature::Serial,
     Feature::BalloonStatsUpdate,
     Feature::CtrlAltDel,
+    Feature::Mmds,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -355,6 +361,21 @@ fn table() -> Vec<Row> {
             row(Pre, "GET", "/mmds", None, NoBody, 200, ""),
         )),
         pending(Feature::Mmds, row(Pre, "PUT", "/mmds/config", Some(r#"{"network_interfaces":["eth0"]}"#), Valid, 204, "")),
+        row(Pre, "PUT", "/mmds/config", Some(r#"{"network_interfaces":["eth9"]}"#), Valid, 400, "does not correspond"),
+        row(Pre, "PUT", "/mmds/config", Some(r#"{"network_interfaces":["eth0"],"version":"V7"}"#), SpecInvalid, 400, "V7"),
+        row(Post, "PUT", "/mmds/config", Some(r#"{"network_interfaces":["eth0"]}"#), Valid, 400, AFTER),
+        row(Pre, "PATCH", "/mmds", Some(r#"{"a":1}"#), Valid, 400, "not initialized"),
+        row(Pre, "PUT", "/mmds", Some(r#"{"a":"#), Malformed, 400, "Invalid request body"),
+        row(Pre, "PATCH", "/mmds", Some("{"), Malformed, 400, "Invalid request body"),
+        with_setup(
+            Box::leak(Box::new([("PUT", "/mmds", leak(format!(r#"{{"a":"{}"}}"#, "x".repeat(30000))))])),
+            row(Pre, "PATCH", "/mmds", Some(leak(format!(r#"{{"b":"{}"}}"#, "y".repeat(30000)))), Valid, 413, "doesn't fit"),
+        ),
+        row(Post, "GET", "/mmds", None, NoBody, 400, "not initialized"),
+        with_setup(
+            &[("PUT", "/mmds/config", r#"{"network_interfaces":["eth0"],"version":"V2"}"#)],
+            row(Post, "PUT", "/mmds", Some(r#"{"b":"c"}"#), Valid, 204, ""),
+        ),
         // In the spec; not implemented by Kiln.
         unsupported(row(Pre, "PUT", "/pmem/p0", Some(r#"{"id":"p0","path_on_host":"/p"}"#), Valid, 400, "")),
         unsupported(row(Post, "PATCH", "/pmem/p0", Some(r#"{"id":"p0"}"#), Valid, 400, "")),
@@ -525,7 +546,10 @@ impl Fixture {
         let dir = Dir::new();
         let log = Arc::new(Mutex::new(Vec::new()));
         let vm = PreBootVm::new("spec-vm", "1.0.0", Box::new(FakeStarter(log.clone())))
-            .with_telemetry(Box::new(FakeTelemetry));
+            .with_telemetry(Box::new(FakeTelemetry))
+            .with_mmds(Arc::new(kiln_mmds::Mmds::new(
+                kiln_mmds::DEFAULT_SIZE_LIMIT,
+            )));
         let sock = dir.0.join("api.sock");
         ApiServer::bind(&sock).unwrap().spawn(Arc::new(vm)).unwrap();
         let f = Self { dir, sock, log };

@@ -352,6 +352,7 @@ pub fn parse_net(spec: &str, index: usize) -> Result<NetConfig> {
         id: format!("eth{index}"),
         rx_rate_limiter: None,
         tx_rate_limiter: None,
+        mmds: None,
     };
     for opt in parts {
         match opt.split_once('=') {

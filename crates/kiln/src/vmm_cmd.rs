@@ -23,7 +23,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -92,9 +92,13 @@ pub struct VmmArgs {
     /// instead of the built-in ones.
     #[arg(long, value_name = "FILE")]
     seccomp_filter: Option<PathBuf>,
+    /// Largest MMDS document, bytes (default: --http-api-max-payload-size).
+    #[arg(long, value_name = "BYTES")]
+    mmds_size_limit: Option<usize>,
+    /// Put this JSON file's content into the MMDS at startup.
+    #[arg(long, value_name = "FILE")]
+    metadata: Option<PathBuf>,
     // Firecracker flags Kiln does not support: refused with one line.
-    #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
-    mmds_size_limit: Option<String>,
     #[arg(long, hide = true, num_args = 0..=1, default_missing_value = "")]
     describe_snapshot: Option<String>,
     #[arg(long, hide = true)]
@@ -107,7 +111,6 @@ impl VmmArgs {
     /// Refuses the Firecracker flags Kiln does not implement.
     fn check_unsupported(&self) -> Result<()> {
         let unsupported = [
-            ("--mmds-size-limit", self.mmds_size_limit.is_some()),
             ("--describe-snapshot", self.describe_snapshot.is_some()),
             ("--snapshot-version", self.snapshot_version),
             ("--enable-pci", self.enable_pci),
@@ -300,6 +303,15 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
                 id: n.iface_id.clone(),
                 rx_rate_limiter: limiter(&n.rx_rate_limiter),
                 tx_rate_limiter: limiter(&n.tx_rate_limiter),
+                mmds: res
+                    .mmds_config
+                    .as_ref()
+                    .filter(|c| c.network_interfaces.contains(&n.iface_id))
+                    .map(|c| {
+                        let m = mmds();
+                        m.configure(c.clone());
+                        m.clone()
+                    }),
             })
         })
         .collect::<Result<_>>()?;
@@ -422,9 +434,40 @@ impl Starter for ChannelStarter {
     }
 }
 
+/// The process's metadata service (one per VMM, as in Firecracker).
+static MMDS: OnceLock<Arc<kiln_mmds::Mmds>> = OnceLock::new();
+
+/// The metadata service (created with the default size limit unless
+/// [`init_mmds`] ran first).
+pub fn mmds() -> &'static Arc<kiln_mmds::Mmds> {
+    MMDS.get_or_init(|| Arc::new(kiln_mmds::Mmds::new(kiln_mmds::DEFAULT_SIZE_LIMIT)))
+}
+
+/// Creates the metadata service with its size limit and optional initial
+/// document (`--metadata`).
+fn init_mmds(limit: usize, metadata: Option<&std::path::Path>) -> Result<()> {
+    let _ = MMDS.set(Arc::new(kiln_mmds::Mmds::new(limit)));
+    let m = mmds();
+    if let Some(path) = metadata {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("vmm: --metadata {}: {e}", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("vmm: --metadata {}: {e}", path.display()))?;
+        m.store()
+            .put(v)
+            .map_err(|e| anyhow::anyhow!("vmm: --metadata {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// `kiln vmm`.
 pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
     args.check_unsupported()?;
+    init_mmds(
+        args.mmds_size_limit
+            .unwrap_or(args.http_api_max_payload_size),
+        args.metadata.as_deref(),
+    )?;
     // Compiled before any thread starts: a bad filter file stops here.
     crate::seccomp_cmd::init(args.no_seccomp, args.seccomp_filter.as_deref())
         .map_err(|e| anyhow::anyhow!("vmm: {e:#}"))?;
@@ -463,7 +506,8 @@ pub fn vmm(args: VmmArgs, start: Instant) -> Result<i32> {
         )
         .with_telemetry(Box::new(KilnTelemetry {
             id: args.id.clone(),
-        })),
+        }))
+        .with_mmds(mmds().clone()),
     );
     api.set_telemetry_config(logger.clone(), metrics.clone());
     let _socket = match (&args.api_sock, args.no_api) {

@@ -27,6 +27,8 @@ const SH: &str = r#"wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 1200 ]; do 
 vmms() { n=0; for c in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $c 2>/dev/null | grep -q '^[^ ]*kiln restore ' && n=$((n+1)); done; echo $n; }
 alive() { [ -n "$1" ] && [ -d /proc/$1 ] && echo alive || echo gone; }
 fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }
+serve_up() { t0=$(date +%s); wait_sock $S; echo "socket after $(($(date +%s)-t0)) s"; echo '== log'; cat $D/log;
+  [ -S $S ] || { echo '== no socket'; ps -o pid,stat,args | grep -v ' \['; for f in $D/st/*/template.*; do echo "-- $f"; tail -c 600 $f; done; }; }
 "#;
 
 fn cases() -> Vec<(&'static str, String)> {
@@ -35,7 +37,7 @@ printf '{"snap":{"command":"sleep 1; cat /tmp/stamp","setup":"cat /proc/sys/kern
  "rootfn":{"command":"cat /etc/kiln-rootfs-marker; test -e /etc/kiln-initramfs && echo in-initramfs || echo own-root","rootfs":"%s"}}' "$KILN_ROOTFS" > $D/f.json
 kiln serve --sock $S --dir $D/st --keep-alive 12 --listen-tcp 127.0.0.1:8099 --functions-file $D/f.json --function 'up=tr a-z A-Z' --function 'fail=echo oops >&2; exit 3' \
   --function 'nap=sleep 1; cat' --function 'crash=poweroff -f' > $D/log 2>&1 & P=$!
-wait_sock $S; echo '== log'; cat $D/log
+serve_up
 echo '== put'; $A PUT /functions/slow '{"command":"sleep 20","timeout_ms":1500}'
 echo '== dup'; $A PUT /functions/slow '{"command":"true"}'
 echo '== badsetup'; $A PUT /functions/bs '{"command":"true","setup":"echo no >&2; exit 4"}'
@@ -68,7 +70,7 @@ echo '== kill'; vmms; kill $P; sleep 1; vmms
     let server_b = r#"D=/tmp/svb; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
 kiln serve --sock $S --dir $D/st --keep-alive 30 --policy-bin-ms 2000 --policy-min-samples 3 --max-instances 1 \
   --function 'tick=echo tick' --function 'slow=sleep 3; echo slept' > $D/log 2>&1 & P=$!
-wait_sock $S; echo '== log'; cat $D/log
+serve_up
 for n in 1 2 3 4; do $A POST /functions/tick/invoke x > /dev/null; [ $n -lt 4 ] && sleep 4; done
 echo '== learned'; fstat tick
 n=0; until fstat tick | grep -q '"prewarms":1' || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
@@ -103,6 +105,7 @@ fn n(v: &Value, k: &str) -> u64 {
 #[test]
 fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
     let out = BATCH.get("server_a");
+    eprintln!("{}", out.output);
     let o = out.output.replace('\r', "");
     let log = section(&o, "log");
     for f in ["up", "fail", "nap", "crash", "snap", "rootfn"] {
@@ -230,6 +233,7 @@ fn calls_run_in_restored_microvms_and_stop_after_the_keep_alive() {
 #[test]
 fn a_learned_window_prewarms_and_the_instance_limit_evicts_idle_ones() {
     let out = BATCH.get("server_b");
+    eprintln!("{}", out.output);
     let o = out.output.replace('\r', "");
     let learned = json(section(&o, "learned"));
     let ka = &learned["keep_alive"];

@@ -65,6 +65,9 @@ pub struct NetConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     /// Limits on what the guest sends, counted the same way.
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The metadata service, when this interface may reach it: the guest's
+    /// frames to its address are answered by the VMM, not sent to the TAP.
+    pub mmds: Option<Arc<kiln_mmds::Mmds>>,
 }
 
 /// Errors setting up a network interface.
@@ -343,6 +346,8 @@ pub struct NetBackend<T> {
     /// Length of a packet read from the TAP into `rx_buf` that the RX
     /// limiter refused: delivered first when RX resumes.
     rx_pending: Option<usize>,
+    /// The MMDS endpoint of this interface, if enabled.
+    mmds: Option<kiln_mmds::MmdsStack>,
 }
 
 impl<T: Read + Write> NetBackend<T> {
@@ -357,7 +362,19 @@ impl<T: Read + Write> NetBackend<T> {
             rx_limiter: None,
             tx_limiter: None,
             rx_pending: None,
+            mmds: None,
         }
+    }
+
+    /// Answers the guest's traffic to the MMDS address from `mmds`.
+    pub fn with_mmds(mut self, mmds: Option<kiln_mmds::MmdsStack>) -> Self {
+        self.mmds = mmds;
+        self
+    }
+
+    /// Whether the MMDS has frames for the guest (process RX then).
+    pub fn mmds_pending(&self) -> bool {
+        self.mmds.as_ref().is_some_and(|m| m.has_output())
     }
 
     /// Puts RX and TX under these limiters (their timerfds must be watched:
@@ -428,6 +445,11 @@ impl<T: Read + Write> NetBackend<T> {
             DeviceMetrics::add(&self.metrics.invalid_requests, 1);
             return;
         }
+        if let Some(m) = self.mmds.as_mut() {
+            if m.take(&self.tx_buf[VNET_HDR_LEN..n]) {
+                return;
+            }
+        }
         let written = loop {
             match self.tap.write(&self.tx_buf[..n]) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -453,6 +475,15 @@ impl<T: Read + Write> NetBackend<T> {
     /// its length (header included), or `None` when the TAP has nothing
     /// more (or fails). Packets the guest cannot take are dropped here.
     fn recv(&mut self) -> Option<usize> {
+        if let Some(f) = self.mmds.as_mut().and_then(|m| m.pop()) {
+            let n = VNET_HDR_LEN + f.len();
+            if packet_len_ok(n) {
+                self.rx_buf[..VNET_HDR_LEN].fill(0);
+                self.rx_buf[VNET_HDR_LEN - 2..VNET_HDR_LEN].copy_from_slice(&1u16.to_le_bytes());
+                self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&f);
+                return Some(n);
+            }
+        }
         loop {
             let n = match self.tap.read(&mut self.rx_buf) {
                 Ok(0) => return None,
@@ -616,8 +647,9 @@ impl VirtioDevice for Net {
         fds.push((live.as_raw_fd(), UPDATE, EventSet::IN));
         let mut applied = current;
         let (rx_limiter, tx_limiter) = (Some(rx_limiter), Some(tx_limiter));
-        let mut backend =
-            NetBackend::new(tap, self.metrics.clone()).with_rate_limiters(rx_limiter, tx_limiter);
+        let mut backend = NetBackend::new(tap, self.metrics.clone())
+            .with_rate_limiters(rx_limiter, tx_limiter)
+            .with_mmds(self.config.mmds.clone().map(kiln_mmds::MmdsStack::new));
         let worker = Worker::spawn(
             format!("kiln_net_{}", self.config.id),
             ThreadKind::Net,
@@ -630,7 +662,10 @@ impl VirtioDevice for Net {
                     }
                     TX_QUEUE => {
                         let _ = tx_evt.read();
-                        backend.process_tx(&mut txq, &mem)
+                        let tx = backend.process_tx(&mut txq, &mem);
+                        // The MMDS answers at once: deliver what it sent.
+                        let rx = backend.mmds_pending() && backend.process_rx(&mut rxq, &mem);
+                        tx | rx
                     }
                     RX_LIMITER => {
                         backend.limiter_event(true);
@@ -993,6 +1028,7 @@ mod tests {
             id: "eth0".into(),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mmds: None,
         };
         let e = Net::new(cfg("a-very-long-tap-name", None)).err().unwrap();
         assert!(e.to_string().contains("a-very-long-tap-name"), "{e}");
@@ -1051,6 +1087,7 @@ mod tests {
             id: "t".into(),
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mmds: None,
         };
         let mut net = Net::new(cfg).unwrap();
         assert_eq!(net.tap_name(), name);
