@@ -547,6 +547,9 @@ impl VmResources {
         if let Some(m) = self.metrics {
             r.apply(PreBootRequest::Metrics(m))?;
         }
+        if let Some(c) = self.mmds_config {
+            r.apply(PreBootRequest::MmdsConfig(c))?;
+        }
         Ok(r)
     }
 

@@ -397,3 +397,17 @@ fn mmds_data_and_config_before_and_after_the_start() {
     assert_eq!(req(&w, "PUT", "/actions", Some(START)).status, 204);
     assert_eq!(fault(&req(&w, "GET", "/mmds", None)), mmds::NOT_INITIALIZED);
 }
+
+#[test]
+fn config_files_take_mmds_config_with_the_same_checks() {
+    let net = r#""network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0"}]"#;
+    let ok = format!(r#"{{{net},"mmds-config":{{"version":"V2","network_interfaces":["eth0"]}}}}"#);
+    let r = VmResources::from_json(&ok).unwrap();
+    let c = r.mmds_config.unwrap();
+    assert_eq!(c.version, models::MmdsVersion::V2);
+    assert_eq!(c.ipv4(), models::MmdsConfig::DEFAULT_IPV4);
+    let bad = format!(r#"{{{net},"mmds-config":{{"network_interfaces":["eth1"]}}}}"#);
+    assert!(VmResources::from_json(&bad)
+        .unwrap_err()
+        .contains("does not correspond"));
+}

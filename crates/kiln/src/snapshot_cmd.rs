@@ -349,7 +349,8 @@ pub(crate) fn serve_running_api(
         "anonymous-instance",
         env!("CARGO_PKG_VERSION"),
         Box::new(NoStarter),
-    );
+    )
+    .with_mmds(crate::vmm_cmd::mmds().clone());
     api.set_running(res.clone(), Arc::new(KilnVm::of(vmm).with_config(res)));
     ApiServer::bind(path)?.spawn(Arc::new(api))?;
     Ok(Some(SocketGuard(path.to_path_buf())))

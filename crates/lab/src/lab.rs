@@ -14,6 +14,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -497,6 +498,19 @@ impl Lab {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // QEMU dies with the thread that waits for it: a killed test or
+        // `kiln` process never leaves a lab running (it would starve the
+        // next one of CPU).
+        // SAFETY: the closure runs in the forked child before exec and only
+        // calls prctl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let start = Instant::now();
         let mut child = io_ctx(cmd.spawn(), || format!("starting {}", qemu.display()))
             .map_err(|e| Box::new((e, none())))?;
