@@ -23,7 +23,7 @@ use std::time::Duration;
 use common::{section, Batch};
 use serde_json::Value;
 
-const SH: &str = r#"wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 1200 ]; do sleep 0.1; n=$((n+1)); done; }
+const SH: &str = r#"wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 3000 ]; do sleep 0.1; n=$((n+1)); done; }
 vmms() { n=0; for c in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $c 2>/dev/null | grep -q '^[^ ]*kiln restore ' && n=$((n+1)); done; echo $n; }
 alive() { [ -n "$1" ] && [ -d /proc/$1 ] && echo alive || echo gone; }
 fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }

@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! KILN-CMD-BEGIN <i>
+//! KILN-CMD-ALIVE <i> <secs>      (every minute while it runs; ignored here)
 //! KILN-CMD-OUT <i> <len>
 //! <exactly len bytes of combined stdout+stderr>
 //! KILN-CMD-END <i> <status>
@@ -139,6 +140,21 @@ mod tests {
         assert_eq!(p.frames[1].status, 3);
         assert_eq!(p.frames[1].output, "");
         assert_eq!(p.frames[2].output, "no newline");
+    }
+
+    #[test]
+    fn heartbeats_while_a_command_runs_are_not_output() {
+        let f = frame(0, "out\n", 0).replacen(
+            "KILN-CMD-OUT",
+            "KILN-CMD-ALIVE 0 60\nKILN-CMD-ALIVE 0 120\nKILN-CMD-OUT",
+            1,
+        );
+        let p = parse(format!("KILN-RUN-START\n{f}KILN-RUN-DONE\n").as_bytes());
+        assert!(p.done);
+        assert_eq!(p.error, None);
+        assert_eq!(p.frames[0].output, "out\n");
+        let p = parse(b"KILN-RUN-START\nKILN-CMD-BEGIN 0\nKILN-CMD-ALIVE 0 60\n");
+        assert_eq!((p.running, p.frames.len()), (Some(0), 0));
     }
 
     #[test]

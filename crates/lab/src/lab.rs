@@ -34,8 +34,10 @@ const QEMU: &str = "qemu-system-x86_64";
 /// one-shot mode; TCG's emulated TSC-deadline timer is the suspect in rare
 /// lab stalls where the whole emulated machine sat idle.)
 const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet lapic=notscdeadline";
-/// A run whose results channel shows no progress for this long is stalled.
-const DEFAULT_STALL: Duration = Duration::from_secs(420);
+/// A run whose results channel shows no progress for this long is stalled
+/// (the lab froze: a running command sends a heartbeat every minute, so a
+/// slow command is not a stall; only the run's timeout ends it).
+const DEFAULT_STALL: Duration = Duration::from_secs(200);
 /// How much console output to include in errors.
 const TAIL_BYTES: usize = 6000;
 

@@ -244,7 +244,8 @@ while :; do sleep 1; done
 /// Shell function used by `/lab/run.sh` to run one framed command.
 ///
 /// Protocol on the results channel (`/dev/ttyS1`, raw mode, fd 3):
-/// `KILN-CMD-BEGIN <i>\n`, then `KILN-CMD-OUT <i> <len>\n` followed by exactly
+/// `KILN-CMD-BEGIN <i>\n`, `KILN-CMD-ALIVE <i> <secs>\n` every minute while the
+/// command runs, then `KILN-CMD-OUT <i> <len>\n` followed by exactly
 /// `<len>` bytes of combined stdout+stderr, then `\nKILN-CMD-END <i> <status>\n`.
 /// After all commands: `KILN-RUN-DONE\n`.
 const RUN_PRELUDE: &str = r#"#!/bin/sh
@@ -255,9 +256,11 @@ k_run() {
     o=/tmp/.kiln-out.$1
     printf 'KILN-CMD-BEGIN %d\n' "$1" >&3
     : >"$o"
-    # A command that runs long shows on the console what it has printed so
-    # far and which processes run: the host shows that tail if it stalls.
-    (t=0; while sleep 90; do t=$((t+90)); {
+    # While a command runs, a heartbeat on the results channel tells the
+    # host the lab is alive (a frozen lab stops it: see DEFAULT_STALL), and
+    # the console shows what the command has printed so far and which
+    # processes run (the host shows that tail if the run fails).
+    (t=0; while sleep 60; do t=$((t+60)); printf 'KILN-CMD-ALIVE %d %d\n' "$1" $t >&3; {
         printf '\nKILN-LAB-SLOW: command %d still running after %d s; output so far (tail):\n' "$1" $t
         tail -c 1500 "$o"
         printf '\n--- processes ---\n'
@@ -266,7 +269,7 @@ k_run() {
     w=$!
     (cd / && sh -c "$2") >"$o" 2>&1 </dev/null
     s=$?
-    kill $w 2>/dev/null
+    kill $w 2>/dev/null; wait $w 2>/dev/null
     n=$(wc -c <"$o")
     printf 'KILN-CMD-OUT %d %d\n' "$1" $n >&3
     cat "$o" >&3
