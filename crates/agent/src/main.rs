@@ -634,7 +634,7 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT");
+    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT | cpuid LEAF [SUBLEAF]");
     std::process::exit(2)
 }
 
@@ -721,6 +721,19 @@ fn run(args: &[String]) -> io::Result<()> {
             tcp_send(host, num(args.get(2)), num(args.get(3)))
         }
         Some("tcp-recv") => tcp_recv(num(args.get(1))),
+        Some("cpuid") => {
+            let n = |s: Option<&String>| -> u32 {
+                let s = s.map_or("0", |s| s.as_str());
+                match s.strip_prefix("0x") {
+                    Some(h) => u32::from_str_radix(h, 16).unwrap_or_else(|_| usage()),
+                    None => s.parse().unwrap_or_else(|_| usage()),
+                }
+            };
+            let (leaf, sub) = (n(args.get(1)), n(args.get(2)));
+            let r = std::arch::x86_64::__cpuid_count(leaf, sub);
+            println!("{:08x} {:08x} {:08x} {:08x}", r.eax, r.ebx, r.ecx, r.edx);
+            Ok(())
+        }
         _ => usage(),
     }
 }

@@ -6,6 +6,7 @@
 //! depend on KVM or the device models.
 
 pub mod client;
+pub mod cpu_config;
 pub mod fuzz_harness;
 pub mod http;
 pub mod metrics;

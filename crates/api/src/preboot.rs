@@ -268,6 +268,8 @@ pub enum PreBootRequest {
     Serial(Serial),
     /// `PUT /mmds/config`.
     MmdsConfig(crate::models::MmdsConfig),
+    /// `PUT /cpu-config`.
+    CpuConfig(crate::cpu_config::CpuConfig),
 }
 
 /// A whole microVM configuration: what the pre-boot requests build, what
@@ -317,6 +319,19 @@ pub struct VmResources {
         skip_serializing_if = "Option::is_none"
     )]
     pub mmds_config: Option<crate::models::MmdsConfig>,
+    /// The custom CPU template.
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cpu_config: Option<crate::cpu_config::CpuConfig>,
+    /// Firecracker's pmem devices: only an empty list is accepted.
+    #[serde(default, skip_serializing)]
+    pub pmem: Option<Vec<serde_json::Value>>,
+    /// Firecracker's memory hot-plugging: only `null` is accepted.
+    #[serde(rename = "memory-hotplug", default, skip_serializing)]
+    pub memory_hotplug: Option<serde_json::Value>,
 }
 
 fn invalid(msg: impl Into<String>) -> ApiError {
@@ -477,6 +492,10 @@ impl VmResources {
                 }
                 self.mmds_config = Some(c);
             }
+            PreBootRequest::CpuConfig(c) => {
+                c.parse().map_err(invalid)?;
+                self.cpu_config = Some(c);
+            }
         }
         Ok(())
     }
@@ -549,6 +568,15 @@ impl VmResources {
         }
         if let Some(c) = self.mmds_config {
             r.apply(PreBootRequest::MmdsConfig(c))?;
+        }
+        if let Some(c) = self.cpu_config {
+            r.apply(PreBootRequest::CpuConfig(c))?;
+        }
+        if self.pmem.is_some_and(|p| !p.is_empty()) {
+            return Err(invalid("pmem devices are not supported by Kiln"));
+        }
+        if self.memory_hotplug.is_some_and(|m| !m.is_null()) {
+            return Err(invalid("memory hot-plugging is not supported by Kiln"));
         }
         Ok(r)
     }

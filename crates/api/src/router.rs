@@ -93,6 +93,7 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
         }
         ("PUT", "/serial") => configure(req, vm, PreBootRequest::Serial),
         ("PUT", "/mmds/config") => configure(req, vm, PreBootRequest::MmdsConfig),
+        ("PUT", "/cpu-config") => configure(req, vm, PreBootRequest::CpuConfig),
         ("PUT", "/mmds") => mmds(req, vm, MmdsOp::Put),
         ("PATCH", "/mmds") => mmds(req, vm, MmdsOp::Patch),
         ("GET", "/mmds") => match vm.mmds(MmdsOp::Get) {
@@ -212,7 +213,6 @@ fn dispatch(req: &Request, vm: &dyn VmControl) -> Response {
 /// API at all). Endpoints implemented above never get here.
 pub fn not_supported(method: &str, path: &str) -> Option<&'static str> {
     let what = match (method, path) {
-        ("PUT", "/cpu-config") => "custom CPU templates (cpu-config) are",
         ("PUT" | "PATCH" | "GET", "/hotplug/memory") => "memory hot-plugging is",
         ("PATCH", "/balloon/hinting/start" | "/balloon/hinting/stop")
         | ("GET", "/balloon/hinting/status") => "free page hinting is",

@@ -178,7 +178,6 @@ fn balloon_statistics_interval_before_and_after_start() {
 fn every_spec_endpoint_gets_a_clear_answer() {
     let (v, _) = new_vm();
     let unsupported = [
-        ("PUT", "/cpu-config", "custom CPU templates"),
         ("PUT", "/hotplug/memory", "memory hot-plugging"),
         ("PATCH", "/hotplug/memory", "memory hot-plugging"),
         ("GET", "/hotplug/memory", "memory hot-plugging"),
@@ -410,4 +409,25 @@ fn config_files_take_mmds_config_with_the_same_checks() {
     assert!(VmResources::from_json(&bad)
         .unwrap_err()
         .contains("does not correspond"));
+}
+
+#[test]
+fn firecracker_config_files_with_null_sections_load() {
+    // What Firecracker's GET /vm/config writes for sections not in use.
+    let fc = r#"{"cpu-config":null,"mmds-config":null,"pmem":[],"memory-hotplug":null,
+                 "network-interfaces":[],"drives":[]}"#;
+    let r = VmResources::from_json(fc).unwrap();
+    assert_eq!(r.cpu_config, None);
+    let t = r#"{"cpu-config":{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,
+                 "modifiers":[{"register":"ecx","bitmap":"0b0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}]}}"#;
+    let r = VmResources::from_json(t).unwrap();
+    assert_eq!(r.cpu_config.unwrap().cpuid_modifiers.len(), 1);
+    let e = VmResources::from_json(r#"{"pmem":[{"id":"p"}]}"#).unwrap_err();
+    assert!(e.contains("pmem devices are not supported"), "{e}");
+    let e = VmResources::from_json(r#"{"memory-hotplug":{"total_size_mib":1}}"#).unwrap_err();
+    assert!(e.contains("hot-plugging"), "{e}");
+    let e =
+        VmResources::from_json(r#"{"cpu-config":{"msr_modifiers":[{"addr":"x","bitmap":"0b1"}]}}"#)
+            .unwrap_err();
+    assert!(e.contains("Invalid number"), "{e}");
 }

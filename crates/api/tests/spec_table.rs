@@ -68,6 +68,7 @@ const LANDED: &[Feature] = &[
     Feature::BalloonStatsUpdate,
     Feature::CtrlAltDel,
     Feature::Mmds,
+    Feature::CpuConfig,
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -351,6 +352,11 @@ fn table() -> Vec<Row> {
         pending(Feature::Serial, row(Post, "PUT", "/serial", Some(r#"{"serial_out_path":"{tmp}/serial"}"#), Valid, 400, AFTER)),
         pending(Feature::Serial, row(Bare, "PUT", "/serial", Some(r#"{"serial_out_path":9}"#), SpecInvalid, 400, TYPE)),
         pending(Feature::CpuConfig, row(Pre, "PUT", "/cpu-config", Some("{}"), Valid, 204, "")),
+        row(Pre, "PUT", "/cpu-config", Some(r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,"modifiers":[{"register":"ecx","bitmap":"0b0xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}]}],"msr_modifiers":[{"addr":"0x1a0","bitmap":"0bx1"}],"kvm_capabilities":["!121"]}"#), Valid, 204, ""),
+        row(Pre, "PUT", "/cpu-config", Some(r#"{"msr_modifiers":[{"addr":"0x1a0","bitmap":"0b12"}]}"#), Valid, 400, "Invalid bitmap"),
+        row(Pre, "PUT", "/cpu-config", Some(r#"{"cpuid_modifiers":[{"leaf":"1","subleaf":"0","flags":0,"modifiers":[{"register":"esi","bitmap":"0b1"}]}]}"#), SpecInvalid, 400, "esi"),
+        row(Pre, "PUT", "/cpu-config", Some("{"), Malformed, 400, "Invalid request body"),
+        row(Post, "PUT", "/cpu-config", Some("{}"), Valid, 400, AFTER),
         pending(Feature::Mmds, row(Pre, "PUT", "/mmds", Some(r#"{"latest":{"meta-data":{"id":"i-1"}}}"#), Valid, 204, "")),
         pending(Feature::Mmds, with_setup(
             &[("PUT", "/mmds", r#"{"latest":{}}"#)],

@@ -515,6 +515,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
         vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
         track_dirty_pages: false,
+        cpu_template: None,
     };
     let mut vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
     if std::env::var_os("KILN_MEM_REPORT").is_some() {

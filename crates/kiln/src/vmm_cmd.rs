@@ -33,6 +33,7 @@ use kiln_api::{
     ApiServer, LogLevel, LoggerConfig, MetricsConfig, PreBootVm, Starter, Telemetry, VmControl,
     VmResources,
 };
+use kiln_vmm::cpu_template::{CpuTemplate, CpuidModifier, MsrModifier};
 use kiln_vmm::kiln_devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 use kiln_vmm::kiln_devices::virtio::balloon::BalloonConfig;
 use kiln_vmm::kiln_devices::virtio::block::{BlockConfig, BlockEngine};
@@ -344,6 +345,7 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
         }),
         balloon,
         track_dirty_pages: res.machine_config.track_dirty_pages,
+        cpu_template: res.cpu_config.as_ref().map(cpu_template).transpose()?,
     };
     config.validate()?;
     Ok(config)
@@ -432,6 +434,47 @@ impl Starter for ChannelStarter {
         let vm = self.ask(Make::Restore(Box::new(r)), res.clone())?;
         Ok((vm, res))
     }
+}
+
+/// The VMM's form of a `/cpu-config` template.
+fn cpu_template(c: &kiln_api::cpu_config::CpuConfig) -> Result<CpuTemplate> {
+    use kiln_api::cpu_config::CpuidRegister;
+    let p = c.parse().map_err(|e| anyhow::anyhow!("cpu-config: {e}"))?;
+    Ok(CpuTemplate {
+        kvm_capabilities: p.kvm_capabilities,
+        cpuid: p
+            .cpuid
+            .into_iter()
+            .map(|(leaf, subleaf, flags, regs)| {
+                let mut m = CpuidModifier {
+                    leaf,
+                    subleaf,
+                    flags,
+                    ..Default::default()
+                };
+                for (r, b) in regs {
+                    let i = match r {
+                        CpuidRegister::Eax => 0,
+                        CpuidRegister::Ebx => 1,
+                        CpuidRegister::Ecx => 2,
+                        CpuidRegister::Edx => 3,
+                    };
+                    // 32-bit bitmaps: the values fit.
+                    m.regs[i] = Some((b.mask as u32, b.value as u32));
+                }
+                m
+            })
+            .collect(),
+        msrs: p
+            .msrs
+            .into_iter()
+            .map(|(addr, b)| MsrModifier {
+                addr,
+                mask: b.mask,
+                value: b.value,
+            })
+            .collect(),
+    })
 }
 
 /// The process's metadata service (one per VMM, as in Firecracker).

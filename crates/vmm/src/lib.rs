@@ -7,6 +7,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpu_template;
 pub mod cpuid;
 pub mod dirty;
 pub mod kvm_state;
@@ -64,6 +65,8 @@ pub struct VmConfig {
     /// Log the pages the guest writes from boot on (diff snapshots, live
     /// migration); Firecracker's `track_dirty_pages`.
     pub track_dirty_pages: bool,
+    /// A custom CPU template (Firecracker's `/cpu-config`).
+    pub cpu_template: Option<cpu_template::CpuTemplate>,
 }
 
 impl VmConfig {
@@ -80,6 +83,7 @@ impl VmConfig {
             rng_rate_limiter: None,
             balloon: None,
             track_dirty_pages: false,
+            cpu_template: None,
             nets: Vec::new(),
             vsock: None,
         }

@@ -240,6 +240,9 @@ impl Vmm {
         let supported = kvm_fd
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+        if let Some(t) = &config.cpu_template {
+            t.check_capabilities(&kvm_fd)?;
+        }
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for index in 0..config.vcpus {
             let vcpu = vm
@@ -247,8 +250,14 @@ impl Vmm {
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
             cpuid::normalize(cpuid.as_mut_slice(), index, config.vcpus);
+            if let Some(t) = &config.cpu_template {
+                t.apply_cpuid(&mut cpuid)?;
+            }
             vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             regs::setup_msrs(&vcpu)?;
+            if let Some(t) = &config.cpu_template {
+                t.apply_msrs(&vcpu)?;
+            }
             regs::setup_fpu(&vcpu)?;
             regs::setup_lapic(&vcpu)?;
             if index == 0 {
