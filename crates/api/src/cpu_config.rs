@@ -92,14 +92,17 @@ impl Bits {
     }
 }
 
+/// (leaf, subleaf, flags, [(register, bits)]).
+pub type ParsedCpuidLeaf = (u32, u32, u32, Vec<(CpuidRegister, Bits)>);
+
 /// A parsed template (what the VMM applies).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ParsedCpuConfig {
     /// KVM capabilities: number, and whether it is required (`false`:
     /// removed with `!`).
     pub kvm_capabilities: Vec<(u32, bool)>,
-    /// (leaf, subleaf, flags, [(register, bits)]).
-    pub cpuid: Vec<(u32, u32, u32, Vec<(CpuidRegister, Bits)>)>,
+    /// CPUID leaves.
+    pub cpuid: Vec<ParsedCpuidLeaf>,
     /// (address, bits).
     pub msrs: Vec<(u32, Bits)>,
 }

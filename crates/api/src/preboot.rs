@@ -451,7 +451,15 @@ impl VmResources {
                 self.vsock = Some(v);
             }
             PreBootRequest::Entropy(e) => self.entropy = Some(e),
-            PreBootRequest::Balloon(b) => self.balloon = Some(b),
+            PreBootRequest::Balloon(b) => {
+                if b.free_page_hinting {
+                    return Err(invalid(
+                        "free_page_hinting: free page hinting is not supported by Kiln \
+                         (free_page_reporting is)",
+                    ));
+                }
+                self.balloon = Some(b)
+            }
             PreBootRequest::Logger(l) => {
                 if l.log_path.as_deref() == Some("") {
                     return Err(invalid("log_path is empty"));
@@ -963,6 +971,8 @@ mod tests {
                 amount_mib: 0,
                 deflate_on_oom: false,
                 stats_polling_interval_s: 0,
+                free_page_hinting: false,
+                free_page_reporting: false,
             })
         }
         fn update_balloon(&self, _: &BalloonUpdate) -> Result<(), ApiError> {

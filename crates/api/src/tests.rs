@@ -26,6 +26,8 @@ impl VmControl for FakeVm {
             amount_mib: *b.lock().unwrap(),
             deflate_on_oom: true,
             stats_polling_interval_s: u32::from(self.stats),
+            free_page_hinting: false,
+            free_page_reporting: false,
         })
     }
     fn update_balloon(&self, u: &BalloonUpdate) -> Result<(), ApiError> {

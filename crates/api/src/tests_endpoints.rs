@@ -26,6 +26,8 @@ impl VmControl for Running {
             amount_mib: 0,
             deflate_on_oom: false,
             stats_polling_interval_s: *self.interval.lock().unwrap(),
+            free_page_hinting: false,
+            free_page_reporting: false,
         })
     }
     fn update_balloon(&self, _: &BalloonUpdate) -> Result<(), ApiError> {

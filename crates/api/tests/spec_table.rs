@@ -306,7 +306,8 @@ fn table() -> Vec<Row> {
         row(Post, "PUT", "/balloon", Some(BALLOON), Valid, 400, AFTER),
         row(Bare, "PUT", "/balloon", Some(r#"{"amount_mib":0}"#), SpecInvalid, 400, MISSING),
         row(Bare, "PUT", "/balloon", Some(r#"{"amount_mib":"0","deflate_on_oom":false}"#), SpecInvalid, 400, TYPE),
-        row(Bare, "PUT", "/balloon", Some(r#"{"amount_mib":0,"deflate_on_oom":false,"free_page_hinting":true}"#), Valid, 400, UNKNOWN),
+        row(Bare, "PUT", "/balloon", Some(r#"{"amount_mib":0,"deflate_on_oom":false,"free_page_hinting":true}"#), Valid, 400, "free page hinting is not supported"),
+        row(Bare, "PUT", "/balloon", Some(r#"{"amount_mib":0,"deflate_on_oom":false,"free_page_reporting":true}"#), Valid, 204, ""),
         row(Post, "PATCH", "/balloon", Some(r#"{"amount_mib":10}"#), Valid, 204, ""),
         row(Pre, "PATCH", "/balloon", Some(r#"{"amount_mib":10}"#), Valid, 400, BEFORE),
         row(Post, "PATCH", "/balloon", Some(r#"{"amount_mib":256}"#), Valid, 400, "smaller than the guest's memory"),
@@ -416,6 +417,8 @@ impl VmControl for FakeVm {
             amount_mib: 0,
             deflate_on_oom: true,
             stats_polling_interval_s: 1,
+            free_page_hinting: false,
+            free_page_reporting: false,
         })
     }
     fn update_balloon(&self, u: &BalloonUpdate) -> Result<(), ApiError> {

@@ -226,6 +226,8 @@ impl VmControl for KilnVm {
             amount_mib: h.stats().target_mib,
             deflate_on_oom: cfg.deflate_on_oom,
             stats_polling_interval_s: h.stats_interval_s(),
+            free_page_hinting: false,
+            free_page_reporting: cfg.free_page_reporting,
         })
     }
 

@@ -127,8 +127,11 @@ pub struct RunArgs {
     /// Rate-limit the entropy device: bw=BYTES[:BURST]/MS[,ops=N[:BURST]/MS] (implies --rng).
     #[arg(long, value_name = "bw=..[,ops=..]")]
     pub rng_rate: Option<String>,
-    /// Attach a virtio-balloon inflated to MIB: MIB[,deflate_on_oom][,stats=SECONDS].
-    #[arg(long, value_name = "MIB[,deflate_on_oom][,stats=S]")]
+    /// Attach a virtio-balloon inflated to MIB: MIB[,deflate_on_oom][,stats=SECONDS][,free_page_reporting].
+    #[arg(
+        long,
+        value_name = "MIB[,deflate_on_oom][,stats=S][,free_page_reporting]"
+    )]
     pub balloon: Option<String>,
     /// Serve the Firecracker-compatible REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
@@ -397,14 +400,14 @@ pub fn parse_vsock(spec: &str) -> Result<VsockConfig> {
     })
 }
 
-/// Parses `MIB[,deflate_on_oom][,stats=SECONDS]`.
+/// Parses `MIB[,deflate_on_oom][,stats=SECONDS][,free_page_reporting]`.
 pub fn parse_balloon(spec: &str) -> Result<BalloonConfig> {
     let mut parts = spec.split(',');
     let mib = parts
         .next()
         .and_then(|m| m.parse::<u64>().ok())
         .ok_or_else(|| {
-            anyhow::anyhow!("--balloon {spec:?}: expected MIB[,deflate_on_oom][,stats=SECONDS]")
+            anyhow::anyhow!("--balloon {spec:?}: expected MIB[,deflate_on_oom][,stats=SECONDS][,free_page_reporting]")
         })?;
     let mut cfg = BalloonConfig {
         target_mib: mib,
@@ -413,6 +416,7 @@ pub fn parse_balloon(spec: &str) -> Result<BalloonConfig> {
     for opt in parts {
         match opt.split_once('=') {
             None if opt == "deflate_on_oom" => cfg.deflate_on_oom = true,
+            None if opt == "free_page_reporting" => cfg.free_page_reporting = true,
             Some(("stats", v)) => {
                 cfg.stats_interval_s = v.parse().map_err(|_| {
                     anyhow::anyhow!("--balloon {spec:?}: stats={v:?} is not a number of seconds")

@@ -326,6 +326,7 @@ pub fn vm_config_of(res: &VmResources, check_kernel: bool) -> Result<VmConfig> {
             target_mib: b.amount_mib,
             deflate_on_oom: b.deflate_on_oom,
             stats_interval_s: b.stats_polling_interval_s,
+            free_page_reporting: b.free_page_reporting,
         }),
         None => None,
     };

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON;
 use virtio_queue::{Queue, QueueT, Reader};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -27,6 +27,8 @@ use super::{
 pub const F_STATS_VQ: u64 = 1 << 1;
 /// Feature bit: the guest deflates when it runs out of memory.
 pub const F_DEFLATE_ON_OOM: u64 = 1 << 2;
+/// Feature bit: free page reporting (virtio 1.2, 5.5.6.7).
+pub const F_REPORTING: u64 = 1 << 5;
 const PAGE_SHIFT: u64 = 12;
 const PAGE_SIZE: u64 = 1 << PAGE_SHIFT;
 const QUEUE_SIZE: u16 = 256;
@@ -40,6 +42,9 @@ pub struct BalloonConfig {
     pub deflate_on_oom: bool,
     /// Seconds between statistics refreshes (0: no statistics queue).
     pub stats_interval_s: u32,
+    /// The guest reports free memory blocks, which the VMM then drops from
+    /// its memory (Firecracker's `free_page_reporting`).
+    pub free_page_reporting: bool,
 }
 
 /// Guest memory statistics (virtio 1.2, 5.5.6.3), in bytes where applicable.
@@ -237,6 +242,64 @@ pub fn drain_page_queue(
     used
 }
 
+/// Drops the free page blocks the guest reports in `queue` (each
+/// descriptor one block) from the host's memory. Returns whether any chain
+/// was used.
+pub fn drain_reports(queue: &mut Queue, mem: &GuestMem, metrics: &DeviceMetrics) -> bool {
+    let mut used = false;
+    while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        let head = chain.head_index();
+        let mut ok = true;
+        let mut n = 0;
+        for d in chain {
+            n += 1;
+            if n > usize::from(QUEUE_SIZE) || !release_range(mem, d.addr().0, u64::from(d.len())) {
+                ok = false;
+                break;
+            }
+        }
+        DeviceMetrics::add(
+            if ok {
+                &metrics.writes
+            } else {
+                &metrics.invalid_requests
+            },
+            1,
+        );
+        DeviceMetrics::add(&metrics.requests, 1);
+        let _ = queue.add_used(mem, head, 0);
+        used = true;
+    }
+    used
+}
+
+/// Drops `len` bytes of guest memory at `addr` (page-aligned, inside one
+/// RAM region) from the host's memory; false (and nothing done) otherwise.
+fn release_range(mem: &GuestMem, addr: u64, len: u64) -> bool {
+    if len == 0 || !addr.is_multiple_of(PAGE_SIZE) || !len.is_multiple_of(PAGE_SIZE) {
+        return false;
+    }
+    let Some((region, offset)) = mem.to_region_addr(GuestAddress(addr)) else {
+        return false;
+    };
+    if offset
+        .raw_value()
+        .checked_add(len)
+        .is_none_or(|end| end > region.len())
+    {
+        return false;
+    }
+    let Ok(host) = region.get_host_address(offset) else {
+        return false;
+    };
+    // SAFETY: [host, host + len) lies inside one guest memory mapping owned
+    // by the VMM (checked against the region above); MADV_DONTNEED only
+    // drops the contents of pages the guest reported free.
+    let dropped = unsafe { libc::madvise(host.cast(), len as usize, libc::MADV_DONTNEED) == 0 };
+    crate::dirty::mark(mem, GuestAddress(addr), len as usize);
+    dropped
+}
+
 fn release_page(mem: &GuestMem, pfn: u64) -> bool {
     let Some(addr) = pfn.checked_mul(PAGE_SIZE) else {
         return false;
@@ -284,11 +347,10 @@ impl VirtioDevice for Balloon {
     }
 
     fn queue_max_sizes(&self) -> Vec<u16> {
-        if self.config.stats_interval_s > 0 {
-            vec![QUEUE_SIZE; 3]
-        } else {
-            vec![QUEUE_SIZE; 2]
-        }
+        let n = 2
+            + usize::from(self.config.stats_interval_s > 0)
+            + usize::from(self.config.free_page_reporting);
+        vec![QUEUE_SIZE; n]
     }
 
     fn features(&self) -> u64 {
@@ -298,6 +360,9 @@ impl VirtioDevice for Balloon {
         }
         if self.config.stats_interval_s > 0 {
             f |= F_STATS_VQ;
+        }
+        if self.config.free_page_reporting {
+            f |= F_REPORTING;
         }
         f
     }
@@ -357,11 +422,24 @@ impl VirtioDevice for Balloon {
         let mut it = queues.into_iter();
         let (mut inflate, inflate_evt) = it.next().expect("checked");
         let (mut deflate, deflate_evt) = it.next().expect("checked");
-        let mut stats_q = it.next();
+        // The driver sets up the queues of the features it took, in order.
+        let mut stats_q = if self.acked & F_STATS_VQ != 0 {
+            it.next()
+        } else {
+            None
+        };
+        let mut report_q = if self.acked & F_REPORTING != 0 {
+            it.next()
+        } else {
+            None
+        };
         let mut fds = vec![
             (inflate_evt.as_raw_fd(), 0, EventSet::IN),
             (deflate_evt.as_raw_fd(), 1, EventSet::IN),
         ];
+        if let Some((_, e)) = &report_q {
+            fds.push((e.as_raw_fd(), 5, EventSet::IN));
+        }
         let mut timer = if let Some((_, e)) = &stats_q {
             fds.push((e.as_raw_fd(), 2, EventSet::IN));
             let mut t = TimerFd::new().map_err(errno)?;
@@ -440,6 +518,13 @@ impl VirtioDevice for Balloon {
                         }
                         false
                     }
+                    5 => match report_q.as_mut() {
+                        Some((q, e)) => {
+                            let _ = e.read();
+                            drain_reports(q, &mem, &metrics)
+                        }
+                        None => false,
+                    },
                     _ => false,
                 };
                 if signal {
@@ -529,6 +614,51 @@ mod tests {
         q.mem().read_slice(&mut b, GuestAddress(0x80000)).unwrap();
         assert_eq!(b, [0u8; 16], "released page reads back as zero");
         assert_eq!(m.invalid_requests.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn reported_blocks_are_dropped_and_bad_ones_refused() {
+        let m = DeviceMetrics::default();
+        let mut q = ChainBuilder::new();
+        q.mem()
+            .write_slice(&[0xbb; 16], GuestAddress(0x80000))
+            .unwrap();
+        q.mem()
+            .write_slice(&[0xcc; 16], GuestAddress(0x90000))
+            .unwrap();
+        // Two 8 KiB blocks; then one past guest memory, one misaligned.
+        q.push(&[
+            Desc::raw(0x80000, 0x2000, true),
+            Desc::raw(0x90000, 0x2000, true),
+        ]);
+        q.push(&[Desc::raw(0xff000, 0x2000, true)]);
+        q.push(&[Desc::raw(0xa0800, 0x1000, true)]);
+        crate::dirty::clear(q.mem());
+        let used = q.run(|mem, queue| drain_reports(queue, mem, &m));
+        assert_eq!(used.len(), 3);
+        let mut b = [0u8; 16];
+        for a in [0x80000, 0x90000] {
+            q.mem().read_slice(&mut b, GuestAddress(a)).unwrap();
+            assert_eq!(b, [0u8; 16], "reported block at {a:#x} reads back as zero");
+        }
+        let dirty = crate::dirty::take(q.mem()).unwrap();
+        assert!(dirty[0][0x81 / 64] & (1 << (0x81 % 64)) != 0);
+        assert_eq!(m.invalid_requests.load(Ordering::Relaxed), 2);
+        assert_eq!(m.writes.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn reporting_adds_a_queue_and_a_feature() {
+        let b = Balloon::new(BalloonConfig {
+            stats_interval_s: 1,
+            free_page_reporting: true,
+            ..Default::default()
+        });
+        assert_eq!(b.queue_max_sizes().len(), 4);
+        assert_ne!(b.features() & F_REPORTING, 0);
+        let b = Balloon::new(BalloonConfig::default());
+        assert_eq!(b.queue_max_sizes().len(), 2);
+        assert_eq!(b.features() & F_REPORTING, 0);
     }
 
     #[test]
