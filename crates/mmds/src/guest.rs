@@ -3,8 +3,10 @@
 //! from `PUT /latest/api/token`. Status codes and messages follow
 //! Firecracker's MMDS.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use kiln_api::http::Request;
 use kiln_api::models::MmdsVersion;
@@ -19,8 +21,6 @@ const TTL_HEADERS: [&str; 2] = [
 const TOKEN_HEADERS: [&str; 2] = ["X-metadata-token", "X-aws-ec2-metadata-token"];
 /// Longest token lifetime, seconds.
 pub const MAX_TTL: u32 = 21600;
-/// Most live tokens kept; the next one pushes out the one expiring first.
-const MAX_TOKENS: usize = 4096;
 
 /// An answer to the guest.
 #[derive(Debug, PartialEq, Eq)]
@@ -77,39 +77,79 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-/// V2 session tokens: random, held with their expiry.
-#[derive(Debug, Default)]
+/// V2 session tokens, stateless: the expiry (milliseconds on this
+/// process's clock) and an HMAC-SHA256 of it under a key drawn at start,
+/// in hex. Nothing is stored per token, so no guest can crowd out another's
+/// tokens, and they all die with the process (a restored VM needs new ones,
+/// as in Firecracker).
+#[derive(Debug)]
 pub struct Tokens {
-    live: HashMap<String, Instant>,
+    key: Option<[u8; 32]>,
+    epoch: Instant,
+}
+
+/// Hex digits in a token: 16 for the expiry, 32 for the truncated MAC.
+pub const TOKEN_LEN: usize = 48;
+
+impl Default for Tokens {
+    fn default() -> Self {
+        let mut key = [0u8; 32];
+        let key = match fill_random(&mut key) {
+            Ok(()) => Some(key),
+            Err(e) => {
+                log::warn!("mmds: no key for session tokens: {e}");
+                None
+            }
+        };
+        Self {
+            key,
+            epoch: Instant::now(),
+        }
+    }
 }
 
 impl Tokens {
-    /// A new token valid for `ttl`.
-    pub fn issue(&mut self, ttl: Duration) -> std::io::Result<String> {
-        let mut raw = [0u8; 32];
-        fill_random(&mut raw)?;
-        let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
-        let now = Instant::now();
-        self.live.retain(|_, exp| *exp > now);
-        if self.live.len() >= MAX_TOKENS {
-            if let Some(k) = self
-                .live
-                .iter()
-                .min_by_key(|(_, e)| **e)
-                .map(|(k, _)| k.clone())
-            {
-                self.live.remove(&k);
-            }
-        }
-        self.live.insert(token.clone(), now + ttl);
-        Ok(token)
+    fn mac(&self, expiry: u64) -> Option<Hmac<Sha256>> {
+        let mut m = Hmac::<Sha256>::new_from_slice(self.key.as_ref()?).ok()?;
+        m.update(&expiry.to_be_bytes());
+        Some(m)
     }
 
-    /// Whether `token` was issued and has not expired.
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// A new token valid for `ttl`.
+    pub fn issue(&self, ttl: Duration) -> std::io::Result<String> {
+        let expiry = self.now_ms() + ttl.as_millis() as u64;
+        let mac = self
+            .mac(expiry)
+            .ok_or_else(|| std::io::Error::other("no key for session tokens"))?
+            .finalize()
+            .into_bytes();
+        let mut t = format!("{expiry:016x}");
+        for b in &mac[..16] {
+            t.push_str(&format!("{b:02x}"));
+        }
+        Ok(t)
+    }
+
+    /// Whether `token` was issued here and has not expired.
     pub fn valid(&self, token: &str) -> bool {
-        self.live
-            .get(token)
-            .is_some_and(|exp| *exp > Instant::now())
+        if token.len() != TOKEN_LEN || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+        let Ok(expiry) = u64::from_str_radix(&token[..16], 16) else {
+            return false;
+        };
+        let tag: Option<Vec<u8>> = (16..TOKEN_LEN)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&token[i..i + 2], 16).ok())
+            .collect();
+        let (Some(tag), Some(mac)) = (tag, self.mac(expiry)) else {
+            return false;
+        };
+        mac.verify_truncated_left(&tag).is_ok() && expiry > self.now_ms()
     }
 }
 
@@ -326,7 +366,14 @@ mod tests {
         let ok = put("x-aws-ec2-metadata-token-ttl-seconds: 1\r\n");
         assert_eq!(ok.status, 200);
         let token = body(&ok).to_string();
-        assert!(token.len() <= 70);
+        assert_eq!(token.len(), TOKEN_LEN);
+        // A token with one digit changed, or from another key, is refused.
+        let mut forged = token.clone().into_bytes();
+        forged[20] = if forged[20] == b'0' { b'1' } else { b'0' };
+        let forged = String::from_utf8(forged).unwrap();
+        assert_eq!(get(&format!("X-metadata-token: {forged}\r\n")).status, 401);
+        let other = Tokens::default().issue(Duration::from_secs(60)).unwrap();
+        assert_eq!(get(&format!("X-metadata-token: {other}\r\n")).status, 401);
         assert_eq!(
             ok.headers,
             vec![("X-aws-ec2-metadata-token-ttl-seconds".into(), "1".into())]

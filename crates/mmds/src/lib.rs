@@ -61,7 +61,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 #[derive(Debug)]
 pub struct Mmds {
     store: Mutex<DataStore>,
-    tokens: Mutex<guest::Tokens>,
+    tokens: guest::Tokens,
     settings: Mutex<Settings>,
 }
 
@@ -70,7 +70,7 @@ impl Mmds {
     pub fn new(size_limit: usize) -> Self {
         Self {
             store: Mutex::new(DataStore::new(size_limit)),
-            tokens: Mutex::new(guest::Tokens::default()),
+            tokens: guest::Tokens::default(),
             settings: Mutex::new(Settings::default()),
         }
     }
@@ -94,9 +94,9 @@ impl Mmds {
         lock(&self.store)
     }
 
-    /// The live V2 tokens.
-    pub fn tokens(&self) -> MutexGuard<'_, guest::Tokens> {
-        lock(&self.tokens)
+    /// The V2 session tokens.
+    pub fn tokens(&self) -> &guest::Tokens {
+        &self.tokens
     }
 }
 

@@ -9,15 +9,16 @@
 //! Ethernet frames addressed to the MAC that last spoke to the MMDS; the
 //! device delivers them like packets from the TAP ([`MmdsStack::pop`]).
 //!
-//! All progress is driven by guest frames: no timers. Replies never get
-//! lost on the way to the guest (they wait here for RX buffers), ACKs are
-//! not delayed and Nagle is off, so nothing waits for a timer.
+//! All progress is driven by guest frames: no timers. Replies wait here for
+//! RX buffers (at most a socket's send buffer per connection, since a
+//! request is read only once the previous answer is in the socket), ACKs
+//! are not delayed and Nagle is off, so nothing waits for a timer.
 
 use std::collections::VecDeque;
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
-use kiln_api::http::{Event, RequestParser};
+use kiln_api::http::{Event, RequestParser, CONTINUE};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
@@ -95,8 +96,8 @@ impl phy::Device for Packets {
 struct Conn {
     handle: SocketHandle,
     parser: RequestParser,
-    /// Bytes of the current request head so far.
-    seen: usize,
+    /// When the guest last sent on it (ms since the stack started).
+    last_active: u64,
     /// Answer bytes not yet in the socket.
     out: Vec<u8>,
     close_after: bool,
@@ -181,12 +182,17 @@ impl MmdsStack {
                 if ip.dst_addr() != self.ip {
                     return false;
                 }
-                let to_http = ip.next_header() == IpProtocol::Tcp
+                let tcp = (ip.next_header() == IpProtocol::Tcp
                     && !ip.more_frags()
-                    && ip.frag_offset() == 0
-                    && TcpPacket::new_checked(ip.payload())
-                        .is_ok_and(|t| t.dst_port() == HTTP_PORT);
-                if to_http {
+                    && ip.frag_offset() == 0)
+                    .then(|| TcpPacket::new_checked(ip.payload()).ok())
+                    .flatten()
+                    .filter(|t| t.dst_port() == HTTP_PORT);
+                if let Some(t) = tcp {
+                    if t.syn() && !t.ack() {
+                        // A new connection: make room if none is listening.
+                        self.reclaim();
+                    }
                     self.guest_mac = eth.src_addr();
                     let len = usize::from(ip.total_len()).min(eth.payload().len());
                     self.dev.to_stack.push_back(eth.payload()[..len].to_vec());
@@ -251,13 +257,13 @@ impl MmdsStack {
 
     /// Runs the TCP/IP stack and the HTTP exchanges until nothing moves.
     fn poll(&mut self) {
-        self.reclaim();
         for _ in 0..64 {
             let now = self.now();
             self.iface.poll(now, &mut self.dev, &mut self.sockets);
             let mut moved = false;
+            let ms = self.epoch.elapsed().as_millis() as u64;
             for c in &mut self.conns {
-                moved |= c.service(&mut self.sockets, &self.mmds);
+                moved |= c.service(&mut self.sockets, &self.mmds, ms);
             }
             let sent = !self.dev.from_stack.is_empty();
             while let Some(p) = self.dev.from_stack.pop_front() {
@@ -278,25 +284,41 @@ impl MmdsStack {
         }
     }
 
-    /// With no socket left listening, gives up the connection that has
-    /// sent everything and waits only for the guest's FIN (a guest that
-    /// went away would hold it forever: nothing here runs on a timer).
+    /// With no socket left listening, gives one up for the next guest
+    /// connection: first one that has sent everything and waits only for
+    /// the guest's FIN, else the quiet one idle the longest (an open
+    /// connection the guest forgot, or a handshake it never finished).
+    /// Nothing here runs on a timer, so without this a guest that went away
+    /// would hold its sockets for ever.
     fn reclaim(&mut self) {
         use tcp::State::*;
-        let state = |c: &Conn, s: &SocketSet| s.get::<tcp::Socket>(c.handle).state();
-        if self.conns.iter().any(|c| state(c, &self.sockets) == Listen) {
+        let sockets = &self.sockets;
+        let state = |c: &Conn| sockets.get::<tcp::Socket>(c.handle).state();
+        if self.conns.iter().any(|c| state(c) == Listen) {
             return;
         }
-        let done = self.conns.iter_mut().find(|c| {
-            c.out.is_empty()
-                && matches!(
-                    state(c, &self.sockets),
-                    FinWait2 | TimeWait | Closing | LastAck | Closed
-                )
+        let closing = self.conns.iter().position(|c| {
+            c.out.is_empty() && matches!(state(c), FinWait2 | TimeWait | Closing | LastAck | Closed)
         });
-        if let Some(c) = done {
-            *c = Conn::new(c.handle);
-            *self.sockets.get_mut::<tcp::Socket>(c.handle) = listening_socket();
+        let victim = closing.or_else(|| {
+            self.conns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    let s = sockets.get::<tcp::Socket>(c.handle);
+                    s.state() == SynReceived || c.quiet(s)
+                })
+                .min_by_key(|(_, c)| c.last_active)
+                .map(|(i, _)| i)
+        });
+        if let Some(i) = victim {
+            let c = &mut self.conns[i];
+            let h = c.handle;
+            *c = Conn::new(h);
+            let s = self.sockets.get_mut::<tcp::Socket>(h);
+            // The guest learns with a reset if it ever sends on it again.
+            s.abort();
+            *s = listening_socket();
         }
     }
 
@@ -317,7 +339,7 @@ impl Conn {
         Self {
             handle,
             parser: RequestParser::new(MAX_REQUEST),
-            seen: 0,
+            last_active: 0,
             out: Vec::new(),
             close_after: false,
         }
@@ -325,63 +347,60 @@ impl Conn {
 
     /// Moves request bytes in and answer bytes out; recycles the socket
     /// once its connection is over. Returns whether anything moved.
-    fn service(&mut self, sockets: &mut SocketSet<'static>, mmds: &Mmds) -> bool {
+    ///
+    /// A request is read only once the previous answer has gone into the
+    /// socket: a guest that sends requests without reading the answers
+    /// fills its own window, not the VMM's memory.
+    fn service(&mut self, sockets: &mut SocketSet<'static>, mmds: &Mmds, now: u64) -> bool {
         let s = sockets.get_mut::<tcp::Socket>(self.handle);
         let mut moved = false;
         match s.state() {
             tcp::State::Closed | tcp::State::TimeWait => {
-                if self.seen > 0 || !self.out.is_empty() || s.state() == tcp::State::TimeWait {
-                    moved = true;
-                }
                 *self = Conn::new(self.handle);
                 *s = listening_socket();
-                return moved;
+                return true;
             }
             tcp::State::Listen | tcp::State::SynReceived => return false,
             _ => {}
         }
         let mut buf = [0u8; 1024];
-        while s.can_recv() {
-            match s.recv_slice(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    moved = true;
-                    if self.close_after {
-                        continue; // after `Connection: close`, input is ignored
-                    }
-                    self.seen += n;
-                    self.parser.feed(&buf[..n]);
-                }
+        loop {
+            moved |= self.flush(s);
+            if !self.out.is_empty() {
+                break;
             }
-        }
-        while !self.close_after {
+            if self.close_after {
+                // After `Connection: close`, input is ignored.
+                while s.recv_slice(&mut buf).is_ok_and(|n| n > 0) {}
+                break;
+            }
             match self.parser.next_event() {
                 Some(Event::Request(req)) => {
-                    self.seen = 0;
                     let a = answer(mmds, &req);
                     self.close_after = !req.keep_alive;
                     self.out.extend(a.to_bytes(!req.keep_alive));
+                    moved = true;
                 }
-                Some(Event::Continue) => {}
+                Some(Event::Continue) => self.out.extend_from_slice(CONTINUE),
                 Some(Event::Error(_)) => {
                     self.out
                         .extend(Answer::text(400, "Invalid request.").to_bytes(true));
                     self.close_after = true;
                 }
-                None => break,
-            }
-        }
-        if !self.close_after && self.seen > MAX_REQUEST {
-            // Firecracker resets a connection whose request does not fit.
-            s.abort();
-            return true;
-        }
-        if !self.out.is_empty() && s.can_send() {
-            if let Ok(n) = s.send_slice(&self.out) {
-                if n > 0 {
-                    self.out.drain(..n);
-                    moved = true;
+                None if self.parser.buffered() > MAX_REQUEST => {
+                    // Firecracker resets a connection whose request does
+                    // not fit.
+                    s.abort();
+                    return true;
                 }
+                None => match s.recv_slice(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        self.parser.feed(&buf[..n]);
+                        self.last_active = now;
+                        moved = true;
+                    }
+                    _ => break,
+                },
             }
         }
         if self.out.is_empty() && self.close_after && s.may_send() {
@@ -394,6 +413,26 @@ impl Conn {
             moved = true;
         }
         moved
+    }
+
+    /// Puts as much of the pending answer into the socket as fits.
+    fn flush(&mut self, s: &mut tcp::Socket) -> bool {
+        if self.out.is_empty() || !s.can_send() {
+            return false;
+        }
+        match s.send_slice(&self.out) {
+            Ok(n) if n > 0 => {
+                self.out.drain(..n);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the connection waits for nothing from the VMM: an answer is
+    /// not being sent and no request is half received.
+    fn quiet(&self, s: &tcp::Socket) -> bool {
+        self.out.is_empty() && self.parser.is_idle() && s.send_queue() == 0
     }
 }
 
@@ -574,6 +613,66 @@ mod tests {
             assert!(a.ends_with("\r\n\r\nlatest/"), "{p}: {a}");
         }
         assert_eq!(g.passed, 0, "every frame to the MMDS was taken");
+    }
+
+    /// Opens a connection from `port` and sends `req` (if any) without
+    /// ever reading; returns its handle.
+    fn open(g: &mut Guest, port: u16, req: &[u8], rx: usize) -> SocketHandle {
+        let mut s = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; rx]),
+            tcp::SocketBuffer::new(vec![0; 65536]),
+        );
+        s.set_ack_delay(None);
+        let h = g.sockets.add(s);
+        let cx = g.iface.context();
+        g.sockets
+            .get_mut::<tcp::Socket>(h)
+            .connect(cx, (IpAddress::v4(169, 254, 169, 254), 80), port)
+            .unwrap();
+        let mut sent = 0;
+        for _ in 0..300 {
+            g.step();
+            let s = g.sockets.get_mut::<tcp::Socket>(h);
+            if s.may_send() && sent < req.len() {
+                sent += s.send_slice(&req[sent..]).unwrap();
+            }
+        }
+        h
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_vmm() {
+        let mut g = Guest::new(MmdsVersion::V1);
+        // 1,000 pipelined requests for a 40 kB value, nothing read.
+        let req = "GET /latest/meta-data/big HTTP/1.1\r\n\r\n".repeat(1000);
+        let _h = open(&mut g, 40000, req.as_bytes(), 2048);
+        let held: usize = g
+            .stack
+            .conns
+            .iter()
+            .map(|c| c.out.len() + c.parser.buffered())
+            .sum();
+        assert!(held < 64 * 1024, "{held} bytes held for one connection");
+        assert!(
+            g.stack.frames.len() < 64,
+            "{} frames queued",
+            g.stack.frames.len()
+        );
+    }
+
+    #[test]
+    fn idle_connections_give_way_to_new_ones() {
+        let mut g = Guest::new(MmdsVersion::V1);
+        // Every socket taken by a connection that sends nothing.
+        let idle: Vec<_> = (0..SOCKETS as u16)
+            .map(|p| open(&mut g, 43000 + p, b"", 4096))
+            .collect();
+        let a = g.exchange(
+            44000,
+            "GET /latest/meta-data/id HTTP/1.1\r\nConnection: close\r\n\r\n",
+        );
+        assert!(a.ends_with("i-42"), "{a}");
+        drop(idle);
     }
 
     #[test]

@@ -52,8 +52,21 @@ fn apply32(old: u32, m: Option<(u32, u32)>) -> u32 {
 }
 
 impl CpuTemplate {
-    /// Fails unless the host's KVM has every required capability.
+    /// Fails unless the host's KVM has every required capability, and for
+    /// MSRs the boot sets up through the special registers.
     pub fn check_capabilities(&self, kvm: &Kvm) -> Result<(), VmmError> {
+        // EFER and APIC_BASE come from the boot's special registers, which
+        // are written after the MSRs.
+        if let Some(m) = self
+            .msrs
+            .iter()
+            .find(|m| matches!(m.addr, 0xc000_0080 | 0x1b))
+        {
+            return Err(VmmError::Config(format!(
+                "CPU template: MSR {:#x} is set by the boot (EFER and APIC_BASE cannot be templated)",
+                m.addr
+            )));
+        }
         for (cap, required) in &self.kvm_capabilities {
             if *required && kvm.check_extension_raw(u64::from(*cap)) <= 0 {
                 return Err(VmmError::Config(format!(

@@ -249,10 +249,12 @@ impl Vmm {
                 .create_vcpu(u64::from(index))
                 .map_err(kvm("KVM_CREATE_VCPU"))?;
             let mut cpuid = supported.clone();
-            cpuid::normalize(cpuid.as_mut_slice(), index, config.vcpus);
+            // The template first: per-vCPU topology (APIC IDs, core
+            // counts) is Kiln's whatever the template says.
             if let Some(t) = &config.cpu_template {
                 t.apply_cpuid(&mut cpuid)?;
             }
+            cpuid::normalize(cpuid.as_mut_slice(), index, config.vcpus);
             vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
             regs::setup_msrs(&vcpu)?;
             if let Some(t) = &config.cpu_template {

@@ -673,7 +673,9 @@ impl VirtioDevice for Net {
                     }
                     TX_LIMITER => {
                         backend.limiter_event(false);
-                        backend.process_tx(&mut txq, &mem)
+                        let tx = backend.process_tx(&mut txq, &mem);
+                        let rx = backend.mmds_pending() && backend.process_rx(&mut rxq, &mem);
+                        tx | rx
                     }
                     UPDATE => {
                         if let Some(new) = live.fetch(&mut seen) {
