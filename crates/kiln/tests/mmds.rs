@@ -34,6 +34,8 @@ echo '== wget'; wget -q -O- --header "X-metadata-token: $T" http://$M/latest/met
 echo '== waiting-for-patch'
 i=0; until raw GET /late "$H" | grep -q patched || [ $i -gt 150 ]; do sleep 0.2; i=$((i+1)); done
 echo '== late'; show GET /late "$H"
+# The host is done with its API checks when it puts /done.
+i=0; until raw GET /done "$H" | grep -q yes || [ $i -gt 150 ]; do sleep 0.2; i=$((i+1)); done
 echo '== end'
 "#;
 
@@ -60,9 +62,10 @@ rm -f /tmp/mg.sock
 (timeout 300 kiln vmm --api-sock /tmp/mg.sock --config-file /tmp/mg.json --metadata /tmp/md.json > /tmp/mg.out 2>&1; echo kiln-status=$? >> /tmp/mg.out) & V=$!
 i=0; until grep -q waiting-for-patch /tmp/mg.out 2>/dev/null || [ $i -gt 1200 ]; do sleep 0.2; i=$((i+1)); done
 echo '== hostget'; {api} GET /mmds
+echo '== config'; {api} PUT /mmds/config '{{"network_interfaces":["eth0"]}}'
 echo '== patch'; {api} PATCH /mmds '{{"late":"patched","n":null}}'
 echo '== hostafter'; {api} GET /mmds
-echo '== config'; {api} PUT /mmds/config '{{"network_interfaces":["eth0"]}}'
+{api} PATCH /mmds '{{"done":"yes"}}' > /dev/null
 wait $V; echo '== guest'; cat /tmp/mg.out; $IP link del km0"#
         ),
     )]
