@@ -251,6 +251,7 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
         rng: false,
         rng_rate: None,
         balloon: None,
+        mmds: None,
         api_sock: None,
         nets: vec![],
         vsock: None,

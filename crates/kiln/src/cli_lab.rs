@@ -102,6 +102,7 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
     };
     lab = copy("--kernel", &args.kernel, "/work/kernel", lab);
     lab = copy("--initrd", &args.initrd, "/work/initrd", lab);
+    lab = copy("--mmds", &args.mmds, "/work/mmds.json", lab);
     // Disks are copied into the lab: the guest's writes stay there.
     for (i, spec) in args.disks.iter().enumerate() {
         let (path, opts) = match spec.split_once(',') {

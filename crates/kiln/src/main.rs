@@ -133,6 +133,10 @@ pub struct RunArgs {
         value_name = "MIB[,deflate_on_oom][,stats=S][,free_page_reporting]"
     )]
     pub balloon: Option<String>,
+    /// Serve this JSON document to the guest as Firecracker's metadata
+    /// service (V2, at 169.254.169.254) on every --net interface.
+    #[arg(long, value_name = "FILE")]
+    pub mmds: Option<PathBuf>,
     /// Serve the Firecracker-compatible REST API on this Unix socket.
     #[arg(long, value_name = "PATH")]
     pub api_sock: Option<PathBuf>,
@@ -438,6 +442,15 @@ fn precheck(args: &RunArgs) -> Result<()> {
     for (i, n) in args.nets.iter().enumerate() {
         parse_net(n, i)?;
     }
+    if let Some(f) = &args.mmds {
+        if args.nets.is_empty() {
+            anyhow::bail!(
+                "--mmds {}: the guest reaches the metadata service through a --net interface; add one",
+                f.display()
+            );
+        }
+        read_mmds(f)?;
+    }
     if let Some(b) = &args.balloon {
         let cfg = parse_balloon(b)?;
         if cfg.target_mib >= args.mem {
@@ -510,12 +523,14 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
             .map(RateLimiterConfig::parse_opts)
             .transpose()
             .map_err(|e| anyhow::anyhow!("--rng-rate: {e}"))?,
-        nets: args
-            .nets
-            .iter()
-            .enumerate()
-            .map(|(i, n)| parse_net(n, i))
-            .collect::<Result<_>>()?,
+        nets: with_mmds(
+            args.mmds.as_deref(),
+            args.nets
+                .iter()
+                .enumerate()
+                .map(|(i, n)| parse_net(n, i))
+                .collect::<Result<_>>()?,
+        )?,
         balloon: args.balloon.as_deref().map(parse_balloon).transpose()?,
         vsock: args.vsock.as_deref().map(parse_vsock).transpose()?,
         track_dirty_pages: false,
@@ -536,6 +551,36 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
     let reason = vmm.run(stdin)?;
     term::restore();
     Ok(exit_status(reason))
+}
+
+/// The JSON document of `--mmds FILE`.
+fn read_mmds(file: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("--mmds {}: {e}", file.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--mmds {}: {e}", file.display()))
+}
+
+/// `kiln run --mmds FILE`: the document in the metadata service (V2) and
+/// every interface reaching it.
+fn with_mmds(file: Option<&std::path::Path>, mut nets: Vec<NetConfig>) -> Result<Vec<NetConfig>> {
+    let Some(file) = file else {
+        return Ok(nets);
+    };
+    let doc = read_mmds(file)?;
+    let m = vmm_cmd::mmds();
+    m.store()
+        .put(doc)
+        .map_err(|e| anyhow::anyhow!("--mmds {}: {e}", file.display()))?;
+    m.configure(kiln_api::models::MmdsConfig {
+        version: kiln_api::models::MmdsVersion::V2,
+        network_interfaces: nets.iter().map(|n| n.id.clone()).collect(),
+        ipv4_address: None,
+        imds_compat: false,
+    });
+    for n in &mut nets {
+        n.mmds = Some(m.clone());
+    }
+    Ok(nets)
 }
 
 /// The exit status of `kiln run` and `kiln vmm` when the guest ended.

@@ -71,7 +71,40 @@ wait $V; echo '== guest'; cat /tmp/mg.out; $IP link del km0"#
     )]
 }
 
-static BATCH: Batch = Batch::new(cases, Duration::from_secs(600));
+/// `kiln run --mmds FILE --net TAP`: V2 on the interface, no API needed.
+fn run_case() -> String {
+    // Read from a disk (`sh /dev/vda`): as init arguments its words would
+    // exceed the kernel's limit.
+    let guest = r#"ip addr add 172.31.6.2/24 dev eth0; ip link set eth0 up; ip route add 169.254.169.254 dev eth0
+T=$(printf "PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 30\r\nConnection: close\r\n\r\n" | nc -w 20 169.254.169.254 80 | tail -n 1)
+echo run-got=$(printf "GET /hello/from HTTP/1.1\r\nX-metadata-token: $T\r\nConnection: close\r\n\r\n" | nc -w 20 169.254.169.254 80 | tail -n 1)"#;
+    format!(
+        r#"IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; $IP tuntap add dev km1 mode tap && $IP link set km1 up
+cat > /tmp/run.sh <<'EOS'
+{guest}
+EOS
+sz=$(wc -c < /tmp/run.sh); yes '' | head -n $(( (512 - sz % 512) % 512 )) >> /tmp/run.sh
+printf '{{"hello":{{"from":"kiln-run"}}}}' > /tmp/md-run.json
+timeout 200 kiln run --mmds /tmp/md-run.json --net km1 --disk /tmp/run.sh,ro -- sh /dev/vda 2>&1 | tr -d '\r'
+$IP link del km1"#
+    )
+}
+
+static BATCH: Batch = Batch::new(
+    || {
+        let mut c = cases();
+        c.push(("run", run_case()));
+        c
+    },
+    Duration::from_secs(600),
+);
+
+#[test]
+fn kiln_run_serves_a_metadata_file() {
+    let out = BATCH.get("run");
+    eprintln!("{}", out.output);
+    assert!(out.output.contains("run-got=kiln-run"), "{}", out.output);
+}
 
 /// The body of a raw HTTP answer section (after the blank line).
 fn body(answer: &str) -> &str {
@@ -159,4 +192,21 @@ fn bad_metadata_files_are_refused_in_one_line() {
     assert!(!out.status.success());
     assert!(err.contains("doesn't fit"), "{err}");
     assert!(!std::path::Path::new("/tmp/kiln-mmds-none.sock").exists());
+    // kiln run: a document needs an interface, and a readable file.
+    let out = kiln_here(&["run", "--mmds", bad.to_str().unwrap(), "--", "true"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("through a --net interface"), "{err}");
+    let out = kiln_here(&[
+        "run",
+        "--mmds",
+        "/nonexistent/md.json",
+        "--net",
+        "tap9",
+        "--",
+        "true",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("--mmds /nonexistent/md.json"), "{err}");
 }
