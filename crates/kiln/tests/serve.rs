@@ -24,8 +24,13 @@ use common::{section, Batch};
 use serde_json::Value;
 
 const SH: &str = r#"wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 3000 ]; do sleep 0.1; n=$((n+1)); done; }
-vmms() { n=0; for c in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $c 2>/dev/null | grep -q '^[^ ]*kiln restore ' && n=$((n+1)); done; echo $n; }
-vmmpids() { for c in /proc/[0-9]*/cmdline; do tr '\0' ' ' < $c 2>/dev/null | grep -q '^[^ ]*kiln restore ' && p=${c#/proc/} && echo ${p%/cmdline}; done | sort -n | tr '\n' ' '; echo; }
+# Processes come and go while /proc is read: the stderr redirect comes first
+# (a vanished process's cmdline fails to open quietly and counts as no VMM).
+isvmm() { tr '\0' ' ' 2>/dev/null < "$1" | grep -q '^[^ ]*kiln restore '; }
+vmmpids() { for c in /proc/[0-9]*/cmdline; do isvmm $c && p=${c#/proc/} && echo ${p%/cmdline}; done 2>/dev/null | sort -n | tr '\n' ' '; echo; }
+vmms() { vmmpids | wc -w; }
+# After the server is killed its VMMs die of PR_SET_PDEATHSIG: wait (bounded) for them to go.
+stopped() { kill $1; wait $1; n=0; while [ "$(vmms)" -gt 0 ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n+1)); done; vmms; }
 alive() { [ -n "$1" ] && [ -d /proc/$1 ] && echo alive || echo gone; }
 fstat() { kiln api --sock $S GET /functions/$1 | tail -n 1; }
 serve_up() { t0=$(date +%s); wait_sock $S; echo "socket after $(($(date +%s)-t0)) s"; echo '== log'; cat $D/log;
@@ -64,11 +69,12 @@ for i in 1 2 3 4 5; do a=$($A GET /functions | tail -n 1); p=$(vmmpids); b=$($A 
 echo '== vmms'; echo "$p"; echo '== all'; echo "$a"
 echo '== rootfn'; $A POST /functions/rootfn/invoke x
 echo '== badroot'; $A PUT /functions/br '{"command":"true","rootfs":"/nonexistent.ext4"}'
-sleep 13
+# The 12 s keep-alive ends up's instance: wait for it (bounded), not a fixed time.
+n=0; until { fstat up | grep -q '"idle_instances":0' && [ "$(alive $UP)" = gone ]; } || [ $n -gt 600 ]; do sleep 0.1; n=$((n+1)); done
 echo '== expired'; fstat up; alive $UP; vmms
 $A POST /functions/nap/invoke again > /dev/null
 echo '== delete'; $A DELETE /functions/up; $A GET /functions/up; ls $D/st
-echo '== kill'; vmms; kill $P; sleep 1; vmms
+echo '== kill'; vmms; stopped $P
 "#;
     let server_b = r#"D=/tmp/svb; rm -rf $D; mkdir -p $D; S=$D/s.sock; A="kiln api --sock $S";
 kiln serve --sock $S --dir $D/st --keep-alive 30 --policy-bin-ms 2000 --policy-min-samples 3 --max-instances 1 \
@@ -82,7 +88,7 @@ echo '== call5'; $A POST /functions/tick/invoke x; fstat tick
 n=0; until fstat tick | grep -q '"prewarms":2' || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
 echo '== evict'; ($A POST /functions/slow/invoke x > $D/slow.out) & W=$!; sleep 1.5; $A POST /functions/tick/invoke x; wait $W; cat $D/slow.out
 echo '== after'; fstat tick; fstat slow
-echo '== kill'; kill $P; sleep 1; vmms
+echo '== kill'; stopped $P
 "#;
     vec![
         ("server_a", format!("{SH}{server_a}")),
