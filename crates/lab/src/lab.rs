@@ -30,10 +30,19 @@ use crate::scripts;
 /// Name of the QEMU binary (overridable with `KILN_QEMU`).
 const QEMU: &str = "qemu-system-x86_64";
 /// Kernel command line of the lab host.
+/// The kernel log goes to its own serial port (`ttyS2`, a file on the host:
+/// see [`LabError`]), so the lab's console (`ttyS0`, where commands print)
+/// carries only what the commands print. A stall leaves evidence there:
+/// the soft-lockup, hung-task and RCU-stall detectors print to it, and an
+/// NMI from the host ([`crate::monitor::diagnose`]) makes the kernel panic
+/// with every CPU's stack (`unknown_nmi_panic`, `panic_print=0x40`).
 /// (`lapic=notscdeadline`: the lab kernel programs its LAPIC timer in
 /// one-shot mode; TCG's emulated TSC-deadline timer is the suspect in rare
 /// lab stalls where the whole emulated machine sat idle.)
-const LAB_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet lapic=notscdeadline";
+const LAB_CMDLINE: &str = "console=ttyS2 reboot=k panic=-1 quiet lapic=notscdeadline \
+                           unknown_nmi_panic panic_print=0x40 softlockup_all_cpu_backtrace=1";
+/// After an NMI, how long the lab kernel gets to print its stacks.
+const NMI_GRACE: Duration = Duration::from_secs(8);
 /// A run whose results channel shows no progress for this long is stalled
 /// (the lab froze: a running command sends a heartbeat every minute, so a
 /// slow command is not a stall; only the run's timeout ends it).
@@ -126,20 +135,24 @@ pub enum LabError {
         /// What went wrong.
         message: String,
     },
-    /// The lab did not finish in time; QEMU was killed.
+    /// The lab did not finish in time, or froze; QEMU was killed.
     #[error(
-        "lab timed out after {timeout:?} ({progress})\n--- lab console tail ---\n{console_tail}"
+        "lab timed out after {timeout:?} ({progress})\n--- lab CPUs when it was stopped ---\n{diagnosis}\n--- lab console tail ---\n{console_tail}\n--- lab kernel log tail ---\n{kernel_log}"
     )]
     Timeout {
         /// The configured timeout.
         timeout: Duration,
         /// How far the run got.
         progress: String,
+        /// Where the lab's CPUs were (see [`crate::monitor::diagnose`]).
+        diagnosis: String,
         /// Last part of the lab console.
         console_tail: String,
+        /// Last part of the lab kernel's log.
+        kernel_log: String,
     },
     /// QEMU exited before all commands finished.
-    #[error("lab exited early, QEMU {qemu_status} ({progress})\n--- lab console tail ---\n{console_tail}\n--- qemu stderr ---\n{qemu_stderr}")]
+    #[error("lab exited early, QEMU {qemu_status} ({progress})\n--- lab console tail ---\n{console_tail}\n--- lab kernel log tail ---\n{kernel_log}\n--- qemu stderr ---\n{qemu_stderr}")]
     Incomplete {
         /// QEMU's exit status.
         qemu_status: String,
@@ -147,6 +160,8 @@ pub enum LabError {
         progress: String,
         /// Last part of the lab console.
         console_tail: String,
+        /// Last part of the lab kernel's log.
+        kernel_log: String,
         /// QEMU's standard error (warnings included).
         qemu_stderr: String,
     },
@@ -480,6 +495,8 @@ impl Lab {
         let tmp = TempDir::new().map_err(|e| Box::new((e, none())))?;
         let initrd = tmp.0.join("initrd.img");
         let results = tmp.0.join("results.log");
+        let kernel_log = tmp.0.join("kernel.log");
+        let qmp = tmp.0.join("qmp.sock");
         self.build_initrd(&initrd, run_sh)
             .map_err(|e| Box::new((e, none())))?;
 
@@ -492,6 +509,10 @@ impl Lab {
             .args(["-serial", "stdio"])
             .arg("-serial")
             .arg(format!("file:{}", results.display()))
+            .arg("-serial")
+            .arg(format!("file:{}", kernel_log.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .arg("-kernel")
             .arg(&self.images.kernel)
             .arg("-initrd")
@@ -533,8 +554,23 @@ impl Lab {
 
         // An interactive run may sit quietly for as long as its user likes.
         let stall = if echo { self.timeout } else { DEFAULT_STALL };
-        let status = wait_deadline(&mut child, start + self.timeout, &results, stall);
+        let status = match wait_deadline(&mut child, start + self.timeout, &results, stall) {
+            Waited::Exited(s) => Ok(s),
+            Waited::Stopped => {
+                // Ask QEMU where the CPUs are and let the lab kernel print
+                // its stacks before the lab is killed.
+                let d = crate::monitor::diagnose(&qmp);
+                let until = Instant::now() + NMI_GRACE;
+                while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(d)
+            }
+        };
         let total_time = start.elapsed();
+        let kernel_tail = file_tail(&kernel_log);
         for t in [out_thread, err_thread].into_iter().flatten() {
             let _ = t.join();
         }
@@ -550,8 +586,8 @@ impl Lab {
         let parsed = framing::parse(&raw);
         let progress = describe(&parsed, commands, boot_time);
         let status = match status {
-            Some(s) => s,
-            None => {
+            Ok(s) => s,
+            Err(diagnosis) => {
                 let timeout = if start.elapsed() >= self.timeout {
                     self.timeout
                 } else {
@@ -561,7 +597,9 @@ impl Lab {
                     LabError::Timeout {
                         timeout,
                         progress,
+                        diagnosis,
                         console_tail: tail,
+                        kernel_log: kernel_tail,
                     },
                     parsed,
                 )));
@@ -580,6 +618,7 @@ impl Lab {
                 qemu_status: status,
                 progress,
                 console_tail: tail,
+                kernel_log: kernel_tail,
                 qemu_stderr: String::from_utf8_lossy(&stderr).trim().to_string(),
             };
             return Err(Box::new((e, parsed)));
@@ -592,14 +631,24 @@ impl Lab {
 /// results arrived before it.
 type BootResult = Result<(Parsed, Option<Duration>, Duration), Box<(LabError, Parsed)>>;
 
+/// How waiting for QEMU ended.
+enum Waited {
+    /// QEMU exited with this status.
+    Exited(String),
+    /// The deadline passed or the lab stalled; QEMU still runs.
+    Stopped,
+}
+
+/// The last [`TAIL_BYTES`] of a file, as text (empty if unreadable).
+fn file_tail(path: &Path) -> String {
+    let bytes = fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(TAIL_BYTES);
+    String::from_utf8_lossy(&bytes[start..]).replace('\r', "")
+}
+
 /// Waits for `child` until `deadline`, or until `progress` (the results
-/// file) has not grown for `stall`; kills it then (returns `None`).
-fn wait_deadline(
-    child: &mut Child,
-    deadline: Instant,
-    progress: &Path,
-    stall: Duration,
-) -> Option<String> {
+/// file) has not grown for `stall`.
+fn wait_deadline(child: &mut Child, deadline: Instant, progress: &Path, stall: Duration) -> Waited {
     let mut last_len = 0u64;
     let mut last_change = Instant::now();
     loop {
@@ -609,19 +658,15 @@ fn wait_deadline(
             last_change = Instant::now();
         }
         if last_change.elapsed() >= stall {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
+            return Waited::Stopped;
         }
         match child.try_wait() {
-            Ok(Some(s)) => return Some(s.to_string()),
+            Ok(Some(s)) => return Waited::Exited(s.to_string()),
             Ok(None) => {}
-            Err(e) => return Some(format!("unknown status ({e})")),
+            Err(e) => return Waited::Exited(format!("unknown status ({e})")),
         }
         if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
+            return Waited::Stopped;
         }
         std::thread::sleep(Duration::from_millis(20));
     }

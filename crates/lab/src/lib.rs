@@ -25,6 +25,7 @@ pub mod cpio;
 pub mod framing;
 pub mod images;
 pub mod lab;
+pub mod monitor;
 pub mod scripts;
 
 pub use images::{default_cache_dir, ensure, ImageError, Images};

@@ -207,11 +207,14 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# The kernel's console is ttyS2 (its log, a file on the host); what the lab
+# and its commands print goes to ttyS0.
+exec </dev/ttyS0 >/dev/ttyS0 2>&1
 mkdir -p /sys/fs/cgroup /tmp /run
 mount -t cgroup2 none /sys/fs/cgroup
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
-dmesg -n 1
+dmesg -n 7
 "#,
     );
     s.push_str(&format!("M=/lib/modules/{kernel_version}\n"));
