@@ -77,7 +77,7 @@ fn cases() -> Vec<(&'static str, String)> {
              kiln api --sock /tmp/p.sock GET /; echo; \
              sleep 1; n1=$(grep -c tick- /tmp/p.log); sleep 4; n2=$(grep -c tick- /tmp/p.log); \
              kiln api --sock /tmp/p.sock PATCH /vm '{\"state\":\"Resumed\"}'; echo resume-status=$?; \
-             sleep 4; n3=$(grep -c tick- /tmp/p.log); echo counts $n1 $n2 $n3; \
+             i=0; until [ $(grep -c tick- /tmp/p.log) -ge $((n2 + 5)) ] || [ $i -gt 600 ]; do sleep 0.1; i=$((i+1)); done; n3=$(grep -c tick- /tmp/p.log); echo counts $n1 $n2 $n3; \
              kiln api --sock /tmp/p.sock PATCH /vm '{\"state\":\"Frozen\"}'; echo bad-state-status=$?; \
              wait; cat /tmp/p.log"
                 .to_string(),

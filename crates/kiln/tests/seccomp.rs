@@ -366,7 +366,7 @@ fn cases() -> Vec<(&'static str, String)> {
              (timeout 300 kiln vmm --api-sock /tmp/sc.sock --config-file /tmp/sc.json --metrics-path /tmp/m.json > sc.log 2>&1; echo kiln-status=$? >> sc.log) & \
              i=0; until grep -q guest-ready sc.log || [ $i -gt 600 ]; do sleep 0.5; i=$((i+1)); done; \
              PID=$(pidof kiln); echo pid=$PID; \
-             echo '== threads'; for t in /proc/$PID/task/*; do echo \"TASK $(cat $t/comm) $(grep ^Seccomp: $t/status | tr -dc 0-9)\"; echo \"TID ${{t##*/}} $(cat $t/comm)\"; done; \
+             echo '== threads'; for t in /proc/$PID/task/*; do c=$(cat $t/comm 2>/dev/null) && m=$(grep ^Seccomp: $t/status 2>/dev/null) || continue; echo \"TASK $c $(echo $m | tr -dc 0-9)\"; echo \"TID ${{t##*/}} $c\"; done; \
              echo '== api'; {api} GET /; echo; \
              {api} PATCH /vm '{{\"state\":\"Paused\"}}'; echo pause-status=$?; \
              {api} PATCH /vm '{{\"state\":\"Resumed\"}}'; echo resume-status=$?; \

@@ -115,10 +115,12 @@ fn cases() -> Vec<(&'static str, String)> {
         ),
         (
             "balloon",
-            // The same guest without and with a 128 MiB balloon.
+            // The same guest without and with a 128 MiB balloon (the guest
+            // waits, bounded, until the inflation shows in MemTotal).
             format!(
-                "{t} kiln run --mem 512 -- grep MemTotal /proc/meminfo && \
-                 {t} kiln run --mem 512 --balloon 128 -- 'i=0; while [ $i -lt 50 ]; do sleep 0.2; i=$((i+1)); done; grep MemTotal /proc/meminfo'"
+                "{t} kiln run --mem 512 -- grep MemTotal /proc/meminfo > /tmp/bal0.out && cat /tmp/bal0.out && \
+                 T=$(tr -d '\\r' < /tmp/bal0.out | awk '/^MemTotal:/ {{print $2}}') && \
+                 {t} kiln run --mem 512 --balloon 128 -- 'm() {{ set -- $(grep MemTotal /proc/meminfo); v=$2; }}; m; i=0; while [ $i -lt 600 ] && [ $v -gt '$((T - 120000))' ]; do sleep 0.2; m; i=$((i+1)); done; grep MemTotal /proc/meminfo'"
             ),
         ),
         (

@@ -13,8 +13,13 @@ use crate::stats::{inc, VcpuCounters};
 /// Why a vCPU stopped running.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VcpuStop {
-    /// The guest asked for a reset (triple fault or KVM system event).
+    /// The guest asked for a reset (KVM system event).
     Reset,
+    /// A triple fault (KVM_EXIT_SHUTDOWN), with the vCPU's registers: a
+    /// reset only if the guest asked for one just before (Linux falls back
+    /// to a triple fault when a keyboard-controller reset has not happened
+    /// yet); otherwise the guest died.
+    TripleFault(String),
     /// The guest asked to power off.
     Shutdown,
     /// The guest crashed (KVM system event).
@@ -140,14 +145,22 @@ pub struct VcpuContext {
 }
 
 /// Logs the registers of a vCPU that shut down (triple fault).
-fn log_triple_fault(index: u8, vcpu: &VcpuFd) {
-    match (vcpu.get_regs(), vcpu.get_sregs()) {
-        (Ok(r), Ok(s)) => log::info!(
-            "vcpu{index}: shutdown (triple fault or reset): rip={:#x} rsp={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+/// Where a vCPU was when it triple-faulted (logged, and part of the error
+/// when the guest did not ask for a reset).
+fn triple_fault_registers(index: u8, vcpu: &VcpuFd) -> String {
+    let text = match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "vcpu{index}: rip={:#x} rsp={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
             r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer, s.cs.selector
         ),
-        (r, s) => log::info!("vcpu{index}: shutdown; registers unavailable: {:?} {:?}", r.err(), s.err()),
-    }
+        (r, s) => format!(
+            "vcpu{index}: registers unavailable: {:?} {:?}",
+            r.err(),
+            s.err()
+        ),
+    };
+    log::info!("shutdown (triple fault): {text}");
+    text
 }
 
 const KVM_SYSTEM_EVENT_SHUTDOWN: u32 = 1;
@@ -190,10 +203,9 @@ pub fn run_vcpu(index: u8, mut vcpu: VcpuFd, ctx: VcpuContext) {
                     }
                 }
                 VcpuExit::Shutdown => {
-                    // A triple fault (or a reset through it): say where, for
-                    // whoever has to understand an unexpected one.
-                    log_triple_fault(index, &vcpu);
-                    break VcpuStop::Reset;
+                    // A triple fault: a reset the guest asked for, or a dead
+                    // guest; the VMM tells which (see VcpuStop::TripleFault).
+                    break VcpuStop::TripleFault(triple_fault_registers(index, &vcpu));
                 }
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => break VcpuStop::Shutdown,

@@ -494,6 +494,20 @@ impl Vmm {
                         let r = reason.lock().expect("stop reason lock poisoned").clone();
                         return Ok(match r {
                             Some(VcpuStop::Reset) => self.end(ExitReason::Reboot),
+                            // A guest that asked the keyboard controller for
+                            // a reset may triple-fault before this loop has
+                            // seen the request: still a reboot. Any other
+                            // triple fault is a guest that died; it must not
+                            // look like a reboot.
+                            Some(VcpuStop::TripleFault(regs)) => {
+                                if self.reset_evt.read().is_ok() {
+                                    self.end(ExitReason::Reboot)
+                                } else {
+                                    ExitReason::VcpuError(format!(
+                                        "the guest triple-faulted without asking for a reset ({regs})"
+                                    ))
+                                }
+                            }
                             Some(VcpuStop::Shutdown) => self.end(ExitReason::Poweroff),
                             Some(VcpuStop::Crash) => ExitReason::GuestPanic,
                             Some(VcpuStop::Error(e)) => ExitReason::VcpuError(e),
