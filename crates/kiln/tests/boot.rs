@@ -30,6 +30,13 @@ fn cases() -> Vec<(&'static str, String)> {
         ("exit_status", format!("{t} kiln run -- 'exit 7'")),
         ("panic", format!("{t} kiln run -- 'echo c > /proc/sysrq-trigger'")),
         (
+            "triple_fault",
+            format!(
+                "printf '{}' > /tmp/tf.elf && {t} kiln run --kernel /tmp/tf.elf",
+                octal(&triple_fault_kernel())
+            ),
+        ),
+        (
             "serial_input",
             // The guest gets no command, so init starts a shell on the serial
             // console; the host types into kiln's stdin once the guest is up.
@@ -42,6 +49,41 @@ fn cases() -> Vec<(&'static str, String)> {
             ),
         ),
     ]
+}
+
+/// A 64-bit ELF "kernel" whose first instruction is `ud2`: with no IDT the
+/// #UD becomes a double and then a triple fault, a shutdown the guest
+/// never asked for.
+fn triple_fault_kernel() -> Vec<u8> {
+    const BASE: u64 = 0x100_0000;
+    const EHDR: u16 = 64;
+    const PHDR: u16 = 56;
+    let code = [0x0f, 0x0b]; // ud2
+    let entry = BASE + u64::from(EHDR + PHDR);
+    let size = u64::from(EHDR + PHDR) + code.len() as u64;
+    let mut f = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    f.extend(2u16.to_le_bytes()); // ET_EXEC
+    f.extend(0x3eu16.to_le_bytes()); // x86-64
+    f.extend(1u32.to_le_bytes());
+    f.extend(entry.to_le_bytes());
+    f.extend(u64::from(EHDR).to_le_bytes()); // program headers
+    f.extend(0u64.to_le_bytes()); // no section headers
+    f.extend(0u32.to_le_bytes());
+    for h in [EHDR, PHDR, 1, 64, 0, 0] {
+        f.extend(h.to_le_bytes());
+    }
+    f.extend(1u32.to_le_bytes()); // PT_LOAD
+    f.extend(5u32.to_le_bytes()); // R+X
+    for v in [0, BASE, BASE, size, size, 0x1000] {
+        f.extend(v.to_le_bytes());
+    }
+    f.extend(code);
+    f
+}
+
+/// Bytes as a printf(1) format of octal escapes.
+fn octal(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));
@@ -132,6 +174,29 @@ fn guest_panic_is_a_clear_nonzero_exit() {
         out.output
     );
     assert!(!out.output.contains("KILN-EXIT="), "{}", out.output);
+}
+
+#[test]
+fn a_triple_fault_the_guest_did_not_ask_for_is_no_reboot() {
+    let out = BATCH.get("triple_fault");
+    assert_eq!(out.status, 3, "{}", out.output);
+    assert!(
+        out.output
+            .contains("the guest triple-faulted without asking for a reset (vcpu0: rip=0x1000078"),
+        "{}",
+        out.output
+    );
+}
+
+#[test]
+fn the_triple_fault_kernel_is_the_elf_it_claims() {
+    let k = triple_fault_kernel();
+    assert_eq!(k.len(), 122);
+    assert_eq!(&k[..4], b"\x7fELF");
+    // e_entry points at the code, which ends the file.
+    assert_eq!(u64::from_le_bytes(k[24..32].try_into().unwrap()), 0x100_0078);
+    assert_eq!(&k[120..], [0x0f, 0x0b]);
+    assert!(octal(&k).starts_with("\\177\\105\\114\\106"));
 }
 
 #[test]
