@@ -194,7 +194,10 @@ fn the_triple_fault_kernel_is_the_elf_it_claims() {
     assert_eq!(k.len(), 122);
     assert_eq!(&k[..4], b"\x7fELF");
     // e_entry points at the code, which ends the file.
-    assert_eq!(u64::from_le_bytes(k[24..32].try_into().unwrap()), 0x100_0078);
+    assert_eq!(
+        u64::from_le_bytes(k[24..32].try_into().unwrap()),
+        0x100_0078
+    );
     assert_eq!(&k[120..], [0x0f, 0x0b]);
     assert!(octal(&k).starts_with("\\177\\105\\114\\106"));
 }
