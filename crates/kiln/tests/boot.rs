@@ -180,9 +180,12 @@ fn guest_panic_is_a_clear_nonzero_exit() {
 fn a_triple_fault_the_guest_did_not_ask_for_is_no_reboot() {
     let out = BATCH.get("triple_fault");
     assert_eq!(out.status, 3, "{}", out.output);
+    // (On AMD, KVM has already reset the vCPU when it reports the shutdown,
+    // so the registers named are the reset state, not the faulting ones.)
     assert!(
-        out.output
-            .contains("the guest triple-faulted without asking for a reset (vcpu0: rip=0x1000078"),
+        out.output.contains(
+            "kiln: vCPU error: the guest triple-faulted without asking for a reset (vcpu0: rip="
+        ),
         "{}",
         out.output
     );

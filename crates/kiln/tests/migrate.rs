@@ -33,10 +33,11 @@ fn helpers() -> String {
     let cmdline = kiln_vmm::DEFAULT_CMDLINE;
     let sh = COUNTING_SH;
     format!(
-        r#"{sh}wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done; }}
+        r#"{sh}wait_line() {{ n=0; until grep -q "$2" "$1" 2>/dev/null || [ $n -gt 3000 ]; do sleep 0.1; n=$((n+1)); done; }}
 alive() {{ st=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null); [ -n "$st" ] && [ "$st" != Z ]; }}
-# wait_exit PID SECS: its exit status, or 99 (killed) if it outlives SECS.
-wait_exit() {{ n=0; while alive $1 && [ $n -lt $(($2*5)) ]; do sleep 0.2; n=$((n+1)); done; if alive $1; then kill -9 $1; wait $1; return 99; fi; wait $1; }}
+# wait_exit PID SECS: its exit status, or 99 (killed) if it outlives 5 x SECS
+# (room for a loaded machine).
+wait_exit() {{ n=0; while alive $1 && [ $n -lt $(($2*25)) ]; do sleep 0.2; n=$((n+1)); done; if alive $1; then kill -9 $1; wait $1; return 99; fi; wait $1; }}
 logs() {{ for f in "$@"; do echo "-- $f"; grep -v count= $f | tail -15; done; }}
 vm_json() {{ cat > $D/vm.json <<EOF
 {{"boot-source":{{"kernel_image_path":"$KILN_KERNEL","initrd_path":"$KILN_INITRD","boot_args":"{cmdline} -- \"$1\""}},
