@@ -481,11 +481,33 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        413 => "Payload Too Large",
         500 => "Internal Server Error",
+        501 => "Not Implemented",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::reason;
+
+    #[test]
+    fn statuses_go_out_with_their_standard_reason_phrases() {
+        for (status, phrase) in [
+            (405, "Method Not Allowed"),
+            (413, "Payload Too Large"),
+            (501, "Not Implemented"),
+            (401, "Unauthorized"),
+        ] {
+            assert_eq!(reason(status), phrase);
+        }
     }
 }

@@ -383,6 +383,10 @@ impl VmResources {
                 self.machine_config = m;
             }
             PreBootRequest::PatchMachineConfig(u) => {
+                // Firecracker refuses a PATCH that changes nothing.
+                if u == MachineConfigUpdate::default() {
+                    return Err(invalid("Empty PATCH request.".to_string()));
+                }
                 let old = &self.machine_config;
                 let m = MachineConfig {
                     vcpu_count: u.vcpu_count.unwrap_or(old.vcpu_count),
@@ -1057,6 +1061,9 @@ mod tests {
             Some(r#"{"vcpu_count":64}"#),
         ));
         assert!(m.contains("between 1 and 32"), "{m}");
+        // As Firecracker: a PATCH that changes nothing is refused.
+        let m = fault(&req(&v, "PATCH", "/machine-config", Some("{}")));
+        assert_eq!(m, "Empty PATCH request.");
         let r = req(
             &v,
             "PATCH",
