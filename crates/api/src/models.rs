@@ -34,16 +34,13 @@ pub struct Balloon {
     /// Seconds between statistics refreshes; 0 disables statistics.
     #[serde(default)]
     pub stats_polling_interval_s: u32,
-    /// Free page hinting (refused: not supported by Kiln).
-    #[serde(default, skip_serializing_if = "is_false")]
+    /// Free page hinting (refused: not supported by Kiln). Always in the
+    /// answers, as Firecracker's.
+    #[serde(default)]
     pub free_page_hinting: bool,
     /// The guest reports free memory, which the VMM gives back to the host.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub free_page_reporting: bool,
-}
-
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 /// `PATCH /vm`: Firecracker's VM state change.

@@ -1194,7 +1194,7 @@ mod tests {
         let c = req(&v, "GET", "/vm/config", None);
         assert_eq!(
             c.body,
-            r#"{"boot-source":{"kernel_image_path":"/k","boot_args":"console=ttyS0"},"drives":[],"machine-config":{"vcpu_count":1,"mem_size_mib":128,"smt":false,"track_dirty_pages":false},"network-interfaces":[],"balloon":{"amount_mib":3,"deflate_on_oom":false,"stats_polling_interval_s":0},"entropy":{}}"#
+            r#"{"boot-source":{"kernel_image_path":"/k","boot_args":"console=ttyS0"},"drives":[],"machine-config":{"vcpu_count":1,"mem_size_mib":128,"smt":false,"track_dirty_pages":false},"network-interfaces":[],"balloon":{"amount_mib":3,"deflate_on_oom":false,"stats_polling_interval_s":0,"free_page_hinting":false,"free_page_reporting":false},"entropy":{}}"#
         );
         // What GET /vm/config returns is a valid config file.
         let back = VmResources::from_json(&c.body).unwrap();

@@ -136,7 +136,8 @@ fn patch_then_get_balloon_keep_alive() {
         r[1],
         (
             200,
-            r#"{"amount_mib":128,"deflate_on_oom":true,"stats_polling_interval_s":1}"#.into()
+            r#"{"amount_mib":128,"deflate_on_oom":true,"stats_polling_interval_s":1,"free_page_hinting":false,"free_page_reporting":false}"#
+                .into()
         )
     );
     assert_eq!(

@@ -136,7 +136,9 @@ fn api_inflates_and_deflates_the_balloon() {
     assert!(root.contains(r#""app_name":"kiln""#), "{root}");
     let b = section(&o, "GET /balloon");
     assert!(
-        b.contains(r#"{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":1}"#),
+        b.contains(
+            r#"{"amount_mib":0,"deflate_on_oom":false,"stats_polling_interval_s":1,"free_page_hinting":false,"free_page_reporting":false}"#
+        ),
         "{b}"
     );
     assert!(
