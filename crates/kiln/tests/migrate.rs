@@ -38,7 +38,7 @@ alive() {{ st=$(cut -d' ' -f3 /proc/$1/stat 2>/dev/null); [ -n "$st" ] && [ "$st
 # wait_exit PID SECS: its exit status, or 99 (killed) if it outlives 5 x SECS
 # (room for a loaded machine).
 wait_exit() {{ n=0; while alive $1 && [ $n -lt $(($2*25)) ]; do sleep 0.2; n=$((n+1)); done; if alive $1; then kill -9 $1; wait $1; return 99; fi; wait $1; }}
-logs() {{ for f in "$@"; do echo "-- $f"; grep -v count= $f | tail -15; done; }}
+logs() {{ for f in "$@"; do echo "-- $f"; grep -v 'count=[0-9]' $f | tail -15; done; }}
 vm_json() {{ cat > $D/vm.json <<EOF
 {{"boot-source":{{"kernel_image_path":"$KILN_KERNEL","initrd_path":"$KILN_INITRD","boot_args":"{cmdline} -- \"$1\""}},
  "machine-config":{{"vcpu_count":2,"mem_size_mib":256}},
@@ -75,7 +75,7 @@ echo '== send'; timeout 300 kiln migrate send --sock $D/src.sock --to unix:$D/mi
 wait_exit $PS 20; echo "src-exit=$?"
 echo '== src-last'; counts src.log | tail -1
 wait_counts dst.log 3
-echo '== dst'; grep -E 'count=|runs here' dst.log | head -4
+echo '== dst'; grep -E 'count=[0-9]|runs here' dst.log | head -4
 echo '== dst-state'; kiln api --sock $D/dst.sock GET /
 echo '== tcp'
 # The lab's loopback starts down (busybox's ip lacks what iproute2 has).
@@ -88,7 +88,7 @@ timeout 300 kiln migrate send --sock $D/dst.sock --to "$EP" --downtime-ms 300 2>
 wait_exit $PD 20; echo "dst-exit=$?"
 echo "dst-last=$(counts dst.log | tail -1)"
 wait_counts dst2.log 3
-grep count= dst2.log | head -2
+grep 'count=[0-9]' dst2.log | head -2
 kill $PT; wait_exit $PT 10
 echo '== logs'; logs src.log dst.log dst2.log
 echo '== end'
@@ -155,7 +155,7 @@ echo '== send'; timeout 600 kiln migrate send --sock $D/src.sock --to unix:$D/mi
 wait_exit $PS 20; echo "src-exit=$?"
 echo "src-last=$(counts src.log | tail -1)"
 wait_counts dst.log 2
-echo '== dst'; grep count= dst.log | head -2
+echo '== dst'; grep 'count=[0-9]' dst.log | head -2
 kill $PD; wait_exit $PD 10
 kill -9 $PS 2>/dev/null
 echo '== logs'; logs src.log dst.log
@@ -209,11 +209,19 @@ fn counts(text: &str) -> Vec<u64> {
 }
 
 fn value(text: &str, key: &str) -> u64 {
+    value_in(text, key, text)
+}
+
+/// [`value`], showing all of `whole` (the case's output, logs included)
+/// when the number is missing.
+fn value_in(text: &str, key: &str, whole: &str) -> u64 {
     text.lines()
         .find_map(|l| l.trim().strip_prefix(key))
         .and_then(|n| n.split_whitespace().next())
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in: {text}"))
+        .unwrap_or_else(|| {
+            panic!("no number after {key:?} in:\n{text}\n--- the whole output ---\n{whole}")
+        })
 }
 
 /// The number right after "after=" (0 if none; a shell's "Terminated" may
@@ -249,7 +257,7 @@ fn a_counting_guest_moves_and_goes_on_counting() {
     assert!(send.contains("downtime"), "{o}");
     // The source ended cleanly, and only after the destination ran.
     assert!(send.contains("src-exit=0"), "{o}");
-    let last = value(section(&o, "src-last"), "");
+    let last = value_in(section(&o, "src-last"), "", &o);
     let dst = section(&o, "dst");
     assert!(dst.contains("the microVM runs here"), "{o}");
     let c = counts(dst);
@@ -368,7 +376,7 @@ fn a_memory_dirtying_guest_still_moves_with_a_bounded_final_round() {
     assert!(send.contains("send-status=0"), "{o}");
     assert!(rounds(send) <= 6, "{o}");
     assert!(send.contains("src-exit=0"), "{o}");
-    let last = value(send, "src-last=");
+    let last = value_in(send, "src-last=", &o);
     let c = counts(section(&o, "dst"));
     assert!(
         c.first().is_some_and(|&f| f == last || f == last + 1),

@@ -82,7 +82,7 @@ wait_counts run2.log 3
 echo '== vsock'; $KILN_AGENT uds-send $D/v.sock 5000 1048576
 n=0; while ! grep -q '^io=' run2.log && [ $n -lt 300 ]; do sleep 0.2; n=$((n+1)); done
 kill $P2; wait $P2
-echo '== run2'; grep count= run2.log | head -3; grep '^io=' run2.log | head -1; grep -i error run2.log | head -3
+echo '== run2'; grep 'count=[0-9]' run2.log | head -3; grep '^io=' run2.log | head -1; grep -i error run2.log | head -3
 echo '== load'
 kiln vmm --api-sock $D/api2.sock > run3.log 2>&1 & P3=$!
 n=0; until [ -S $D/api2.sock ] || [ $n -gt 100 ]; do sleep 0.1; n=$((n+1)); done
@@ -92,7 +92,7 @@ echo '== state'; {api} $D/api2.sock GET /
 echo '== balloon'; {api} $D/api2.sock GET /balloon
 echo '== again'; {api} $D/api2.sock PUT /snapshot/load '{{"snapshot_path":"/tmp/snap/state","mem_file_path":"/tmp/snap/mem"}}'
 kill $P3; wait $P3
-echo '== run3'; grep count= run3.log | head -3
+echo '== run3'; grep 'count=[0-9]' run3.log | head -3
 echo '== corrupt'
 cp state bad; printf 'X' | dd of=bad bs=1 seek=100 conv=notrunc 2>/dev/null
 kiln restore --snapshot bad --mem-file mem; echo status=$?
@@ -140,12 +140,12 @@ echo '== diff2'
 kiln snapshot --sock $D/api2.sock --type diff --snapshot $D/d2.state --mem-file $D/d2.mem; echo status=$?
 echo "last=$(counts run2.log | tail -1)"
 kill $P2; wait $P2
-echo '== run2'; grep -E 'count=|mount-failed' run2.log | head -2; grep -i error run2.log | head -3
+echo '== run2'; grep -E 'count=[0-9]|mount-failed' run2.log | head -2; grep -i error run2.log | head -3
 echo '== rebase2'; kiln snapshot-rebase --base-mem base.mem --diff-mem d2.mem; echo status=$?
 kiln restore --snapshot d2.state --mem-file base.mem > run3.log 2>&1 & P3=$!
 wait_counts run3.log 3
 kill $P3; wait $P3
-echo '== run3'; grep count= run3.log | head -2; grep -i error run3.log | head -3
+echo '== run3'; grep 'count=[0-9]' run3.log | head -2; grep -i error run3.log | head -3
 echo '== end'
 "#
             ),
@@ -175,12 +175,12 @@ for i in 0 1 2 3 4 5 6 7 8 9; do
 done
 for i in 0 1 2 3 4 5 6 7 8 9; do wait_counts c$i.log 2; done
 after=$(awk '/MemAvailable/ {{print $2}}' /proc/meminfo)
-running=0; for i in 0 1 2 3 4 5 6 7 8 9; do grep -q count= c$i.log && running=$((running+1)); done
+running=0; for i in 0 1 2 3 4 5 6 7 8 9; do grep -q 'count=[0-9]' c$i.log && running=$((running+1)); done
 echo "running=$running"
 echo "grew_kib=$((before-after))"
 for i in 0 1 2 3 4 5 6 7 8 9; do counts c$i.log | head -1; done | sort -u | tr '\n' ' '; echo
 for i in 0 1 2 3 4 5 6 7 8 9; do
-  if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q count= c$i.log; then
+  if ! kill -0 $(cat c$i.pid) 2>/dev/null || ! grep -q 'count=[0-9]' c$i.log; then
     wait $(cat c$i.pid); echo "clone $i exited: status $?"; grep -E "count=|shutdown" c$i.log | tail -3
   fi
 done

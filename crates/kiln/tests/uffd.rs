@@ -55,7 +55,7 @@ wait_counts run2.log 3
 echo '== vsock'; $KILN_AGENT uds-send $D/v.sock 5000 65536
 kill $P2; wait $P2
 wait $H1; echo handler-status=$?
-echo '== run2'; grep count= run2.log | head -3
+echo '== run2'; grep 'count=[0-9]' run2.log | head -3
 echo '== h1'; cat h1.log
 echo '== ws'; head -1 ws; echo lines=$(wc -l < ws)
 echo distinct=$(tail -n +2 ws | sort -u | wc -l); echo max=$(tail -n +2 ws | sort -n | tail -1)
@@ -66,13 +66,13 @@ kiln restore --snapshot state --uffd-sock $D/h2.sock > run3.log 2>&1 & P3=$!
 wait_counts run3.log 3
 kill $P3; wait $P3
 wait $H2; echo handler-status=$?
-echo '== run3'; grep count= run3.log | head -3
+echo '== run3'; grep 'count=[0-9]' run3.log | head -3
 echo '== h2'; cat h2.log
 echo '== thread'
 kiln restore --snapshot state --mem-file mem --uffd --record ws2 > run4.log 2>&1 & P4=$!
 wait_counts run4.log 3
 kill $P4; wait $P4
-echo '== run4'; grep count= run4.log | head -3; echo ws2-lines=$(wc -l < ws2)
+echo '== run4'; grep 'count=[0-9]' run4.log | head -3; echo ws2-lines=$(wc -l < ws2)
 echo '== missing'
 kiln restore --snapshot state --uffd-sock $D/nope.sock; echo status=$?
 echo '== killed'

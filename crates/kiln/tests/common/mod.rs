@@ -275,13 +275,15 @@ pub fn section<'a>(out: &'a str, name: &str) -> &'a str {
 }
 
 /// Shell functions for scripts that watch a counting guest's console log
-/// (lines "count=N ..."): `wait_counts LOG N` waits (up to 2 min) for N
+/// (lines "count=N ..."): `wait_counts LOG N` waits (up to 10 min) for N
 /// count lines, `counts LOG` prints the numbers, `wait_sock PATH` waits
 /// (up to 120 s) for a socket to appear.
+/// Only `count=` followed by a number is a count (a log line quoting the
+/// guest's command, `echo count=$i`, is not).
 /// (The waits are bounded generously: a loaded machine runs the lab's
 /// guests several times slower; a bound only ends a run that went wrong.)
-pub const COUNTING_SH: &str = r#"wait_counts() { n=0; while [ "$(grep -c count= "$1" 2>/dev/null)" -lt "$2" ] && [ $n -lt 3000 ]; do sleep 0.2; n=$((n+1)); done; }
-counts() { grep -o 'count=[0-9]*' "$1" | sed 's/count=//'; }
+pub const COUNTING_SH: &str = r#"wait_counts() { n=0; while [ "$(grep -c 'count=[0-9]' "$1" 2>/dev/null)" -lt "$2" ] && [ $n -lt 3000 ]; do sleep 0.2; n=$((n+1)); done; }
+counts() { grep -o 'count=[0-9][0-9]*' "$1" | sed 's/count=//'; }
 wait_sock() { n=0; until [ -S "$1" ] || [ $n -gt 1200 ]; do sleep 0.1; n=$((n+1)); done; }
 "#;
 
