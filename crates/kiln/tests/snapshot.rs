@@ -110,7 +110,7 @@ cp $KILN_ROOTFS disk.ext4
 dd if=/dev/urandom of=rnd.img bs=1M count=1 2>/dev/null
 cat > vm.json <<'EOF'
 {{"boot-source":{{"kernel_image_path":"@K@","initrd_path":"@I@","boot_args":"{cmdline} init_on_alloc=0 -- \"{dguest}\""}},
- "machine-config":{{"vcpu_count":2,"mem_size_mib":256,"track_dirty_pages":true}},
+ "machine-config":{{"vcpu_count":1,"mem_size_mib":256,"track_dirty_pages":true}},
  "drives":[{{"drive_id":"data","path_on_host":"/tmp/diff/disk.ext4","is_root_device":false,"is_read_only":false}},
   {{"drive_id":"rnd","path_on_host":"/tmp/diff/rnd.img","is_root_device":false,"is_read_only":true}}]}}
 EOF
