@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{guest_lines, guest_status, Batch};
+use common::{guest_lines, guest_status, octal, Batch};
 
 const QUIET: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet";
 
@@ -79,11 +79,6 @@ fn triple_fault_kernel() -> Vec<u8> {
     }
     f.extend(code);
     f
-}
-
-/// Bytes as a printf(1) format of octal escapes.
-fn octal(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
 }
 
 static BATCH: Batch = Batch::new(cases, Duration::from_secs(900));

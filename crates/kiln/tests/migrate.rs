@@ -53,7 +53,7 @@ EOF
 fn hello_printf() -> String {
     let mut bytes = Vec::new();
     wire::send(&mut bytes, &wire::hello()).unwrap();
-    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
+    common::octal(&bytes)
 }
 
 fn cases() -> Vec<(&'static str, String)> {

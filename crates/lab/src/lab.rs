@@ -261,8 +261,7 @@ struct Console {
 
 impl Console {
     fn tail(&self) -> String {
-        let start = self.bytes.len().saturating_sub(TAIL_BYTES);
-        String::from_utf8_lossy(&self.bytes[start..]).replace('\r', "")
+        tail_text(&self.bytes)
     }
 }
 
@@ -639,11 +638,15 @@ enum Waited {
     Stopped,
 }
 
-/// The last [`TAIL_BYTES`] of a file, as text (empty if unreadable).
-fn file_tail(path: &Path) -> String {
-    let bytes = fs::read(path).unwrap_or_default();
+/// The last [`TAIL_BYTES`] of `bytes`, as text.
+fn tail_text(bytes: &[u8]) -> String {
     let start = bytes.len().saturating_sub(TAIL_BYTES);
     String::from_utf8_lossy(&bytes[start..]).replace('\r', "")
+}
+
+/// The last [`TAIL_BYTES`] of a file, as text (empty if unreadable).
+fn file_tail(path: &Path) -> String {
+    tail_text(&fs::read(path).unwrap_or_default())
 }
 
 /// Waits for `child` until `deadline`, or until `progress` (the results

@@ -310,3 +310,9 @@ pub fn assert_echoed(text: &str, bytes: u64, all: &str) {
     assert_eq!((f[1], f[4]), (n.as_str(), n.as_str()), "{all}");
     assert_eq!(f[2], f[5], "{all}");
 }
+
+/// Bytes as a printf(1) format of octal escapes (binary data written by a
+/// lab shell command).
+pub fn octal(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("\\{b:03o}")).collect()
+}
