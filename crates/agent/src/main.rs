@@ -13,6 +13,7 @@
 //!                                          guest: O_DIRECT sequential write/read, 4 KiB random read
 //! kiln-agent tcp-send HOST PORT BYTES      send BYTES over TCP, wait for the peer's 8-byte count
 //! kiln-agent tcp-recv PORT                 accept one TCP connection, read to EOF, answer the count
+//! kiln-agent kvm-hold                      lab: keep one idle KVM VM (irqchip, one vCPU) for ever
 //! ```
 //!
 //! Senders print `sent <n> <fnv64> recv <m> <fnv64>`; equal pairs mean the
@@ -58,6 +59,53 @@ extern "C" {
     fn shutdown(fd: i32, how: i32) -> i32;
     fn chroot(path: *const std::ffi::c_char) -> i32;
     fn chdir(path: *const std::ffi::c_char) -> i32;
+    fn ioctl(fd: i32, req: u64, ...) -> i32;
+}
+
+/// `KVM_CREATE_VM`, `KVM_CREATE_IRQCHIP`, `KVM_CREATE_VCPU` (`_IO(0xAE, n)`).
+const KVM_CREATE_VM: u64 = 0xAE01;
+const KVM_CREATE_IRQCHIP: u64 = 0xAE60;
+const KVM_CREATE_VCPU: u64 = 0xAE41;
+
+/// Creates one KVM VM with an in-kernel irqchip and one vCPU that never
+/// runs, and keeps it until killed.
+///
+/// The lab's init runs this so that the lab kernel's KVM never goes from no
+/// VM to one VM or back. Each such transition flips static keys (the
+/// scheduler's preempt-notifier key, KVM's "APIC software-disabled" key),
+/// and the kernel rewrites its own code for it with int3-based text
+/// patching; QEMU's multi-threaded TCG sometimes keeps running the other
+/// CPU's stale translation of the temporary int3, and both lab CPUs then
+/// loop in the int3 handler with interrupts off for ever (see
+/// docs/design.md, "The lab").
+fn kvm_hold() -> io::Result<()> {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")?;
+    let check = |rc: i32| {
+        if rc < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(rc)
+        }
+    };
+    // SAFETY: KVM_CREATE_VM takes an integer machine type (0) and returns a
+    // new descriptor; no memory is passed to the kernel.
+    let vm = check(unsafe { ioctl(std::os::fd::AsRawFd::as_raw_fd(&kvm), KVM_CREATE_VM, 0u64) })?;
+    // SAFETY: `vm` is the descriptor just returned (owned from here on).
+    let vm = unsafe { OwnedFd::from_raw_fd(vm) };
+    let vmfd = std::os::fd::AsRawFd::as_raw_fd(&vm);
+    // SAFETY: KVM_CREATE_IRQCHIP takes no argument.
+    check(unsafe { ioctl(vmfd, KVM_CREATE_IRQCHIP, 0u64) })?;
+    // SAFETY: KVM_CREATE_VCPU takes the vCPU id (0) and returns a descriptor.
+    let vcpu = check(unsafe { ioctl(vmfd, KVM_CREATE_VCPU, 0u64) })?;
+    // SAFETY: `vcpu` is the descriptor just returned (owned from here on).
+    let _vcpu = unsafe { OwnedFd::from_raw_fd(vcpu) };
+    println!("kvm-hold: holding one idle VM");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 fn vm_addr(cid: u32, port: u32) -> SockaddrVm {
@@ -634,7 +682,7 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
 }
 
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT | cpuid LEAF [SUBLEAF]");
+    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT | cpuid LEAF [SUBLEAF] | kvm-hold");
     std::process::exit(2)
 }
 
@@ -721,6 +769,7 @@ fn run(args: &[String]) -> io::Result<()> {
             tcp_send(host, num(args.get(2)), num(args.get(3)))
         }
         Some("tcp-recv") => tcp_recv(num(args.get(1))),
+        Some("kvm-hold") => kvm_hold(),
         Some("cpuid") => {
             let n = |s: Option<&String>| -> u32 {
                 let s = s.map_or("0", |s| s.as_str());

@@ -240,6 +240,22 @@ dmesg -n 7
     insmod "$M/$m" $p || echo "KILN-LAB-ERROR: insmod $m failed"
 done
 [ -c /dev/kvm ] || echo "KILN-LAB-ERROR: /dev/kvm missing"
+# One idle KVM VM for the lab's whole life, so that the lab kernel never
+# goes from no VM to one VM or back: each such step flips static keys in
+# the scheduler and in KVM, the kernel patches its own code with a
+# temporary int3, and QEMU's multi-threaded TCG sometimes leaves the other
+# CPU running a stale translation of that int3 for ever (both lab CPUs then
+# loop in the int3 handler with interrupts off; see docs/design.md).
+kiln-agent kvm-hold >/tmp/.kvm-hold 2>&1 &
+i=0
+until grep -q holding /tmp/.kvm-hold 2>/dev/null; do
+    i=$((i+1))
+    if [ $i -gt 100 ] || ! kill -0 $! 2>/dev/null; then
+        echo "KILN-LAB-ERROR: kiln-agent kvm-hold: $(cat /tmp/.kvm-hold)"
+        break
+    fi
+    sleep 0.1
+done
 stty -F /dev/ttyS1 raw -echo 2>/dev/null || echo "KILN-LAB-ERROR: no /dev/ttyS1"
 cd /
 echo KILN-LAB-READY
