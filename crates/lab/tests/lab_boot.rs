@@ -109,6 +109,15 @@ fn lab_timeout_kills_qemu() {
     assert!(err.to_string().contains("never became ready"), "{err}");
 }
 
+/// The direct TCG boots below run the guest's clocks on executed
+/// instructions (`-icount`), not on the host's wall clock: on a loaded host
+/// the kernel's PIT calibration of the TSC failed ("Unable to calibrate
+/// against PIT", then "could not calculate TSC khz") and the boot hung in
+/// the next calibration for good (10 minutes without a line). With icount
+/// the guest sees the same machine however busy the host is, and
+/// `sleep=off` lets it skip its idle waits (the 5 s root-device wait).
+const ICOUNT: [&str; 2] = ["-icount", "shift=0,sleep=off"];
+
 /// Boots the guest initramfs directly under QEMU/TCG (no KVM, no VMM) to
 /// check the guest /init protocol: ready marker, "$@" command, exit marker.
 #[test]
@@ -117,6 +126,7 @@ fn guest_initramfs_protocol() {
     let _boot = BOOT.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new("qemu-system-x86_64")
         .args(["-M", "q35", "-accel", "tcg", "-cpu", "EPYC", "-m", "512"])
+        .args(ICOUNT)
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args(["-serial", "stdio", "-no-reboot", "-kernel"])
         .arg(&imgs.kernel)
@@ -162,6 +172,7 @@ fn try_boot_guest_with_rootfs(imgs: &images::Images, cmdline: &str) -> Result<St
     let start = std::time::Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
         .args(["-M", "microvm,acpi=on", "-accel", "tcg", "-cpu", "EPYC"])
+        .args(ICOUNT)
         .args(["-m", "256", "-nodefaults", "-no-user-config"])
         .args(["-display", "none", "-serial", "stdio", "-no-reboot"])
         .arg("-kernel")
