@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use common::{section, Batch};
 
-/// The guest: fill, wait, free, wait (the host measures in the pauses).
+/// The guest: fill, wait, free, wait (the host measures in the pauses: RSS
+/// right after the fill, and its lowest value between the delete and the end).
 const GUEST: &str = "echo filling; dd if=/dev/zero of=/fill bs=1M count=256 2>/dev/null; \
     echo filled; sleep 5; rm /fill; echo freed; sleep 12; echo end";
 
@@ -18,8 +19,13 @@ fn cases() -> Vec<(&'static str, String)> {
         format!(
             r#"rm -f /tmp/{name}.out; kiln run --mem 512 --balloon {balloon} -- '{GUEST}' > /tmp/{name}.out 2>&1 & V=$!
 w() {{ i=0; until grep -q "$1" /tmp/{name}.out || [ $i -gt 900 ]; do sleep 0.2; i=$((i+1)); done; }}
-w filled; sleep 2; echo "filled-rss=$(awk '/VmRSS/{{print $2}}' /proc/$V/status)"
-w freed; sleep 8; echo "freed-rss=$(awk '/VmRSS/{{print $2}}' /proc/$V/status)"
+r() {{ awk '/VmRSS/{{print $2}}' /proc/$V/status 2>/dev/null; }}
+w filled; echo "filled-rss=$(r)"
+# The lowest RSS from the delete until the guest's end (12 s later): with
+# reporting it must fall, without it must stay up the whole time.
+w freed; low=$(r); i=0
+until grep -q end /tmp/{name}.out || [ $i -gt 900 ]; do x=$(r); [ -n "$x" ] && [ "$x" -lt "$low" ] && low=$x; sleep 0.2; i=$((i+1)); done
+echo "freed-rss=$low"
 wait $V; echo status=$?; grep -c end /tmp/{name}.out"#
         )
     };

@@ -127,7 +127,8 @@ EOF
 chmod +x $D/fake.sh
 IP=/usr/local/bin/ip; [ -x $IP ] || IP=ip; $IP link set lo up 2>/dev/null
 nc -l -p 47555 -e $D/fake.sh & PN=$!
-sleep 1
+# Listening yet? (47555 is B9C3; state 0A is LISTEN.)
+n=0; until grep -q ':B9C3 00000000:0000 0A' /proc/net/tcp || [ $n -gt 300 ]; do sleep 0.1; n=$((n+1)); done
 timeout 300 kiln migrate send --sock $D/src.sock --to tcp:127.0.0.1:47555 > mid.log 2>&1; echo "mid-status=$?"
 kill $PN 2>/dev/null; wait_exit $PN 5
 echo '== mid'; cat mid.log
