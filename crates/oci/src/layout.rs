@@ -173,9 +173,9 @@ impl Image {
     /// archive), choosing the manifest named `reference` (its
     /// `org.opencontainers.image.ref.name`), or the only one.
     pub fn open(path: &Path, reference: Option<&str>) -> Result<Self, OciError> {
-        let meta = std::fs::metadata(path).map_err(|source| OciError::Open {
+        let meta = std::fs::metadata(path).map_err(|error| OciError::Open {
             path: path.into(),
-            source,
+            error,
         })?;
         let not_oci = |why: &str| OciError::NotOci {
             path: path.into(),
@@ -295,10 +295,10 @@ impl Image {
     }
 
     fn json<T: serde::de::DeserializeOwned>(&self, data: &[u8], what: &str) -> Result<T, OciError> {
-        serde_json::from_slice(data).map_err(|source| OciError::Json {
+        serde_json::from_slice(data).map_err(|error| OciError::Json {
             path: self.path.clone(),
             what: what.into(),
-            source,
+            error,
         })
     }
 
@@ -460,6 +460,13 @@ pub(crate) fn layer_compression(d: &Descriptor) -> Result<bool, String> {
     }
 }
 
+/// An error's message cut to its first line (tar errors quote raw headers).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    let first = s.lines().next().unwrap_or("");
+    first.chars().take(120).collect()
+}
+
 /// Indexes a tar archive: entry name (without `./`) → (offset, size).
 fn index_archive(path: &Path, len: u64) -> Result<HashMap<String, (u64, u64)>, OciError> {
     let not_oci = |why: String| OciError::NotOci {
@@ -470,9 +477,9 @@ fn index_archive(path: &Path, len: u64) -> Result<HashMap<String, (u64, u64)>, O
         path: path.into(),
         why,
     };
-    let mut f = File::open(path).map_err(|source| OciError::Open {
+    let mut f = File::open(path).map_err(|error| OciError::Open {
         path: path.into(),
-        source,
+        error,
     })?;
     let mut magic = [0u8; 2];
     if f.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b] {
@@ -483,7 +490,9 @@ fn index_archive(path: &Path, len: u64) -> Result<HashMap<String, (u64, u64)>, O
     f.seek(SeekFrom::Start(0))
         .map_err(crate::io_err("seeking"))?;
     if len < 512 {
-        return Err(not_oci(format!("{len} bytes is no tar archive")));
+        return Err(not_oci(format!(
+            "neither an image layout directory nor a tar archive: {len} bytes"
+        )));
     }
     let mut archive = tar::Archive::new(f);
     let mut entries = HashMap::new();
@@ -494,12 +503,16 @@ fn index_archive(path: &Path, len: u64) -> Result<HashMap<String, (u64, u64)>, O
     for (i, e) in iter.enumerate() {
         let e = match e {
             Ok(e) => e,
-            Err(err) if i == 0 => return Err(not_oci(format!("not a tar archive: {err}"))),
-            Err(err) => return Err(truncated(format!("after entry {i}: {err}"))),
+            Err(_) if i == 0 => {
+                return Err(not_oci(
+                    "neither an image layout directory nor a tar archive".into(),
+                ))
+            }
+            Err(err) => return Err(truncated(format!("after entry {i}: {}", one_line(&err)))),
         };
         let name = e
             .path()
-            .map_err(|err| not_oci(format!("entry {i}: {err}")))?
+            .map_err(|err| not_oci(format!("entry {i}: {}", one_line(&err))))?
             .to_string_lossy()
             .trim_start_matches("./")
             .trim_start_matches('/')

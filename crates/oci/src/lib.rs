@@ -32,13 +32,12 @@ pub use unpack::apply_layer;
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
     /// The path does not exist or cannot be opened.
-    #[error("{path}: {source}")]
+    #[error("{path}: {error}")]
     Open {
         /// The image path.
         path: PathBuf,
         /// Why it could not be opened.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Neither an OCI image layout directory nor an oci-layout archive.
     #[error("{path}: not an OCI image ({why})")]
@@ -87,15 +86,14 @@ pub enum OciError {
         why: String,
     },
     /// A JSON document of the image does not parse.
-    #[error("{path}: {what}: {source}")]
+    #[error("{path}: {what}: {error}")]
     Json {
         /// The image path.
         path: PathBuf,
         /// Which document.
         what: String,
         /// The parse error.
-        #[source]
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
     /// Something in the image Kiln does not handle (yet).
     #[error("{path}: {why}")]
@@ -141,20 +139,19 @@ pub enum OciError {
         stderr: String,
     },
     /// Any other I/O failure.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done.
         context: String,
         /// The error.
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
 /// Attaches what was being done to an I/O error.
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
     let context = context.into();
-    move |source| OciError::Io { context, source }
+    move |error| OciError::Io { context, error }
 }
 
 /// Where built root file systems are cached: `<dir>/<chain digest>.erofs`.
