@@ -236,6 +236,7 @@ mod tests {
                 ("link", 'l', "etc/keep"),
                 ("was-dir", 'd', ""),
                 ("was-dir/f", 'f', "f"),
+                ("was-file", 'f', "f"),
             ]),
         )
         .unwrap();
@@ -249,6 +250,8 @@ mod tests {
                 ("opt/.wh..wh..opq", 'f', ""),
                 ("./.wh.var", 'f', ""),
                 ("was-dir", 'f', "now a file"),
+                ("was-file", 'd', ""),
+                ("was-file/inside", 'f', "i"),
                 ("etc/.wh.never-existed", 'f', ""),
             ]),
         )
@@ -262,6 +265,8 @@ mod tests {
                 "opt/",
                 "opt/new=n",
                 "was-dir=now a file",
+                "was-file/",
+                "was-file/inside=i",
             ]
         );
         fs::remove_dir_all(&root).unwrap();
