@@ -111,21 +111,31 @@ pub fn prepare(args: &mut RunArgs) -> Result<Option<Prepared>> {
     Ok(Some(prepared))
 }
 
-/// Kiln's exit status after the VM ended with `vm_status`: with
-/// `--status-disk`, the exit status the guest wrote there.
-pub fn exit_code(args: &RunArgs, vm_status: i32) -> Result<i32> {
+/// With `--status-disk`: that disk, opened now (before the VMM's seccomp
+/// filter forbids opening files) to read the exit status from later.
+pub fn status_disk(args: &RunArgs) -> Result<Option<(PathBuf, std::fs::File)>> {
     let Some(i) = args.image.status_disk else {
-        return Ok(vm_status);
+        return Ok(None);
     };
-    if vm_status != 0 {
-        return Ok(vm_status);
-    }
     let disk = args
         .disks
         .get(i)
         .with_context(|| format!("--status-disk {i}: there is no such --disk"))?;
     let path = crate::parse_disk(disk, i)?.path;
-    let status = kiln_oci::spec::read_status(&path)
+    let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    Ok(Some((path, f)))
+}
+
+/// Kiln's exit status after the VM ended with `vm_status`: with a status
+/// disk, the exit status the guest wrote there.
+pub fn exit_code(status_disk: Option<(PathBuf, std::fs::File)>, vm_status: i32) -> Result<i32> {
+    let Some((path, mut f)) = status_disk else {
+        return Ok(vm_status);
+    };
+    if vm_status != 0 {
+        return Ok(vm_status);
+    }
+    let status = kiln_oci::spec::read_status_from(&mut f)
         .with_context(|| format!("reading the exit status from {}", path.display()))?;
     status.ok_or_else(|| {
         anyhow::anyhow!(

@@ -541,6 +541,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         track_dirty_pages: false,
         cpu_template: None,
     };
+    let status_disk = image_cmd::status_disk(&args)?;
     let mut vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
     if std::env::var_os("KILN_MEM_REPORT").is_some() {
         for (addr, len) in vmm.guest_memory_host_ranges() {
@@ -555,7 +556,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
     let stdin = term::prepare_stdin();
     let reason = vmm.run(stdin)?;
     term::restore();
-    image_cmd::exit_code(&args, exit_status(reason))
+    image_cmd::exit_code(status_disk, exit_status(reason))
 }
 
 /// The JSON document of `--mmds FILE`.

@@ -103,7 +103,13 @@ impl Process {
 
 /// Reads the exit status the guest wrote into a spec disk, if it did.
 pub fn read_status(spec_disk: &Path) -> io::Result<Option<i32>> {
-    let mut f = std::fs::File::open(spec_disk)?;
+    read_status_from(&mut std::fs::File::open(spec_disk)?)
+}
+
+/// [`read_status`] from a spec disk opened earlier (only `lseek` and
+/// `read`: a VMM's main thread may do no more once its seccomp filter is
+/// on).
+pub fn read_status_from(f: &mut std::fs::File) -> io::Result<Option<i32>> {
     f.seek(SeekFrom::Start(0))?;
     let mut buf = vec![0u8; STATUS_BYTES];
     f.read_exact(&mut buf)?;
