@@ -164,6 +164,26 @@ mod tests {
     }
 
     #[test]
+    fn the_status_sector_is_the_exit_status() {
+        let p = std::env::temp_dir().join(format!("kiln-status-test-{}", std::process::id()));
+        let open = |data: &[u8]| {
+            std::fs::write(&p, data).unwrap();
+            Some((p.clone(), std::fs::File::open(&p).unwrap()))
+        };
+        let mut sector = vec![0u8; 4096];
+        assert!(exit_code(open(&sector), 0)
+            .unwrap_err()
+            .to_string()
+            .contains("without reporting the process's exit status"));
+        sector[..18].copy_from_slice(b"kiln-oci-status 7\n");
+        assert_eq!(exit_code(open(&sector), 0).unwrap(), 7);
+        // A guest that panicked keeps Kiln's own status.
+        assert_eq!(exit_code(open(&sector), 2).unwrap(), 2);
+        assert_eq!(exit_code(None, 3).unwrap(), 3);
+        std::fs::remove_file(&p).unwrap();
+    }
+
+    #[test]
     fn disk_names() {
         assert_eq!(disk_dev(0).unwrap(), "/dev/vda");
         assert_eq!(disk_dev(3).unwrap(), "/dev/vdd");
