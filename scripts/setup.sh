@@ -2,7 +2,9 @@
 # Installs what Kiln needs on a fresh Debian/Ubuntu machine: QEMU for the lab
 # (used when this host's KVM cannot run a stock kernel natively), dpkg/apt
 # tools for building guest images from Debian packages, e2fsprogs for the
-# guest ext4 rootfs, iproute2 for TAP devices, util-linux for namespaces.
+# guest ext4 rootfs, iproute2 for TAP devices, util-linux for namespaces,
+# erofs-utils for container images' root file systems (`kiln run --image`)
+# and umoci to build OCI test images without a registry.
 # Then builds the guest images.
 set -eu
 cd "$(dirname "$0")/.."
@@ -14,6 +16,8 @@ command -v ip >/dev/null 2>&1 || need="$need iproute2"
 command -v unshare >/dev/null 2>&1 || need="$need util-linux"
 command -v lz4 >/dev/null 2>&1 || need="$need lz4"
 command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] || need="$need e2fsprogs"
+command -v mkfs.erofs >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.erofs ] || need="$need erofs-utils"
+command -v umoci >/dev/null 2>&1 || need="$need umoci"
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -14,6 +14,9 @@
 //! kiln-agent tcp-send HOST PORT BYTES      send BYTES over TCP, wait for the peer's 8-byte count
 //! kiln-agent tcp-recv PORT                 accept one TCP connection, read to EOF, answer the count
 //! kiln-agent kvm-hold                      lab: keep one idle KVM VM (irqchip, one vCPU) for ever
+//! kiln-agent oci-exec SPEC ROOT            guest: run a container's process (from the spec disk
+//!                                          SPEC, written by kiln-oci) chrooted in ROOT; its
+//!                                          exit status goes into SPEC's status sector
 //! ```
 //!
 //! Senders print `sent <n> <fnv64> recv <m> <fnv64>`; equal pairs mean the
@@ -681,8 +684,128 @@ fn flag(args: &[String], name: &str, default: u64) -> u64 {
     }
 }
 
+/// The process of a container, from the spec disk kiln-oci writes (see
+/// `kiln_oci::spec`; this is the guest's copy of its parser).
+#[derive(Debug, PartialEq)]
+struct OciProcess {
+    args: Vec<String>,
+    env: Vec<String>,
+    cwd: String,
+    uid: u32,
+    gid: u32,
+}
+
+/// Size of the status sector at the start of a spec disk.
+const OCI_STATUS_BYTES: usize = 512;
+/// First line of the spec, after the status sector.
+const OCI_SPEC_MAGIC: &[u8] = b"kiln-oci-spec 1\n";
+/// `PATH` searched when the spec's environment has none.
+const OCI_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Parses a spec disk's contents: records `KEY=VALUE\0` after the magic
+/// line, ended by an empty record (the zero padding).
+fn parse_oci_spec(data: &[u8]) -> Option<OciProcess> {
+    let body = data.get(OCI_STATUS_BYTES..)?.strip_prefix(OCI_SPEC_MAGIC)?;
+    let mut p = OciProcess {
+        args: Vec::new(),
+        env: Vec::new(),
+        cwd: "/".into(),
+        uid: 0,
+        gid: 0,
+    };
+    for rec in body.split(|&b| b == 0).take_while(|r| !r.is_empty()) {
+        let (k, v) = std::str::from_utf8(rec).ok()?.split_once('=')?;
+        match k {
+            "arg" => p.args.push(v.into()),
+            "env" => p.env.push(v.into()),
+            "cwd" => p.cwd = v.into(),
+            "uid" => p.uid = v.parse().ok()?,
+            "gid" => p.gid = v.parse().ok()?,
+            _ => return None,
+        }
+    }
+    (!p.args.is_empty()).then_some(p)
+}
+
+/// Finds `prog` as `execvp` would, in `path` (colon-separated): the first
+/// executable regular file. A name with a `/` is used as it is.
+fn find_program(prog: &str, path: &str) -> Option<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if prog.contains('/') {
+        return Some(prog.into());
+    }
+    path.split(':')
+        .map(|d| std::path::Path::new(if d.is_empty() { "." } else { d }).join(prog))
+        .find(|c| {
+            std::fs::metadata(c).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// Runs the spec's process chrooted in `root` (with its environment,
+/// working directory, created if missing as runc does, and uid/gid), waits
+/// for it and returns its status: its exit code, 128+N for signal N, 127
+/// when the program is not found and 126 when it cannot be executed (as
+/// runc and shells answer). The status also goes into `spec`'s status
+/// sector, for the host.
+fn oci_exec(spec: &str, root: &str) -> io::Result<i32> {
+    use std::os::unix::process::{CommandExt, ExitStatusExt};
+    let data = std::fs::read(spec)?;
+    let p = parse_oci_spec(&data)
+        .ok_or_else(|| io::Error::other(format!("{spec}: not a kiln-oci spec")))?;
+    let status_dev = std::fs::OpenOptions::new().write(true).open(spec)?;
+    std::os::unix::fs::chroot(root)?;
+    std::env::set_current_dir("/")?;
+    if let Err(e) = std::fs::create_dir_all(&p.cwd) {
+        eprintln!("kiln-agent: working directory {}: {e}", p.cwd);
+    }
+    let path = p
+        .env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(OCI_DEFAULT_PATH);
+    let code = match find_program(&p.args[0], path) {
+        None => {
+            eprintln!(
+                "kiln-agent: {}: executable file not found in $PATH",
+                p.args[0]
+            );
+            127
+        }
+        Some(prog) => {
+            let spawned = std::process::Command::new(&prog)
+                .arg0(&p.args[0])
+                .args(&p.args[1..])
+                .env_clear()
+                .envs(p.env.iter().filter_map(|e| e.split_once('=')))
+                .current_dir(&p.cwd)
+                .gid(p.gid)
+                .uid(p.uid)
+                .spawn();
+            match spawned.and_then(|mut c| c.wait()) {
+                Ok(st) => st.code().unwrap_or(128 + st.signal().unwrap_or(0)),
+                Err(e) => {
+                    eprintln!("kiln-agent: cannot run {}: {e}", prog.display());
+                    if e.kind() == io::ErrorKind::NotFound {
+                        127
+                    } else {
+                        126
+                    }
+                }
+            }
+        }
+    };
+    let line = format!("kiln-oci-status {code}\n");
+    if let Err(e) = status_dev
+        .write_all_at(line.as_bytes(), 0)
+        .and_then(|_| status_dev.sync_all())
+    {
+        eprintln!("kiln-agent: writing the exit status to {spec}: {e}");
+    }
+    Ok(code)
+}
+
 fn usage() -> ! {
-    eprintln!("usage: kiln-agent fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT | cpuid LEAF [SUBLEAF] | kvm-hold");
+    eprintln!("usage: kiln-agent oci-exec SPEC ROOT | fn-serve PORT [--root DEV] | vsock-echo PORT | vsock-send CID PORT BYTES | uds-echo PATH | uds-send PATH PORT BYTES | blk-bench DEV [--seq-mib N] [--rand-4k-ops N] | tcp-send HOST PORT BYTES | tcp-recv PORT | cpuid LEAF [SUBLEAF] | kvm-hold");
     std::process::exit(2)
 }
 
@@ -719,6 +842,12 @@ fn run(args: &[String]) -> io::Result<()> {
                     eprintln!("kiln-agent: fn-serve: {e}");
                 }
             }
+        }
+        Some("oci-exec") => {
+            let spec = args.get(1).unwrap_or_else(|| usage());
+            let root = args.get(2).unwrap_or_else(|| usage());
+            let code = oci_exec(spec, root)?;
+            std::process::exit(code)
         }
         Some("vsock-echo") => {
             let s = vsock_accept_one(num(args.get(1)))?;
@@ -798,6 +927,34 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oci_spec_records() {
+        let mut d = vec![0u8; OCI_STATUS_BYTES];
+        d.extend_from_slice(
+            b"kiln-oci-spec 1\narg=/bin/sh\0arg=-c\0arg=\0env=A=b=c\0cwd=/srv\0uid=5\0gid=6\0",
+        );
+        d.resize(4096, 0);
+        let p = parse_oci_spec(&d).unwrap();
+        assert_eq!(p.args, ["/bin/sh", "-c", ""]);
+        assert_eq!(p.env, ["A=b=c"]);
+        assert_eq!((p.cwd.as_str(), p.uid, p.gid), ("/srv", 5, 6));
+        assert!(parse_oci_spec(&d[..OCI_STATUS_BYTES]).is_none());
+        d[OCI_STATUS_BYTES] = b'X';
+        assert!(parse_oci_spec(&d).is_none());
+    }
+
+    #[test]
+    fn programs_are_found_as_execvp_would() {
+        assert_eq!(find_program("/x/y", ""), Some("/x/y".into()));
+        assert_eq!(
+            find_program("sh", "/nonexistent:/bin"),
+            Some("/bin/sh".into())
+        );
+        assert_eq!(find_program("kiln-no-such-program", "/bin:/usr/bin"), None);
+        // Not executable: skipped.
+        assert_eq!(find_program("passwd", "/etc"), None);
+    }
 
     #[test]
     fn function_calls_run_in_order_on_one_connection() {

@@ -256,6 +256,7 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
         nets: vec![],
         vsock: None,
         seccomp: Default::default(),
+        image: Default::default(),
         guest_command: vec![],
     };
     crate::resolve_images(&mut args)?;

@@ -152,6 +152,9 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
         "--mem".into(),
         args.mem.to_string(),
     ]);
+    if let Some(i) = args.image.status_disk {
+        cmd.extend(["--status-disk".into(), i.to_string()]);
+    }
     if !args.guest_command.is_empty() {
         cmd.push("--".into());
         cmd.extend(args.guest_command.iter().cloned());

@@ -3,6 +3,7 @@
 mod api_glue;
 mod bench;
 mod cli_lab;
+mod image_cmd;
 mod logger;
 mod metrics;
 mod migrate_cmd;
@@ -142,6 +143,8 @@ pub struct RunArgs {
     pub api_sock: Option<PathBuf>,
     #[command(flatten)]
     pub seccomp: seccomp_cmd::SeccompArgs,
+    #[command(flatten)]
+    pub image: image_cmd::ImageArgs,
     /// Command for the guest's init (appended to the command line after `--`).
     #[arg(last = true)]
     pub guest_command: Vec<String>,
@@ -484,6 +487,8 @@ fn precheck(args: &RunArgs) -> Result<()> {
 }
 
 fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
+    // --image: the image's disks and command line (its spec disk goes when this returns).
+    let _image = image_cmd::prepare(&mut args)?;
     // Bad options fail here, with one line, wherever the VM would run.
     precheck(&args)?;
     let inside_lab = std::env::var_os("KILN_IN_LAB").is_some();
@@ -536,6 +541,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
         track_dirty_pages: false,
         cpu_template: None,
     };
+    let status_disk = image_cmd::status_disk(&args)?;
     let mut vmm = Vmm::new(config, Box::new(std::io::stdout()), start)?;
     if std::env::var_os("KILN_MEM_REPORT").is_some() {
         for (addr, len) in vmm.guest_memory_host_ranges() {
@@ -550,7 +556,7 @@ fn run(mut args: RunArgs, start: Instant) -> Result<i32> {
     let stdin = term::prepare_stdin();
     let reason = vmm.run(stdin)?;
     term::restore();
-    Ok(exit_status(reason))
+    image_cmd::exit_code(status_disk, exit_status(reason))
 }
 
 /// The JSON document of `--mmds FILE`.

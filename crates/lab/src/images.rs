@@ -480,6 +480,7 @@ pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
     write_atomic(&images.initramfs, |w| {
         base_tree(w, &images, &applets)?;
         add_modules(w, &images, scripts::GUEST_MODULES)?;
+        add_modules(w, &images, scripts::CONTAINER_MODULES)?;
         w.file_from_host("usr/bin/kiln-agent", 0o755, &images.agent)
             .ctx(|| "adding kiln-agent".into())?;
         w.file(

@@ -31,17 +31,26 @@ pub const ROOT_WAIT_POLLS: u32 = 50;
 /// * `k_cmdline WORD...` parses kernel parameters (stopping at `--`, after
 ///   which come the init's arguments) into `K_ROOT` (the `root=` device, empty
 ///   if none), `K_FSTYPE` (`rootfstype=`, default `ext4`) and `K_MODE`
-///   (`ro` if `ro` is given, else `rw`; the last of `ro`/`rw` wins).
+///   (`ro` if `ro` is given, else `rw`; the last of `ro`/`rw` wins), and
+///   for container images `K_IMAGE` (`kiln.image=`, the erofs root file
+///   system's device) and `K_SPEC` (`kiln.spec=`, the process spec disk).
 /// * `k_wait_dev DEV POLLS` waits up to POLLS × 0.1 s for the block device
 ///   DEV to appear (virtio probing is asynchronous); fails if it does not.
 /// * `k_root_fail WHY` prints `KILN-ROOT-ERROR: WHY` and reboots.
+/// * `k_image_root` (container images, see [`IMAGE_ROOT`]) loads
+///   [`CONTAINER_MODULES`], waits for `K_IMAGE` and `K_SPEC`, mounts the
+///   image read-only (erofs) with a tmpfs-backed overlay on it at
+///   [`IMAGE_ROOT`], with `/proc`, `/sys` and `/dev` inside, or fails like
+///   `k_switch_root`.
 /// * `k_switch_root ARGS...` mounts `K_ROOT` on `/newroot`, unmounts `/proc`,
 ///   `/sys` and `/dev` and `exec`s `switch_root /newroot /init ARGS...`.
 pub const ROOT_FUNCTIONS: &str = r#"k_cmdline() {
-    K_ROOT= K_FSTYPE=ext4 K_MODE=rw
+    K_ROOT= K_FSTYPE=ext4 K_MODE=rw K_IMAGE= K_SPEC=
     for w in "$@"; do
         case "$w" in
             --) break ;;
+            kiln.image=*) K_IMAGE=${w#kiln.image=} ;;
+            kiln.spec=*) K_SPEC=${w#kiln.spec=} ;;
             root=*) K_ROOT=${w#root=} ;;
             rootfstype=*) K_FSTYPE=${w#rootfstype=} ;;
             ro) K_MODE=ro ;;
@@ -63,6 +72,28 @@ k_root_fail() {
     sync
     reboot -f
     while :; do sleep 1; done
+}
+k_image_root() {
+    for m in $K_IMAGE_MODULES; do
+        [ -f "$M/$m" ] && insmod "$M/$m" >/dev/null 2>&1
+    done
+    for d in "$K_IMAGE" "$K_SPEC"; do
+        k_wait_dev "$d" "$K_POLLS" ||
+            k_root_fail "$d did not appear within $((K_POLLS / 10)) s"
+    done
+    mkdir -p /ctr/lower /ctr/rw /ctr/root
+    mount -t erofs -o ro "$K_IMAGE" /ctr/lower ||
+        k_root_fail "cannot mount the image $K_IMAGE (erofs) on /ctr/lower"
+    { mount -t tmpfs -o mode=0755 tmpfs /ctr/rw &&
+        mkdir /ctr/rw/upper /ctr/rw/work &&
+        mount -t overlay overlay \
+            -o lowerdir=/ctr/lower,upperdir=/ctr/rw/upper,workdir=/ctr/rw/work /ctr/root; } ||
+        k_root_fail "cannot stack a writable overlay on the image"
+    mkdir -p /ctr/root/proc /ctr/root/sys /ctr/root/dev &&
+        mount -t proc proc /ctr/root/proc &&
+        mount -t sysfs sysfs /ctr/root/sys &&
+        mount -t devtmpfs devtmpfs /ctr/root/dev ||
+        k_root_fail "cannot mount /proc, /sys and /dev in the image"
 }
 k_switch_root() {
     case "$K_ROOT" in
@@ -102,6 +133,17 @@ pub const GUEST_MODULES: &[&str] = &[
     "kernel/drivers/misc/pvpanic/pvpanic.ko",
     "kernel/drivers/misc/pvpanic/pvpanic-mmio.ko",
 ];
+
+/// Modules for container images (erofs lower layer, overlay on it), in load
+/// order: in the guest initramfs, loaded only when a container image is run.
+pub const CONTAINER_MODULES: &[&str] = &[
+    "kernel/lib/libcrc32c.ko",
+    "kernel/fs/erofs/erofs.ko",
+    "kernel/fs/overlayfs/overlay.ko",
+];
+
+/// Where the guest init stacks a container image's root file system.
+pub const IMAGE_ROOT: &str = "/ctr/root";
 
 /// Lab-host modules, in load order, relative to `/lib/modules/<version>/`.
 pub const LAB_MODULES: &[&str] = &[
@@ -151,9 +193,12 @@ mount -t devtmpfs devtmpfs /dev
 done
 "#,
     );
+    s.push_str("K_IMAGE_MODULES=\"");
+    s.push_str(&CONTAINER_MODULES.join(" "));
+    s.push_str("\"\n");
     s.push_str(ROOT_FUNCTIONS);
     s.push_str(&format!(
-        "K_POLLS={ROOT_WAIT_POLLS}\nif [ -e /{INITRAMFS_MARKER_FILE} ]; then\n"
+        "K_POLLS={ROOT_WAIT_POLLS}\nK_IMAGE=\nif [ -e /{INITRAMFS_MARKER_FILE} ]; then\n"
     ));
     s.push_str(
         r#"    read -r K_CMDLINE </proc/cmdline
@@ -165,8 +210,12 @@ done
 fi
 # Boot-timer write: the VMM timestamps this MMIO access.
 devmem 0xd0000000 8 123 >/dev/null 2>&1
+[ -n "$K_IMAGE" ] && k_image_root
 echo KILN-INIT-READY
-if [ $# -gt 0 ]; then
+if [ -n "$K_IMAGE" ]; then
+    kiln-agent oci-exec "$K_SPEC" /ctr/root
+    echo "KILN-EXIT=$?"
+elif [ $# -gt 0 ]; then
     sh -c "$*"
     echo "KILN-EXIT=$?"
 else
@@ -389,6 +438,31 @@ mod tests {
         assert_eq!(parse("-- root=/dev/vda"), "|ext4|rw");
         // No globbing of kernel parameters.
         assert_eq!(parse("* root=/dev/vd? /*"), "/dev/vd?|ext4|rw");
+        let image = |cmdline: &str| {
+            let body = format!(
+                "K_IMAGE=stale\nc={}\nset -f\nk_cmdline $c\nset +f\nprintf '%s|%s' \"$K_IMAGE\" \"$K_SPEC\"",
+                shell_quote(cmdline)
+            );
+            sh_with_root_functions(&body).0
+        };
+        assert_eq!(image("quiet"), "|");
+        assert_eq!(
+            image("quiet kiln.image=/dev/vda kiln.spec=/dev/vdb"),
+            "/dev/vda|/dev/vdb"
+        );
+        assert_eq!(image("-- kiln.image=/dev/vda"), "|");
+    }
+
+    #[test]
+    fn image_root_errors_are_reported_then_reboot() {
+        let (out, rc) = sh_with_root_functions(
+            "K_POLLS=1\nM=/nonexistent\nK_IMAGE_MODULES=x.ko\nk_cmdline kiln.image=/dev/kiln-no-such-disk kiln.spec=/dev/kiln-no-spec\nk_image_root",
+        );
+        assert_eq!(
+            out,
+            "KILN-ROOT-ERROR: /dev/kiln-no-such-disk did not appear within 0 s\nREBOOT\n"
+        );
+        assert_eq!(rc, 9);
     }
 
     #[test]
@@ -453,6 +527,14 @@ mod tests {
         assert_eq!(g.matches(GUEST_READY_MARKER).count(), 1);
         assert!(g.contains("sync\nreboot -f\n"));
         assert!(g.contains(&format!("K_POLLS={ROOT_WAIT_POLLS}\n")));
+        // A container image is mounted before the ready marker, and its
+        // process runs instead of the command line's.
+        let image = g.find("[ -n \"$K_IMAGE\" ] && k_image_root").unwrap();
+        assert!(image < g.find(GUEST_READY_MARKER).unwrap());
+        assert!(g.contains(&format!("kiln-agent oci-exec \"$K_SPEC\" {IMAGE_ROOT}\n")));
+        for m in CONTAINER_MODULES {
+            assert!(g.contains(m), "{m}");
+        }
     }
 
     #[test]
