@@ -139,7 +139,7 @@ enum BenchKind {
 /// lab already), runs `kiln bench ARGS` inside the lab and returns its exit
 /// status; `None` means: run it here.
 fn in_lab(args: &str) -> Result<Option<i32>> {
-    if std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab() {
+    if std::env::var_os("KILN_IN_LAB").is_some() || !crate::run_args::use_lab() {
         return Ok(None);
     }
     eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
@@ -240,8 +240,8 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
 
 /// `kiln run`'s options for a bare guest of Kiln's images (kernel and
 /// initrd resolved as `kiln run` does).
-pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs> {
-    let mut args = crate::RunArgs {
+pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::run_args::RunArgs> {
+    let mut args = crate::run_args::RunArgs {
         kernel: None,
         initrd: None,
         cmdline: cmdline.to_string(),
@@ -258,7 +258,7 @@ pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs
         seccomp: Default::default(),
         guest_command: vec![],
     };
-    crate::resolve_images(&mut args)?;
+    crate::run_args::resolve_images(&mut args)?;
     Ok(args)
 }
 

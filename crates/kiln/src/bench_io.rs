@@ -58,7 +58,7 @@ const VSOCK_PORT: u32 = 6000;
 
 /// `kiln bench io`: here, or inside the lab when this host's KVM is not native.
 pub fn bench_io(o: IoOptions) -> Result<i32> {
-    let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab();
+    let here = std::env::var_os("KILN_IN_LAB").is_some() || !crate::run_args::use_lab();
     if here {
         return run_here(&o);
     }

@@ -82,7 +82,7 @@ pub fn bench_migrate(runs: usize, mem: u64, downtime_ms: u64) -> Result<i32> {
 fn one(
     exe: &Path,
     dir: &Path,
-    args: &crate::RunArgs,
+    args: &crate::run_args::RunArgs,
     command: &str,
     downtime_ms: u64,
 ) -> Result<MigrationReport> {

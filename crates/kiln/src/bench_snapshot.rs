@@ -86,7 +86,7 @@ pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     result
 }
 
-fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
+fn run(exe: &Path, dir: &Path, args: &crate::run_args::RunArgs, runs: usize) -> Result<i32> {
     let (kernel, initrd) = (
         args.kernel.as_ref().expect("resolved"),
         args.initrd.as_ref().expect("resolved"),

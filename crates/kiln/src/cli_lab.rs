@@ -10,7 +10,7 @@ use kiln_lab::images::{default_cache_dir, ensure, Images};
 use kiln_lab::lab::{mode_from_env, Lab, LabMode};
 use kiln_lab::scripts::shell_quote;
 
-use crate::RunArgs;
+use crate::run_args::RunArgs;
 
 /// Where the lab puts the guest images.
 pub const LAB_KERNEL: &str = "/images/vmlinuz";
