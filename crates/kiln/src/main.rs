@@ -1,7 +1,6 @@
 //! `kiln`: run microVMs, build guest images, use the lab, run benchmarks.
 
 mod api_cmd;
-mod bench;
 mod cli_lab;
 mod exit;
 mod logger;
@@ -46,7 +45,7 @@ enum Command {
     /// `kiln` on its PATH and the guest images at /images.
     Lab(cli_lab::LabArgs),
     /// Benchmarks.
-    Bench(bench::BenchArgs),
+    Bench(kiln_bench::BenchArgs),
     /// Send one request to a running VM's API socket (see `run --api-sock`).
     Api(api_cmd::ApiArgs),
     /// Firecracker-compatible VMM: configure over the API (--api-sock) or
@@ -187,7 +186,7 @@ fn dispatch(cmd: Command, start: Instant) -> Result<i32> {
             })
         }
         Command::Lab(args) => cli_lab::lab(args),
-        Command::Bench(args) => bench::bench(args),
+        Command::Bench(args) => kiln_bench::bench(args),
         Command::Api(args) => api_cmd::api(args),
         Command::Vmm(args) => vmm_cmd::vmm(args, start),
         Command::Restore(args) => snapshot_cmd::restore_cmd(args, start),

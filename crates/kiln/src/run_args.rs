@@ -70,33 +70,18 @@ pub struct RunArgs {
 
 /// Where `kiln run` should boot: here, or inside the lab.
 pub fn use_lab() -> bool {
-    match kiln_lab::lab::mode_from_env() {
-        Some(kiln_lab::lab::LabMode::Lab) => true,
-        Some(kiln_lab::lab::LabMode::Native) => false,
-        None => !matches!(
+    kiln_lab::wanted(|| {
+        matches!(
             kiln_vmm::probe::probe(),
             kiln_vmm::probe::KvmProbe::Native(_)
-        ),
-    }
+        )
+    })
 }
 
 /// Fills in the default kernel and initrd.
 pub fn resolve_images(args: &mut RunArgs) -> Result<()> {
-    if args.kernel.is_none() {
-        args.kernel = std::env::var_os("KILN_KERNEL").map(PathBuf::from);
-        if args.initrd.is_none() {
-            args.initrd = std::env::var_os("KILN_INITRD").map(PathBuf::from);
-        }
-    }
-    if args.kernel.is_none() {
-        let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())
-            .context("building Kiln's guest images")?;
-        args.kernel = Some(images.kernel);
-        if args.initrd.is_none() {
-            args.initrd = Some(images.initramfs);
-        }
-    }
-    Ok(())
+    kiln_lab::images::resolve_guest(&mut args.kernel, &mut args.initrd)
+        .context("building Kiln's guest images")
 }
 
 /// The guest command as init arguments: one double-quoted word when it can
