@@ -32,7 +32,6 @@ use super::{
 };
 use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig, RateLimiterUpdate};
 
-#[path = "block_io_uring.rs"]
 pub mod uring;
 
 /// Sector size the protocol counts in.
