@@ -4,11 +4,10 @@
 //! from a `--config-file` (Firecracker's config-file shape).
 //!
 //! [`VmResources`] holds and validates that configuration (no I/O: paths are
-//! checked when the VM is built). [`PreBootVm`] is the [`VmControl`] of
+//! checked when the VM is built). [`PreBootVm`] is the [`crate::VmControl`] of
 //! `kiln vmm`: "Not started" until `InstanceStart`, when it hands the
 //! configuration to a [`Starter`] (the VMM side) and, once the VM runs,
 //! forwards the runtime requests (balloon) to the running VM's control.
-
 //!
 //! By concern: [`models`] (the request bodies), [`resources`] (the
 //! configuration they build and its rules), [`vm`] (the pre-boot state
