@@ -442,4 +442,51 @@ mod tests {
         assert!(e.contains("gone.img"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn overrides_point_the_configuration_elsewhere() {
+        use kiln_api::snapshot::{NetworkOverride, VsockOverride};
+        let mut r = res(
+            r#"{"network-interfaces":[{"iface_id":"eth0","host_dev_name":"tap0"}],
+                "vsock":{"guest_cid":3,"uds_path":"/old.sock"}}"#,
+        );
+        let tap7 = NetworkOverride {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap7".into(),
+        };
+        let sock = VsockOverride {
+            uds_path: "/new.sock".into(),
+        };
+        apply_overrides(&mut r, &[tap7], Some(&sock)).unwrap();
+        assert_eq!(r.network_interfaces[0].host_dev_name, "tap7");
+        assert_eq!(r.vsock.as_ref().unwrap().uds_path, "/new.sock");
+
+        let eth1 = NetworkOverride {
+            iface_id: "eth1".into(),
+            host_dev_name: "tap1".into(),
+        };
+        let e = apply_overrides(&mut r, &[eth1], None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network override: the snapshot has no interface \"eth1\""
+        );
+        let mut bare = res("{}");
+        let e = apply_overrides(&mut bare, &[], Some(&sock)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vsock override: the snapshot has no vsock device"
+        );
+    }
+
+    #[test]
+    fn error_chains_read_like_anyhow() {
+        let e = ConfigError::Boot(kiln_vmm::boot::BootError::Initrd {
+            path: "/i".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOENT),
+        });
+        let c = crate::error::chain(&e);
+        assert!(c.starts_with("cannot read initrd /i: "), "{c}");
+        // The OS error appears in the message and again as its source.
+        assert_eq!(c.matches("No such file").count(), 2, "{c}");
+    }
 }
