@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod cpu_config;
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_harness;
 pub mod http;
 pub mod metrics;

@@ -17,6 +17,7 @@ pub mod serial;
 pub mod virtio;
 
 #[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzz_harness;
 
 pub use bus::{Bus, BusDevice, BusError};

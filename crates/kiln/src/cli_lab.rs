@@ -7,15 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_lab::images::{default_cache_dir, ensure, Images};
-use kiln_lab::lab::{mode_from_env, Lab, LabMode};
+use kiln_lab::lab::Lab;
 use kiln_lab::scripts::shell_quote;
 
-use crate::RunArgs;
-
-/// Where the lab puts the guest images.
-pub const LAB_KERNEL: &str = "/images/vmlinuz";
-/// Guest initramfs inside the lab.
-pub const LAB_INITRD: &str = "/images/initramfs.img";
+use crate::run_args::RunArgs;
 
 /// Options of `kiln lab`.
 #[derive(Args, Debug)]
@@ -31,11 +26,6 @@ pub struct LabArgs {
     command: Vec<String>,
 }
 
-/// Environment every lab command starts with: kiln finds its images.
-pub fn lab_env_prefix() -> String {
-    format!("export KILN_IN_LAB=1 KILN_KERNEL={LAB_KERNEL} KILN_INITRD={LAB_INITRD}; ")
-}
-
 /// A lab with this `kiln` binary inside.
 pub fn lab_with_kiln(images: Images, timeout: Duration) -> Result<Lab> {
     let exe = std::env::current_exe().context("locating the kiln binary")?;
@@ -43,17 +33,7 @@ pub fn lab_with_kiln(images: Images, timeout: Duration) -> Result<Lab> {
 }
 
 fn needs_lab(force: bool) -> bool {
-    if force {
-        return true;
-    }
-    match mode_from_env() {
-        Some(LabMode::Lab) => true,
-        Some(LabMode::Native) => false,
-        None => !matches!(
-            kiln_vmm::probe::probe(),
-            kiln_vmm::probe::KvmProbe::Native(_)
-        ),
-    }
+    force || crate::run_args::use_lab()
 }
 
 /// `kiln lab -- <command>`.
@@ -80,7 +60,7 @@ pub fn lab(args: LabArgs) -> Result<i32> {
         return Ok(status.code().unwrap_or(1));
     }
     let lab = lab_with_kiln(images, Duration::from_secs(args.timeout))?;
-    let full = format!("{}{command}", lab_env_prefix());
+    let full = format!("{}{command}", kiln_lab::lab::kiln_env_prefix());
     Ok(lab.run_interactive(&full)?)
 }
 
@@ -161,6 +141,10 @@ pub fn run_in_lab(args: &RunArgs) -> Result<i32> {
     }
     let quoted: Vec<String> = cmd.iter().map(|a| shell_quote(a)).collect();
     // The lab console has no terminal input; the guest gets none either.
-    let full = format!("{}{} </dev/null", lab_env_prefix(), quoted.join(" "));
+    let full = format!(
+        "{}{} </dev/null",
+        kiln_lab::lab::kiln_env_prefix(),
+        quoted.join(" ")
+    );
     Ok(lab.run_interactive(&full)?)
 }

@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kiln_oci::Image;
 
-use crate::RunArgs;
+use crate::run_args::RunArgs;
 
 /// `kiln run`'s container options.
 #[derive(Args, Clone, Debug, Default)]
@@ -121,7 +121,7 @@ pub fn status_disk(args: &RunArgs) -> Result<Option<(PathBuf, std::fs::File)>> {
         .disks
         .get(i)
         .with_context(|| format!("--status-disk {i}: there is no such --disk"))?;
-    let path = crate::parse_disk(disk, i)?.path;
+    let path = crate::run_args::parse_disk(disk, i)?.path;
     let f = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     Ok(Some((path, f)))
 }

@@ -48,9 +48,9 @@ pub static STARTUP_US: AtomicU64 = AtomicU64::new(0);
 /// CPU time to the API being ready, µs.
 pub static STARTUP_CPU_US: AtomicU64 = AtomicU64::new(0);
 /// How long the last pause took, µs.
-pub static PAUSE_US: AtomicU64 = AtomicU64::new(0);
+pub use kiln_controller::running::PAUSE_US;
 /// How long the last resume took, µs.
-pub static RESUME_US: AtomicU64 = AtomicU64::new(0);
+pub use kiln_controller::running::RESUME_US;
 
 /// Builds metrics lines, remembering each counter's last reported value.
 #[derive(Default)]

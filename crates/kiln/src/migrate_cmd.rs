@@ -1,99 +1,22 @@
-//! Live migration: `PUT /migrate` on the source VMM (through
-//! [`crate::api_glue`]), `kiln migrate send` (its client) and
-//! `kiln migrate receive` (the destination). See docs/migration.md.
+//! `kiln migrate send` (the client of the source's `PUT /migrate`) and
+//! `kiln migrate receive` (the destination: the controller takes the VM in
+//! and runs it). See docs/migration.md.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use kiln_api::migrate::{MigrateParams, MigrationReport, DEFAULT_DOWNTIME_MS, DEFAULT_MAX_ROUNDS};
 use kiln_api::snapshot::VsockOverride;
-use kiln_api::VmResources;
-use kiln_vmm::migration::{self, Endpoint, SendError, SendOptions, Stream};
-use kiln_vmm::{VmHandle, Vmm};
+use kiln_controller::error::chain;
+use kiln_controller::migrate::{receive, refuse, Incoming};
+use kiln_controller::Controller;
+use kiln_vmm::migration::{self, Endpoint};
 
-use crate::snapshot_cmd::{apply_overrides, parse_net_overrides};
-
-/// Migrates the VM of `handle` as `PUT /migrate` asks (called on the API
-/// thread; the migration itself runs on a thread of the migration seccomp
-/// kind, the only one that may open TCP sockets). Returns once the
-/// destination runs it; on failure the VM runs here.
-pub fn send(
-    handle: &VmHandle,
-    config: &str,
-    p: &MigrateParams,
-) -> std::result::Result<MigrationReport, String> {
-    let to: Endpoint = p
-        .destination
-        .parse()
-        .map_err(|e| format!("migration destination {e}"))?;
-    if p.max_rounds == 0 {
-        return Err("max_rounds must be at least 1".into());
-    }
-    if kiln_seccomp::enabled() && !to.is_literal() {
-        return Err(format!(
-            "migration destination {to}: the VMM's seccomp filters allow no name lookups; \
-             give an IP address (`kiln migrate send` resolves names itself)"
-        ));
-    }
-    let opts = SendOptions {
-        downtime: Duration::from_millis(p.downtime_ms),
-        max_rounds: p.max_rounds,
-    };
-    let (handle, config) = (handle.clone(), config.to_string());
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let thread = kiln_seccomp::spawn(
-        kiln_seccomp::ThreadKind::Migration,
-        "kiln_migrate".into(),
-        move || {
-            let _ = tx.send(send_on_this_thread(&handle, &config, &to, &opts));
-        },
-    )
-    .map_err(|e| format!("starting the migration thread: {e}; the microVM keeps running here"))?;
-    let r = rx
-        .recv()
-        .unwrap_or_else(|_| Err("the migration thread ended without an answer".into()));
-    let _ = thread.join();
-    r
-}
-
-fn send_on_this_thread(
-    handle: &VmHandle,
-    config: &str,
-    to: &Endpoint,
-    opts: &SendOptions,
-) -> std::result::Result<MigrationReport, String> {
-    let fail = |e: String| format!("migration to {to} failed: {e}; the microVM keeps running here");
-    let mut stream = to.connect().map_err(fail)?;
-    log::info!("migrating to {to}");
-    let stats = handle
-        .migrate_send(&mut stream, config, opts)
-        .map_err(|e| match e {
-            SendError::Failed(e) => fail(e),
-            SendError::InDoubt(e) => format!(
-                "migration to {to}: everything was sent, then {e}: the destination may be \
-                 running the microVM, so it stays paused here (resume it with PATCH /vm only \
-                 if the destination does not run it)"
-            ),
-        })?;
-    log::info!(
-        "migrated to {to}: {} rounds, {} MiB, {:?} in all, {:?} paused",
-        stats.rounds,
-        stats.bytes >> 20,
-        stats.total,
-        stats.downtime
-    );
-    Ok(MigrationReport {
-        rounds: stats.rounds,
-        bytes_sent: stats.bytes,
-        final_bytes: stats.final_bytes,
-        total_ms: stats.total.as_secs_f64() * 1e3,
-        downtime_ms: stats.downtime.as_secs_f64() * 1e3,
-    })
-}
+use crate::snapshot_cmd::parse_net_overrides;
 
 /// Options of `kiln migrate`.
 #[derive(Args, Debug)]
@@ -193,15 +116,6 @@ fn send_cmd(a: SendArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// Tells the source why nothing will run here, and returns the error.
-fn refuse(stream: &mut Stream, e: anyhow::Error) -> anyhow::Error {
-    let _ = kiln_snapshot::migration::send(
-        stream,
-        &kiln_snapshot::migration::Message::Error(format!("{e:#}")),
-    );
-    e
-}
-
 /// `kiln migrate receive`.
 fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
     let at: Endpoint = a
@@ -211,7 +125,7 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
     let net_overrides = parse_net_overrides(&a.net_overrides)?;
     let vsock_override = a.vsock_override.map(|uds_path| VsockOverride { uds_path });
     if let Some(sock) = &a.api_sock {
-        crate::api_glue::check_sock(sock)?;
+        kiln_controller::api::check_sock(sock)?;
     }
     crate::seccomp_cmd::init(a.seccomp.no_seccomp, a.seccomp.seccomp_filter.as_deref())?;
     // Bound here (names resolved, the socket path made); the source's data
@@ -221,35 +135,13 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
             .map_err(|e| anyhow::anyhow!("migrate receive: {e}"))?,
     );
     eprintln!("kiln: waiting for a migration on {}", listener.endpoint());
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let on_thread = listener.clone();
-    let thread = kiln_seccomp::spawn(
-        kiln_seccomp::ThreadKind::Migration,
-        "kiln_migrate".into(),
-        move || {
-            let r = on_thread.accept().map_err(|e| (None, e)).and_then(|mut s| {
-                let t = Instant::now();
-                match migration::receive(&mut s) {
-                    Ok(got) => Ok((s, got, t)),
-                    Err(e) => Err((Some(s), e)),
-                }
-            });
-            drop(on_thread);
-            let _ = tx.send(r);
-        },
-    )
-    .map_err(|e| anyhow::anyhow!("migrate receive: starting the migration thread: {e}"))?;
-    let received = rx.recv();
-    let _ = thread.join();
+    let received = receive(listener.clone());
     drop(listener); // one migration per process (a Unix socket is removed here)
-    let (mut stream, got, t) = match received {
-        Ok(Ok(r)) => r,
-        Ok(Err((None, e))) => anyhow::bail!("migrate receive: {e}"),
-        Ok(Err((Some(_), e))) => {
-            anyhow::bail!("migrate receive: {e}; nothing was started")
-        }
-        Err(_) => anyhow::bail!("migrate receive: the migration thread ended without an answer"),
-    };
+    let Incoming {
+        mut stream,
+        received: got,
+        since: t,
+    } = received.map_err(|e| anyhow::anyhow!("migrate receive: {e}"))?;
     log::info!(
         "received {} MiB of guest memory in {} rounds in {:?}",
         got.bytes >> 20,
@@ -257,34 +149,22 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
         t.elapsed()
     );
 
-    let built = (|| -> Result<(Vmm, VmResources)> {
-        let mut res = VmResources::from_json(&got.state.config)
-            .map_err(|e| anyhow::anyhow!("the migrated configuration is unusable: {e}"))?;
-        apply_overrides(&mut res, &net_overrides, vsock_override.as_ref())?;
-        let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-        let vmm = Vmm::restore_with_memory(
-            config,
-            &got.state,
-            got.mem,
-            Box::new(std::io::stdout()),
-            start,
-        )?;
-        // Held until the source has the Ack: the guest never runs twice.
-        vmm.handle().hold_paused().map_err(|e| anyhow::anyhow!(e))?;
-        Ok((vmm, res))
-    })();
-    let (mut vmm, res) = built
-        .map_err(|e| refuse(&mut stream, e))
-        .map_err(|e| anyhow::anyhow!("migrate receive: {e:#}; nothing was started"))?;
+    let mut vm = Controller::from_migration(got, &net_overrides, vsock_override.as_ref(), start)
+        .map_err(|e| {
+            let why = chain(&e);
+            refuse(&mut stream, &why);
+            anyhow::anyhow!("migrate receive: {why}; nothing was started")
+        })?;
+    if let Some(path) = &a.api_sock {
+        vm.serve_api(path)?;
+    }
 
-    let _socket = crate::snapshot_cmd::serve_running_api(a.api_sock.as_deref(), &vmm, &res)?;
-
-    let handle = vmm.handle();
+    let handle = vm.vmm().handle();
     let ack_failed = Arc::new(AtomicBool::new(false));
     let failed = ack_failed.clone();
     let stream = Mutex::new(stream);
     let stdin = crate::term::prepare_stdin();
-    let reason = vmm.run_notify(stdin, move || {
+    let reason = vm.run(stdin, move |_| {
         let mut s = stream.lock().unwrap_or_else(|e| e.into_inner());
         match migration::send_ack(&mut s) {
             Ok(()) => {
@@ -307,5 +187,5 @@ fn receive_cmd(a: ReceiveArgs, start: Instant) -> Result<i32> {
         eprintln!("kiln: migrate receive: the microVM was not started here");
         return Ok(1);
     }
-    Ok(crate::exit_status(reason))
+    Ok(crate::exit::status(reason))
 }

@@ -20,21 +20,6 @@ pub struct SeccompArgs {
     pub seccomp_filter: Option<PathBuf>,
 }
 
-impl SeccompArgs {
-    /// The flags for a `kiln run` started elsewhere (the lab).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if self.no_seccomp {
-            v.push("--no-seccomp".to_string());
-        }
-        if let Some(f) = &self.seccomp_filter {
-            v.push("--seccomp-filter".to_string());
-            v.push(f.display().to_string());
-        }
-        v
-    }
-}
-
 /// The filters the flags (and `KILN_SECCOMP`) ask for, compiled.
 pub fn filters(no_seccomp: bool, file: Option<&Path>) -> Result<Filters> {
     if no_seccomp {

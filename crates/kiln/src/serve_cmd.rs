@@ -94,8 +94,10 @@ pub fn serve(args: ServeArgs) -> Result<i32> {
     let (kernel, initrd) = match &args.kernel {
         Some(k) => (k.clone(), args.initrd.clone()),
         None => {
-            let run = crate::bench::guest_images(kiln_vmm::DEFAULT_CMDLINE, 1, args.mem)?;
-            (run.kernel.expect("resolved"), run.initrd)
+            let (mut kernel, mut initrd) = (None, None);
+            kiln_lab::images::resolve_guest(&mut kernel, &mut initrd)
+                .context("building Kiln's guest images")?;
+            (kernel.expect("resolved"), initrd)
         }
     };
     let Some(initrd) = initrd else {

@@ -1,8 +1,8 @@
-//! Restoring snapshots: `PUT /snapshot/load` (through `kiln vmm`) and the
-//! `kiln restore` command.
+//! `kiln restore` (a snapshot restored by the controller and run) and the
+//! API clients `kiln pause`, `kiln resume`, `kiln snapshot`, plus
+//! `kiln snapshot-rebase`.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -10,101 +10,10 @@ use clap::Args;
 use kiln_api::snapshot::{
     MemBackend as ApiMemBackend, MemBackendType, NetworkOverride, SnapshotLoadParams, VsockOverride,
 };
-use kiln_api::{ApiServer, PreBootVm, VmResources};
-use kiln_snapshot::state::MicrovmState;
+use kiln_controller::restore::prepare;
+use kiln_controller::Controller;
 use kiln_vmm::uffd_handler::HandlerOptions;
-use kiln_vmm::{MemBackend, VmConfig, Vmm};
-
-use crate::api_glue::{KilnVm, SocketGuard};
-
-/// A snapshot read and checked, ready to be restored on the main thread.
-pub struct Restore {
-    state: MicrovmState,
-    config: VmConfig,
-    /// The configuration (with overrides applied) the VM is rebuilt from.
-    pub res: VmResources,
-    /// Where its memory comes from.
-    pub mem: MemBackend,
-    resume: bool,
-}
-
-/// Reads the state file, applies the overrides and checks the devices'
-/// files. (The memory file, or the page-fault handler's socket, is checked
-/// by `Vmm::restore_from`, before it builds anything.)
-pub fn prepare(p: &SnapshotLoadParams) -> Result<Restore> {
-    let mem = match p.memory_backend().map_err(anyhow::Error::msg)? {
-        (MemBackendType::File, path) => MemBackend::File(path.into()),
-        (MemBackendType::Uffd, sock) => MemBackend::Uffd(sock.into()),
-    };
-    if p.clock_realtime {
-        anyhow::bail!("clock_realtime is not supported by Kiln yet");
-    }
-    if p.huge_pages.as_deref().is_some_and(|h| h != "None") {
-        anyhow::bail!("huge pages are not supported by Kiln");
-    }
-    let state: MicrovmState = kiln_snapshot::read_file(std::path::Path::new(&p.snapshot_path))?;
-    let mut res = VmResources::from_json(&state.config)
-        .map_err(|e| anyhow::anyhow!("the snapshot's configuration is unusable: {e}"))?;
-    apply_overrides(&mut res, &p.network_overrides, p.vsock_override.as_ref())?;
-    // As in Firecracker, the load request decides whether the restored VM
-    // tracks dirty pages (for its own diff snapshots), not the snapshot.
-    res.machine_config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
-    let config = crate::vmm_cmd::vm_config_of(&res, false)?;
-    Ok(Restore {
-        state,
-        config,
-        res,
-        mem,
-        resume: p.resume_vm,
-    })
-}
-
-/// Points a saved configuration at other TAP devices and another vsock
-/// socket (restore and migration).
-pub fn apply_overrides(
-    res: &mut VmResources,
-    network_overrides: &[NetworkOverride],
-    vsock_override: Option<&VsockOverride>,
-) -> Result<()> {
-    for o in network_overrides {
-        let iface = res
-            .network_interfaces
-            .iter_mut()
-            .find(|n| n.iface_id == o.iface_id)
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "network override: the snapshot has no interface {:?}",
-                    o.iface_id
-                )
-            })?;
-        iface.host_dev_name = o.host_dev_name.clone();
-    }
-    if let Some(v) = vsock_override {
-        let vsock = res
-            .vsock
-            .as_mut()
-            .ok_or_else(|| anyhow::anyhow!("vsock override: the snapshot has no vsock device"))?;
-        vsock.uds_path = v.uds_path.clone();
-    }
-    Ok(())
-}
-
-/// Builds the VM of `r` (on the main thread); it runs once [`Vmm::run`]
-/// starts, paused unless `resume_vm` was asked.
-pub fn restore(r: Restore, start: Instant) -> Result<Vmm, String> {
-    let vmm = Vmm::restore_from(
-        r.config,
-        &r.state,
-        &r.mem,
-        Box::new(std::io::stdout()),
-        start,
-    )
-    .map_err(|e| e.to_string())?;
-    if !r.resume {
-        vmm.handle().hold_paused()?;
-    }
-    Ok(vmm)
-}
+use kiln_vmm::MemBackend;
 
 /// Options of `kiln restore`.
 #[derive(Args, Debug)]
@@ -175,7 +84,7 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
         ..Default::default()
     };
     if let Some(sock) = &args.api_sock {
-        crate::api_glue::check_sock(sock)?;
+        kiln_controller::api::check_sock(sock)?;
     }
     crate::seccomp_cmd::init(
         args.seccomp.no_seccomp,
@@ -192,14 +101,15 @@ pub fn restore_cmd(args: RestoreArgs, start: Instant) -> Result<i32> {
             },
         };
     }
-    let res = r.res.clone();
-    let mut vmm = restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
-    let _socket = serve_running_api(args.api_sock.as_deref(), &vmm, &res)?;
+    let mut vm = Controller::restore(r, start).map_err(|e| anyhow::anyhow!("restore: {e}"))?;
+    if let Some(path) = &args.api_sock {
+        vm.serve_api(path)?;
+    }
     log::info!("restored in {:?}", start.elapsed());
     let stdin = crate::term::prepare_stdin();
-    let reason = vmm.run(stdin)?;
+    let reason = vm.run(stdin, |_| {})?;
     crate::term::restore();
-    Ok(crate::exit_status(reason))
+    Ok(crate::exit::status(reason))
 }
 
 /// `--net-override IFACE_ID=TAP` options.
@@ -215,15 +125,6 @@ pub fn parse_net_overrides(opts: &[String]) -> Result<Vec<NetworkOverride>> {
             })
         })
         .collect()
-}
-
-/// `kiln restore`'s API never boots anything: the VM runs already.
-pub(crate) struct NoStarter;
-
-impl kiln_api::Starter for NoStarter {
-    fn start(&self, _: &VmResources) -> Result<Arc<dyn kiln_api::VmControl>, String> {
-        Err("the microVM already runs".into())
-    }
 }
 
 /// Options of `kiln pause` and `kiln resume`.
@@ -333,25 +234,4 @@ pub fn rebase(args: RebaseArgs) -> Result<i32> {
         t.elapsed().as_secs_f64() * 1e3
     );
     Ok(0)
-}
-
-/// Serves the Firecracker API of an already running (restored or migrated)
-/// VM on `path`, if given; the guard removes the socket when dropped.
-pub(crate) fn serve_running_api(
-    path: Option<&std::path::Path>,
-    vmm: &Vmm,
-    res: &VmResources,
-) -> Result<Option<SocketGuard>> {
-    let Some(path) = path else {
-        return Ok(None);
-    };
-    let api = PreBootVm::new(
-        "anonymous-instance",
-        env!("CARGO_PKG_VERSION"),
-        Box::new(NoStarter),
-    )
-    .with_mmds(crate::vmm_cmd::mmds().clone());
-    api.set_running(res.clone(), Arc::new(KilnVm::of(vmm).with_config(res)));
-    ApiServer::bind(path)?.spawn(Arc::new(api))?;
-    Ok(Some(SocketGuard(path.to_path_buf())))
 }

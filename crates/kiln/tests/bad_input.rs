@@ -79,11 +79,8 @@ fn vcpu_count_out_of_range() {
 fn missing_dev_kvm() {
     // Hide /dev in a private mount namespace (needs root, as the CI runs).
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "this test needs root (unshare -m)"
-    );
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test needs root (unshare -m)");
     let imgs = guest_images();
     let script = format!(
         "mount -t tmpfs tmpfs /dev && exec {} run --kernel {}",

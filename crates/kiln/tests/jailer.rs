@@ -370,11 +370,8 @@ fn new_pid_ns_and_daemonize() {
     let after = stat.rsplit_once(')').unwrap().1;
     let sid: i32 = after.split_whitespace().nth(3).unwrap().parse().unwrap();
     // SAFETY: getsid on our own process.
-    assert_ne!(
-        sid,
-        unsafe { libc::getsid(0) },
-        "not detached from our session"
-    );
+    let our_sid = unsafe { libc::getsid(0) };
+    assert_ne!(sid, our_sid, "not detached from our session");
     // SAFETY: signalling the VMM we started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     wait_for("the jail's processes to exit", || {

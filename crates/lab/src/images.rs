@@ -423,6 +423,29 @@ fn paths(cache: &Path) -> Images {
     }
 }
 
+/// Fills in the guest kernel and initrd a `kiln` command boots when none
+/// was given: `$KILN_KERNEL` (with `$KILN_INITRD`), else Kiln's own
+/// images (built on first use, in the default cache).
+pub fn resolve_guest(
+    kernel: &mut Option<PathBuf>,
+    initrd: &mut Option<PathBuf>,
+) -> Result<(), ImageError> {
+    if kernel.is_none() {
+        *kernel = std::env::var_os("KILN_KERNEL").map(PathBuf::from);
+        if initrd.is_none() {
+            *initrd = std::env::var_os("KILN_INITRD").map(PathBuf::from);
+        }
+    }
+    if kernel.is_none() {
+        let images = ensure(&default_cache_dir())?;
+        *kernel = Some(images.kernel);
+        if initrd.is_none() {
+            *initrd = Some(images.initramfs);
+        }
+    }
+    Ok(())
+}
+
 /// Downloads, verifies and builds everything needed, reusing the cache.
 pub fn ensure(cache_dir: &Path) -> Result<Images, ImageError> {
     fs::create_dir_all(cache_dir.join("images"))

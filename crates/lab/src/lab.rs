@@ -70,6 +70,28 @@ pub fn mode_from_env() -> Option<LabMode> {
     }
 }
 
+/// Whether commands that boot guests should go to the lab: as `KILN_LAB`
+/// says, else when this host's KVM does not run guests natively
+/// (`native_kvm`, asked only then).
+pub fn wanted(native_kvm: impl FnOnce() -> bool) -> bool {
+    match mode_from_env() {
+        Some(LabMode::Lab) => true,
+        Some(LabMode::Native) => false,
+        None => !native_kvm(),
+    }
+}
+
+/// Where the lab puts the guest kernel.
+pub const LAB_KERNEL: &str = "/images/vmlinuz";
+/// Where the lab puts the guest initramfs.
+pub const LAB_INITRD: &str = "/images/initramfs.img";
+
+/// Environment every `kiln` command in the lab starts with: it knows it
+/// is in the lab and finds its images.
+pub fn kiln_env_prefix() -> String {
+    format!("export KILN_IN_LAB=1 KILN_KERNEL={LAB_KERNEL} KILN_INITRD={LAB_INITRD}; ")
+}
+
 /// The QEMU binary to use: `$KILN_QEMU` or `qemu-system-x86_64` from `PATH`.
 fn qemu_path() -> Option<PathBuf> {
     let executable = |p: &Path| {

@@ -29,4 +29,6 @@ pub mod monitor;
 pub mod scripts;
 
 pub use images::{default_cache_dir, ensure, ImageError, Images};
-pub use lab::{mode_from_env, qemu_available, CommandOutput, Lab, LabError, LabMode, RunReport};
+pub use lab::{
+    mode_from_env, qemu_available, wanted, CommandOutput, Lab, LabError, LabMode, RunReport,
+};

@@ -167,8 +167,8 @@ impl Uffd {
             }
             fd
         };
-        // SAFETY: `fd` is a new descriptor nothing else owns.
         let uffd = Self {
+            // SAFETY: `fd` is a new descriptor nothing else owns.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         };
         let mut api = UffdioApi {
@@ -728,5 +728,4 @@ impl crate::Vmm {
 }
 
 #[cfg(test)]
-#[path = "uffd_tests.rs"]
 mod tests;

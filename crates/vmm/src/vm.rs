@@ -696,58 +696,44 @@ pub(crate) fn build_devices(
         .map_err(dev_err)?;
 
     // Virtio devices: opened now so bad paths fail before the guest runs.
+    // Each is registered with its stats label (kind and id), in the order
+    // of the MMIO windows (which a snapshot's devices are matched by).
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let (mut drives, mut nets) = (Vec::new(), Vec::new());
-    for d in &config.disks {
-        let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-        drives.push(b.handle());
-        virtio.push(Box::new(b));
-    }
-    for n in &config.nets {
-        let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-        nets.push(d.handle());
-        virtio.push(Box::new(d));
-    }
-    if let Some(v) = &config.vsock {
-        let d = Vsock::new(v.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
-        virtio.push(Box::new(d));
-    }
-    if config.rng {
-        virtio.push(Box::new(Rng::with_rate_limiter(config.rng_rate_limiter)));
-    }
-    let mut balloon = None;
-    if let Some(cfg) = &config.balloon {
-        let b = Balloon::new(cfg.clone());
-        balloon = Some(b.handle());
-        virtio.push(Box::new(b));
-    }
-    let mut mmio_infos = Vec::new();
-    let mut transports = Vec::new();
-    let ids = config
-        .disks
-        .iter()
-        .map(|d| (DeviceKind::Block, d.id.clone()))
-        .chain(config.nets.iter().map(|n| (DeviceKind::Net, n.id.clone())))
-        .chain(
-            config
-                .vsock
-                .iter()
-                .map(|_| (DeviceKind::Vsock, String::new())),
-        )
-        .chain(config.rng.then(|| (DeviceKind::Rng, String::new())))
-        .chain(
-            config
-                .balloon
-                .iter()
-                .map(|_| (DeviceKind::Balloon, String::new())),
-        );
-    for ((kind, id), dev) in ids.zip(&virtio) {
+    let mut register = |kind: DeviceKind, id: String, dev: Box<dyn VirtioDevice>| {
         stats.devices.push(DeviceStats {
             kind,
             id,
             metrics: dev.metrics(),
         });
+        virtio.push(dev);
+    };
+    let (mut drives, mut nets) = (Vec::new(), Vec::new());
+    for d in &config.disks {
+        let b = Block::new(d.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        drives.push(b.handle());
+        register(DeviceKind::Block, d.id.clone(), Box::new(b));
     }
+    for n in &config.nets {
+        let d = Net::new(n.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        nets.push(d.handle());
+        register(DeviceKind::Net, n.id.clone(), Box::new(d));
+    }
+    if let Some(v) = &config.vsock {
+        let d = Vsock::new(v.clone()).map_err(|e| VmmError::Device(e.to_string()))?;
+        register(DeviceKind::Vsock, String::new(), Box::new(d));
+    }
+    if config.rng {
+        let d = Rng::with_rate_limiter(config.rng_rate_limiter);
+        register(DeviceKind::Rng, String::new(), Box::new(d));
+    }
+    let mut balloon = None;
+    if let Some(cfg) = &config.balloon {
+        let b = Balloon::new(cfg.clone());
+        balloon = Some(b.handle());
+        register(DeviceKind::Balloon, String::new(), Box::new(b));
+    }
+    let mut mmio_infos = Vec::new();
+    let mut transports = Vec::new();
     for (i, dev) in virtio.into_iter().enumerate() {
         let info = acpi::MmioDeviceInfo {
             addr: VIRTIO_MMIO_START + i as u64 * MMIO_WINDOW,

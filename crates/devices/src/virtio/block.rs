@@ -32,7 +32,6 @@ use super::{
 };
 use crate::rate_limiter::{self, RateLimiter, RateLimiterConfig, RateLimiterUpdate};
 
-#[path = "block_io_uring.rs"]
 pub mod uring;
 
 /// Sector size the protocol counts in.
@@ -659,8 +658,9 @@ const TOKEN_UPDATE: u64 = 3;
 
 impl Block {
     /// The backend [`VirtioDevice::activate`] would run on the worker: for
-    /// driving [`drain_queue`] without a worker thread (fuzzing).
+    /// driving [`drain_queue`] without a worker thread (fuzzing, tests).
     #[doc(hidden)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn backend(&self) -> BlockBackend {
         self.live.with(|l| self.backend_with(l))
     }

@@ -1,5 +1,8 @@
-//! `kiln bench boot`: exec → guest init marker, and the VMM's own memory;
-//! `kiln bench io` (bench_io.rs) and `kiln bench api` (bench_api.rs).
+//! Kiln's benchmarks, run by `kiln bench ...` (they time the `kiln`
+//! binary that calls them, as separate processes): `boot` (exec → guest
+//! init marker, and the VMM's own memory, here), `io` ([`io`]), `api`
+//! ([`api`]), `api-flood` ([`flood`]), `snapshot` ([`snapshot`]), `serve`
+//! ([`serve`]) and `migrate` ([`migrate`]).
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -10,22 +13,13 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiln_lab::scripts::{shell_quote, GUEST_READY_MARKER};
 
-use crate::cli_lab;
-
-#[path = "bench_api.rs"]
-mod bench_api;
-#[path = "bench_flood.rs"]
-mod bench_flood;
-#[path = "bench_io.rs"]
-mod bench_io;
-#[path = "bench_migrate.rs"]
-mod bench_migrate;
-#[path = "bench_serve.rs"]
-mod bench_serve;
-#[path = "bench_snapshot.rs"]
-mod bench_snapshot;
-#[path = "bench_vm.rs"]
-mod bench_vm;
+pub mod api;
+pub mod flood;
+pub mod io;
+pub mod migrate;
+pub mod serve;
+pub mod snapshot;
+pub mod vm;
 
 /// Options of `kiln bench`.
 #[derive(Args, Debug)]
@@ -139,13 +133,13 @@ enum BenchKind {
 /// lab already), runs `kiln bench ARGS` inside the lab and returns its exit
 /// status; `None` means: run it here.
 fn in_lab(args: &str) -> Result<Option<i32>> {
-    if std::env::var_os("KILN_IN_LAB").is_some() || !crate::use_lab() {
+    if std::env::var_os("KILN_IN_LAB").is_some() || !use_lab() {
         return Ok(None);
     }
     eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
     let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
-    let lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
-    let cmd = format!("{}kiln bench {args}", cli_lab::lab_env_prefix());
+    let lab = lab_with_kiln(images, Duration::from_secs(3600))?;
+    let cmd = format!("{}kiln bench {args}", kiln_lab::lab::kiln_env_prefix());
     Ok(Some(lab.run_interactive(&cmd)?))
 }
 
@@ -180,7 +174,7 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             if let Some(status) = in_lab(&format!("snapshot --runs {runs} --mem {mem}"))? {
                 return Ok(status);
             }
-            bench_snapshot::bench_snapshot(runs, mem)
+            snapshot::bench_snapshot(runs, mem)
         }
         BenchKind::Serve {
             runs,
@@ -191,7 +185,7 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             if let Some(status) = in_lab(&args)? {
                 return Ok(status);
             }
-            bench_serve::bench_serve(bench_serve::ServeBenchOptions {
+            serve::bench_serve(serve::ServeBenchOptions {
                 runs,
                 instances,
                 mem,
@@ -206,7 +200,7 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             if let Some(status) = in_lab(&args)? {
                 return Ok(status);
             }
-            bench_migrate::bench_migrate(runs, mem, downtime_ms)
+            migrate::bench_migrate(runs, mem, downtime_ms)
         }
         BenchKind::Io {
             runs,
@@ -214,7 +208,7 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             rand_ops,
             mem,
             seccomp_compare,
-        } => bench_io::bench_io(bench_io::IoOptions {
+        } => io::bench_io(io::IoOptions {
             runs: runs.max(1),
             size_mib: size.max(1),
             rand_ops,
@@ -226,41 +220,56 @@ pub fn bench(args: BenchArgs) -> Result<i32> {
             conns,
             secs,
             max_probe_ms,
-        } => bench_flood::flood(bench_flood::FloodOptions {
+        } => flood::flood(flood::FloodOptions {
             sock,
             conns,
             secs,
             max_probe: Duration::from_millis(max_probe_ms),
         }),
-        BenchKind::Api { runs, calls } => {
-            bench_api::bench_api(bench_api::ApiOptions { runs, calls })
-        }
+        BenchKind::Api { runs, calls } => api::bench_api(api::ApiOptions { runs, calls }),
     }
 }
 
-/// `kiln run`'s options for a bare guest of Kiln's images (kernel and
-/// initrd resolved as `kiln run` does).
-pub fn guest_images(cmdline: &str, vcpus: u8, mem: u64) -> Result<crate::RunArgs> {
-    let mut args = crate::RunArgs {
-        kernel: None,
-        initrd: None,
+/// Whether benchmarks that boot guests run in the lab.
+fn use_lab() -> bool {
+    kiln_lab::wanted(|| {
+        matches!(
+            kiln_vmm::probe::probe(),
+            kiln_vmm::probe::KvmProbe::Native(_)
+        )
+    })
+}
+
+/// A lab with the running `kiln` binary inside.
+fn lab_with_kiln(images: kiln_lab::Images, timeout: Duration) -> Result<kiln_lab::Lab> {
+    let exe = std::env::current_exe().context("locating the kiln binary")?;
+    Ok(kiln_lab::Lab::new(images).binary(exe).timeout(timeout))
+}
+
+/// A bare guest of Kiln's images (kernel and initrd resolved as `kiln run`
+/// does).
+pub struct Guest {
+    /// The kernel.
+    pub kernel: PathBuf,
+    /// The initrd.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Guest memory, MiB.
+    pub mem: u64,
+}
+
+/// The [`Guest`] of Kiln's images (or `$KILN_KERNEL`/`$KILN_INITRD`).
+pub fn guest_images(cmdline: &str, mem: u64) -> Result<Guest> {
+    let (mut kernel, mut initrd) = (None, None);
+    kiln_lab::images::resolve_guest(&mut kernel, &mut initrd)
+        .context("building Kiln's guest images")?;
+    Ok(Guest {
+        kernel: kernel.expect("resolved"),
+        initrd,
         cmdline: cmdline.to_string(),
-        vcpus,
         mem,
-        disks: vec![],
-        rng: false,
-        rng_rate: None,
-        balloon: None,
-        mmds: None,
-        api_sock: None,
-        nets: vec![],
-        vsock: None,
-        seccomp: Default::default(),
-        image: Default::default(),
-        guest_command: vec![],
-    };
-    crate::resolve_images(&mut args)?;
-    Ok(args)
+    })
 }
 
 /// A duration in milliseconds.
@@ -323,8 +332,8 @@ struct Sample {
 
 fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let args = guest_images(cmdline, vcpus, mem)?;
-    let kernel = args.kernel.expect("resolved");
+    let args = guest_images(cmdline, mem)?;
+    let kernel = args.kernel;
     let initrd = args.initrd.expect("resolved");
     println!(
         "kiln bench boot: {runs} runs, {vcpus} vCPU, {mem} MiB, kernel {}\n  cmdline: {cmdline}",
@@ -399,8 +408,8 @@ fn boot_bench(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
 /// on a shared host hits both alike).
 fn boot_seccomp_compare(runs: usize, mem: u64, vcpus: u8, cmdline: &str) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let args = guest_images(cmdline, vcpus, mem)?;
-    let kernel = args.kernel.expect("resolved");
+    let args = guest_images(cmdline, mem)?;
+    let kernel = args.kernel;
     let initrd = args.initrd.expect("resolved");
     println!(
         "kiln bench boot --seccomp-compare: {runs} boots each way, alternating, {vcpus} vCPU, {mem} MiB\n  cmdline: {cmdline}"

@@ -28,8 +28,6 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use kiln_lab::scripts::GUEST_EXIT_PREFIX;
 
-use crate::cli_lab;
-
 /// What `kiln bench io` measures.
 #[derive(Clone, Debug)]
 pub struct IoOptions {
@@ -64,7 +62,7 @@ pub fn bench_io(o: IoOptions) -> Result<i32> {
     }
     eprintln!("kiln: host KVM is not native; running the benchmark inside the lab");
     let images = kiln_lab::images::ensure(&kiln_lab::images::default_cache_dir())?;
-    let mut lab = cli_lab::lab_with_kiln(images, Duration::from_secs(3600))?;
+    let mut lab = crate::lab_with_kiln(images, Duration::from_secs(3600))?;
     // iproute2 for `ip tuntap`: the lab's busybox `ip` lacks it.
     if let Some(ip) = ["/usr/sbin/ip", "/sbin/ip", "/bin/ip", "/usr/bin/ip"]
         .into_iter()
@@ -74,7 +72,7 @@ pub fn bench_io(o: IoOptions) -> Result<i32> {
     }
     let cmd = format!(
         "{}kiln bench io --runs {} --size {} --rand-ops {} --mem {}{}",
-        cli_lab::lab_env_prefix(),
+        kiln_lab::lab::kiln_env_prefix(),
         o.runs,
         o.size_mib,
         o.rand_ops,

@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use super::bench_vm::BenchVm;
 use super::{min_median_max, ms};
+use crate::vm::BenchVm;
 
 /// Longest one step (boot, restore) may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -78,7 +78,7 @@ fn stats(label: &str, v: Vec<f64>) {
 /// Runs the benchmark here (the caller has checked KVM runs guests).
 pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let args = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, 1, mem)?;
+    let args = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, mem)?;
     let dir = std::env::temp_dir().join(format!("kiln-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let result = run(&exe, &dir, &args, runs.max(1));
@@ -86,11 +86,8 @@ pub fn bench_snapshot(runs: usize, mem: u64) -> Result<i32> {
     result
 }
 
-fn run(exe: &Path, dir: &Path, args: &crate::RunArgs, runs: usize) -> Result<i32> {
-    let (kernel, initrd) = (
-        args.kernel.as_ref().expect("resolved"),
-        args.initrd.as_ref().expect("resolved"),
-    );
+fn run(exe: &Path, dir: &Path, args: &crate::Guest, runs: usize) -> Result<i32> {
+    let (kernel, initrd) = (&args.kernel, args.initrd.as_ref().expect("resolved"));
     let uds = dir.join("v.sock");
     let config = serde_json::json!({
         "boot-source": {

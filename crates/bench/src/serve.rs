@@ -24,11 +24,11 @@ pub struct ServeBenchOptions {
 }
 
 fn runtime(exe: &std::path::Path, dir: &std::path::Path, keep: Duration) -> Result<Arc<Runtime>> {
-    let images = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, 1, 128)?;
+    let images = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, 128)?;
     Ok(Runtime::new(ServeConfig {
         vm: VmDefaults {
             exe: exe.to_path_buf(),
-            kernel: images.kernel.expect("resolved"),
+            kernel: images.kernel,
             initrd: images.initrd.expect("resolved"),
             cmdline: kiln_vmm::DEFAULT_CMDLINE.to_string(),
             start_timeout: Duration::from_secs(120),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use kiln_api::migrate::MigrationReport;
 
-use super::bench_vm::BenchVm;
+use crate::vm::BenchVm;
 
 /// Longest one boot may take.
 const STEP_TIMEOUT: Duration = Duration::from_secs(120);
@@ -42,7 +42,7 @@ fn stats(label: &str, v: Vec<f64>) {
 /// Runs the benchmark here (the caller has checked KVM runs guests).
 pub fn bench_migrate(runs: usize, mem: u64, downtime_ms: u64) -> Result<i32> {
     let exe = std::env::current_exe()?;
-    let args = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, 1, mem)?;
+    let args = super::guest_images(kiln_vmm::DEFAULT_CMDLINE, mem)?;
     let dir = std::env::temp_dir().join(format!("kiln-bench-mig-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     println!(
@@ -82,14 +82,11 @@ pub fn bench_migrate(runs: usize, mem: u64, downtime_ms: u64) -> Result<i32> {
 fn one(
     exe: &Path,
     dir: &Path,
-    args: &crate::RunArgs,
+    args: &crate::Guest,
     command: &str,
     downtime_ms: u64,
 ) -> Result<MigrationReport> {
-    let (kernel, initrd) = (
-        args.kernel.as_ref().expect("resolved"),
-        args.initrd.as_ref().expect("resolved"),
-    );
+    let (kernel, initrd) = (&args.kernel, args.initrd.as_ref().expect("resolved"));
     let config = serde_json::json!({
         "boot-source": {
             "kernel_image_path": kernel,

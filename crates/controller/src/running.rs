@@ -1,16 +1,16 @@
-//! Connects the API server (`kiln-api`) to the running VM, and `kiln api`,
-//! the command-line client.
+//! [`RunningVm`]: what the API can do to a running VM (the runtime half of
+//! Firecracker's API: pause, snapshot, migrate, balloon, drive and
+//! interface updates).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
-use anyhow::Result;
-use clap::Args;
 use kiln_api::preboot::RateLimiter;
 use kiln_api::snapshot::{SnapshotCreateParams, SnapshotType};
 use kiln_api::{
-    ApiError, ApiServer, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, InstanceInfo,
-    PartialDrive, PartialNetworkInterface, VmControl, VmState,
+    ApiError, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, InstanceInfo, PartialDrive,
+    PartialNetworkInterface, VmControl, VmResources, VmState,
 };
 use kiln_vmm::kiln_devices::rate_limiter::RateLimiterUpdate;
 use kiln_vmm::kiln_devices::virtio::balloon::{BalloonConfig, BalloonHandle};
@@ -18,23 +18,29 @@ use kiln_vmm::kiln_devices::virtio::block::BlockHandle;
 use kiln_vmm::kiln_devices::virtio::net::NetHandle;
 use kiln_vmm::{VmHandle, Vmm};
 
-/// What the API can reach of a running VM.
-pub struct KilnVm {
+/// The last `PATCH /vm` pause's latency, microseconds (a metric).
+pub static PAUSE_US: AtomicU64 = AtomicU64::new(0);
+/// The last `PATCH /vm` resume's latency, microseconds (a metric).
+pub static RESUME_US: AtomicU64 = AtomicU64::new(0);
+
+/// The control of a running VM, handed to the API (see [`VmControl`]).
+pub struct RunningVm {
     handle: VmHandle,
     mem_mib: u64,
     balloon: Option<(BalloonHandle, BalloonConfig)>,
     drives: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
-    /// The Firecracker-shaped configuration (JSON), stored in snapshots;
-    /// kept up to date by the drive and interface updates.
-    config_json: Mutex<Option<String>>,
+    /// The configuration the VM was built from, stored in its snapshots
+    /// and migrations; kept up to date by the drive and interface updates.
+    res: Mutex<VmResources>,
     /// Set once the VM was migrated away: the VMM ends after the answer.
-    migrated: std::sync::atomic::AtomicBool,
+    migrated: AtomicBool,
 }
 
-impl KilnVm {
-    /// The control of `vmm` (built, before or while it runs).
-    pub fn of(vmm: &Vmm) -> Self {
+impl RunningVm {
+    /// The control of `vmm` (built, before or while it runs), built from
+    /// `res`.
+    pub fn new(vmm: &Vmm, res: VmResources) -> Self {
         let config = vmm.config();
         Self {
             handle: vmm.handle(),
@@ -42,32 +48,23 @@ impl KilnVm {
             balloon: vmm.balloon().zip(config.balloon.clone()),
             drives: vmm.drives(),
             nets: vmm.nets(),
-            config_json: Mutex::new(None),
+            res: Mutex::new(res),
             migrated: false.into(),
         }
     }
 
-    /// Adds the configuration a snapshot stores to rebuild this VM.
-    pub fn with_config(self, res: &kiln_api::VmResources) -> Self {
-        *self.config() = serde_json::to_string(res).ok();
-        self
+    /// The VM's configuration as it is now.
+    pub fn resources(&self) -> VmResources {
+        self.res().clone()
     }
 
-    fn config(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        self.config_json.lock().unwrap_or_else(|e| e.into_inner())
+    fn res(&self) -> MutexGuard<'_, VmResources> {
+        self.res.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Applies `change` to the stored configuration (if there is one).
-    fn patch_config(&self, change: impl FnOnce(&mut kiln_api::VmResources)) {
-        let mut json = self.config();
-        let Some(mut res) = json
-            .as_deref()
-            .and_then(|j| serde_json::from_str::<kiln_api::VmResources>(j).ok())
-        else {
-            return;
-        };
-        change(&mut res);
-        *json = serde_json::to_string(&res).ok();
+    /// The configuration as stored in a snapshot or sent to a destination.
+    fn config_json(&self) -> Result<String, ApiError> {
+        serde_json::to_string(&*self.res()).map_err(|e| ApiError::Invalid(e.to_string()))
     }
 
     fn balloon_parts(&self) -> Result<&(BalloonHandle, BalloonConfig), ApiError> {
@@ -77,10 +74,10 @@ impl KilnVm {
 
 /// A `PATCH` body's rate limiter as an update of a device's limiter.
 fn limiter_update(r: &Option<RateLimiter>) -> Option<RateLimiterUpdate> {
-    crate::vmm_cmd::limiter(r).map(|c| RateLimiterUpdate::from_patch(&c))
+    crate::config::limiter(r).map(|c| RateLimiterUpdate::from_patch(&c))
 }
 
-impl VmControl for KilnVm {
+impl VmControl for RunningVm {
     fn update_drive(&self, u: &PartialDrive) -> Result<(), ApiError> {
         let drive = self
             .drives
@@ -97,7 +94,7 @@ impl VmControl for KilnVm {
             .update(path, limiter_update(&u.rate_limiter).as_ref())
             .map_err(|e| ApiError::Invalid(format!("drive update (patch): {e}")))?;
         // A snapshot must restore the drive as it is now.
-        self.patch_config(|res| res.patch_drive(u));
+        self.res().patch_drive(u);
         Ok(())
     }
 
@@ -116,7 +113,7 @@ impl VmControl for KilnVm {
             limiter_update(&u.rx_rate_limiter).as_ref(),
             limiter_update(&u.tx_rate_limiter).as_ref(),
         );
-        self.patch_config(|res| res.patch_network_interface(u));
+        self.res().patch_network_interface(u);
         Ok(())
     }
 
@@ -131,18 +128,12 @@ impl VmControl for KilnVm {
                 kiln_vmm::dirty::DIFF_NEEDS_TRACKING.into(),
             ));
         }
-        let config = self.config().clone();
-        let config = config.as_deref().ok_or_else(|| {
-            ApiError::Invalid(
-                "This microVM cannot be snapshotted: start it with `kiln vmm` (API or --config-file)"
-                    .into(),
-            )
-        })?;
+        let config = self.config_json()?;
         let (state, mem) = (Path::new(&p.snapshot_path), Path::new(&p.mem_file_path));
         let stats = if diff {
-            self.handle.snapshot_diff(config, state, mem)
+            self.handle.snapshot_diff(&config, state, mem)
         } else {
-            self.handle.snapshot(config, state, mem)
+            self.handle.snapshot(&config, state, mem)
         }
         .map_err(ApiError::Invalid)?;
         log::info!(
@@ -160,23 +151,17 @@ impl VmControl for KilnVm {
         &self,
         p: &kiln_api::migrate::MigrateParams,
     ) -> Result<kiln_api::migrate::MigrationReport, ApiError> {
-        let config = self.config().clone().ok_or_else(|| {
-            ApiError::Invalid(
-                "This microVM cannot be migrated: start it with `kiln vmm` (API or --config-file)"
-                    .into(),
-            )
-        })?;
-        let report = crate::migrate_cmd::send(&self.handle, &config, p).map_err(|e| {
+        let config = self.config_json()?;
+        let report = crate::migrate::send(&self.handle, &config, p).map_err(|e| {
             eprintln!("kiln: {e}");
-            ApiError::Invalid(e)
+            ApiError::Invalid(e.to_string())
         })?;
-        self.migrated
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.migrated.store(true, Ordering::SeqCst);
         Ok(report)
     }
 
     fn after_response(&self) {
-        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.migrated.load(Ordering::SeqCst) {
             if let Err(e) = self.handle.end_migrated() {
                 log::error!("{e}");
             }
@@ -184,25 +169,22 @@ impl VmControl for KilnVm {
     }
 
     fn set_vm_state(&self, state: VmState) -> Result<(), ApiError> {
-        if self.migrated.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.migrated.load(Ordering::SeqCst) {
             return Err(ApiError::Invalid(
                 "The microVM was migrated: it runs at the destination now".into(),
             ));
         }
         let t0 = std::time::Instant::now();
         let (result, latency) = match state {
-            VmState::Paused => (
-                self.handle.pause().map_err(ApiError::Invalid),
-                &crate::metrics::PAUSE_US,
-            ),
+            VmState::Paused => (self.handle.pause().map_err(ApiError::Invalid), &PAUSE_US),
             VmState::Resumed => {
                 self.handle.resume();
-                (Ok(()), &crate::metrics::RESUME_US)
+                (Ok(()), &RESUME_US)
             }
         };
         if result.is_ok() {
             let us = t0.elapsed().as_micros() as u64;
-            latency.store(us, std::sync::atomic::Ordering::Relaxed);
+            latency.store(us, Ordering::Relaxed);
         }
         result
     }
@@ -261,53 +243,4 @@ impl VmControl for KilnVm {
             &s.raw,
         ))
     }
-}
-
-/// Fails early (one line) if `path` is taken by something other than a socket.
-pub fn check_sock(path: &Path) -> Result<()> {
-    ApiServer::check_path(path)?;
-    Ok(())
-}
-
-/// Removes the API socket when `kiln run` ends.
-pub struct SocketGuard(pub PathBuf);
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// Starts the API server for `vmm` on `path` (before the vCPUs run).
-pub fn start(path: &Path, vmm: &Vmm) -> Result<SocketGuard> {
-    let vm = KilnVm::of(vmm);
-    let server = ApiServer::bind(path)?;
-    server.spawn(Arc::new(vm))?;
-    log::info!("API listening on {}", path.display());
-    Ok(SocketGuard(path.to_path_buf()))
-}
-
-/// Options of `kiln api`.
-#[derive(Args, Debug)]
-pub struct ApiArgs {
-    /// The API socket of a running `kiln run --api-sock`.
-    #[arg(long)]
-    sock: PathBuf,
-    /// GET, PUT, PATCH, ...
-    method: String,
-    /// E.g. /balloon.
-    uri: String,
-    /// JSON body.
-    json: Option<String>,
-}
-
-/// `kiln api`: prints the status line and body; 0 on 2xx, else 1.
-pub fn api(args: ApiArgs) -> Result<i32> {
-    let r = kiln_api::client::request(&args.sock, &args.method, &args.uri, args.json.as_deref())
-        .map_err(|e| anyhow::anyhow!("{}: {e}", args.sock.display()))?;
-    println!("{}", r.status_line);
-    if !r.body.is_empty() {
-        println!("{}", r.body);
-    }
-    Ok(if (200..300).contains(&r.status) { 0 } else { 1 })
 }
