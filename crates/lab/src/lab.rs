@@ -39,9 +39,7 @@ const QEMU: &str = "qemu-system-x86_64";
 /// (`lapic=notscdeadline`: the lab kernel programs its LAPIC timer in
 /// one-shot mode; TCG's emulated TSC-deadline timer is the suspect in rare
 /// lab stalls where the whole emulated machine sat idle.)
-/// `maxcpus=1`: the lab kernel boots on one CPU; its init brings the others
-/// online once the lab's idle KVM VM exists (see `scripts::lab_init_stage2`).
-const LAB_CMDLINE: &str = "console=ttyS2 reboot=k panic=-1 quiet lapic=notscdeadline maxcpus=1 \
+const LAB_CMDLINE: &str = "console=ttyS2 reboot=k panic=-1 quiet lapic=notscdeadline \
                            unknown_nmi_panic panic_print=0x40 softlockup_all_cpu_backtrace=1";
 /// After an NMI, how long the lab kernel gets to print its stacks.
 const NMI_GRACE: Duration = Duration::from_secs(8);

@@ -294,9 +294,7 @@ done
 # the scheduler and in KVM, the kernel patches its own code with a
 # temporary int3, and QEMU's multi-threaded TCG sometimes leaves the other
 # CPU running a stale translation of that int3 for ever (both lab CPUs then
-# loop in the int3 handler with interrupts off; see docs/design.md). The
-# kernel boots with maxcpus=1, so this one step happens while no other CPU
-# runs; the others come online after it.
+# loop in the int3 handler with interrupts off; see docs/design.md).
 kiln-agent kvm-hold >/tmp/.kvm-hold 2>&1 &
 i=0
 until grep -q holding /tmp/.kvm-hold 2>/dev/null; do
@@ -306,9 +304,6 @@ until grep -q holding /tmp/.kvm-hold 2>/dev/null; do
         break
     fi
     sleep 0.1
-done
-for c in /sys/devices/system/cpu/cpu[0-9]*/online; do
-    [ "$(cat $c)" = 1 ] || echo 1 >$c || echo "KILN-LAB-ERROR: cannot bring ${c%/online} online"
 done
 stty -F /dev/ttyS1 raw -echo 2>/dev/null || echo "KILN-LAB-ERROR: no /dev/ttyS1"
 cd /
